@@ -1,0 +1,1 @@
+"""lvr_jax: long-video reasoning (LongVILA-R1) in JAX/Flax NNX."""

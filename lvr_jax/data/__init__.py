@@ -1,0 +1,1 @@
+"""Data: record schema, video decoding, templates, grain pipelines, synthetic set."""
