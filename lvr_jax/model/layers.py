@@ -1,0 +1,142 @@
+"""Building blocks shared by the vision tower, projector and LLM.
+
+Parameters carry logical axis names (`axes=`) that the sharding rules map to mesh axes;
+weights are stored in the parameter dtype and cast to the compute dtype at use.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Key positions of padding and unwritten cache slots: never <= any query position.
+MASKED_POSITION = jnp.iinfo(jnp.int32).max
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    """A parameter with logical axis names; init is 'normal' (std 0.02), 'zeros' or 'ones'."""
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    else:
+        value = (jnp.zeros if init == "zeros" else jnp.ones)(shape, dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("embed",), param_dtype, "ones")
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("embed",), param_dtype, "ones")
+        self.bias = param(rngs, (dim,), ("embed",), param_dtype, "zeros")
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias) over the last axis; kernel may split its output axes."""
+
+    def __init__(self, din: int, dout, axes, *, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        dout = (dout,) if isinstance(dout, int) else tuple(dout)
+        self.kernel = param(rngs, (din, *dout), axes, param_dtype)
+        self.bias = param(rngs, dout, axes[1:], param_dtype, "zeros") if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=1)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def gelu(x, approximate: bool):
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu_pytorch_tanh": lambda x: gelu(x, True),
+    "gelu": lambda x: gelu(x, False),
+    "silu": jax.nn.silu,
+}
+
+
+def rope(x_bthd, positions_bt, theta: float):
+    """Rotary embedding in the Hugging Face (rotate-half) layout, computed in f32."""
+    head_dim = x_bthd.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthd.dtype)
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, q_pos_bt=None, kv_pos_bs=None):
+    """Softmax attention in f32 with grouped KV heads.
+
+    With positions, a key attends iff its position <= the query's (causal); padding keys
+    carry MASKED_POSITION. Without positions, attention is full (the vision tower).
+    """
+    b, t, h, d = q_bthd.shape
+    kv_heads = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    if q_pos_bt is not None:
+        allowed = kv_pos_bs[:, None, :] <= q_pos_bt[:, :, None]  # [B, T, S]
+        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    return out.reshape(b, t, h, d)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+    """Creates `num_layers` layers as one module whose parameters have a leading layer axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, num_layers=None,
+                remat: bool = False):
+    """Runs body(layer, carry, x) -> (carry, y) over stacked layers with one lax.scan.
+
+    Scanning keeps compile time independent of depth; `num_layers` runs only the first
+    layers (the vision tower stops before its last); `remat` recomputes activations of a
+    layer in the backward pass instead of storing them.
+    """
+    graphdef, state = nnx.split(layers)
+    if num_layers is not None:
+        state = jax.tree.map(lambda a: a[:num_layers], state)
+
+    def step(carry, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat:
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(step, carry, (state, xs))

@@ -1,0 +1,159 @@
+"""Qwen2 decoder: GQA with q/k/v bias, RoPE, RMSNorm, SwiGLU, tied or untied head.
+
+Layers are stacked and scanned. `Qwen2.__call__` runs from token ids or embeddings, with
+or without a KV cache; positions and key validity decide the causal mask, so left-padded
+batches, prefill and token-by-token decoding share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvr_jax.model import layers
+from lvr_jax.model.config import Qwen2Config
+
+AttentionFn = Callable[..., jax.Array]  # (q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs) -> out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values of every layer [L, B, S, KVH, D] and the position of each slot [B, S]."""
+
+    k: jax.Array
+    v: jax.Array
+    kv_pos: jax.Array  # MASKED_POSITION for padding and slots not yet written
+    index: jax.Array  # next slot to write (shared by the batch: prompts are left-padded)
+
+    @classmethod
+    def zeros(cls, config: Qwen2Config, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
+                 config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.full((batch, max_len), layers.MASKED_POSITION, jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+    def repeat(self, n: int) -> "KVCache":
+        """Each batch row repeated n times: one prefill shared by n samples."""
+        return KVCache(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1),
+                       jnp.repeat(self.kv_pos, n, axis=0), self.index)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, h, kvh, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = layers.Dense(d, (h, hd), ("embed", "heads", "head_dim"), use_bias=True, **kw)
+        self.k_proj = layers.Dense(d, (kvh, hd), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+        self.v_proj = layers.Dense(d, (kvh, hd), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+        self.o_proj = layers.Dense(h * hd, d, ("heads", "embed"), use_bias=False, **kw)
+        self.theta = c.rope_theta
+
+    def __call__(self, x_btd, pos_bt, kv_pos_bt, attention_fn: AttentionFn, cache_kv=None,
+                 cache_index=None, cache_kv_pos=None):
+        q = layers.rope(self.q_proj(x_btd), pos_bt, self.theta)
+        k = layers.rope(self.k_proj(x_btd), pos_bt, self.theta)
+        v = self.v_proj(x_btd)
+        if cache_kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype),
+                                                    cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype),
+                                                    cache_index, axis=1)
+            kv_pos_bt = cache_kv_pos
+        out = attention_fn(q, k, v, pos_bt, kv_pos_bt)
+        b, t = out.shape[:2]
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = layers.Dense(d, f, ("embed", "mlp"), **kw)
+        self.up_proj = layers.Dense(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = layers.Dense(f, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.self_attn = Attention(c, **kw)
+        self.post_attention_layernorm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.mlp = MLP(c, **kw)
+
+    def __call__(self, x, pos, kv_pos, attention_fn, **cache_args):
+        attn, kv = self.self_attn(self.input_layernorm(x), pos, kv_pos, attention_fn, **cache_args)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Qwen2(nnx.Module):
+    """The language model: token ids or embeddings -> logits."""
+
+    def __init__(self, c: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config, self.dtype, self.remat = c, dtype, remat
+        self.embed_tokens = layers.param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                                         param_dtype)
+        self.layers = layers.stack_layers(lambda r: DecoderLayer(c, rngs=r, **kw),
+                                          c.num_hidden_layers, rngs)
+        self.norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs, **kw)
+        self.lm_head = None if c.tie_word_embeddings else layers.param(
+            rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def embed(self, ids):
+        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+
+    def hidden_states(self, x_btd, positions_bt, valid_bt, cache: Optional[KVCache] = None,
+                      attention_fn: AttentionFn = layers.dot_product_attention):
+        """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+        kv_pos = jnp.where(valid_bt, positions_bt, layers.MASKED_POSITION).astype(jnp.int32)
+        if cache is None:
+            def body(layer, x, _):
+                x, _ = layer(x, positions_bt, kv_pos, attention_fn)
+                return x, None
+            x, _ = layers.scan_layers(self.layers, body, x_btd, remat=self.remat)
+            return self.norm(x), None
+
+        cache_kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.kv_pos, kv_pos, cache.index, 1)
+
+        def body(layer, x, kv):
+            x, kv = layer(x, positions_bt, None, attention_fn, cache_kv=kv,
+                          cache_index=cache.index, cache_kv_pos=cache_kv_pos)
+            return x, kv
+        x, (k, v) = layers.scan_layers(self.layers, body, x_btd, (cache.k, cache.v),
+                                       remat=self.remat)
+        new_cache = KVCache(k, v, cache_kv_pos, cache.index + x_btd.shape[1])
+        return self.norm(x), new_cache
+
+    def logits(self, hidden_btd):
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", hidden_btd, head.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, valid=None,
+                 cache: Optional[KVCache] = None,
+                 attention_fn: AttentionFn = layers.dot_product_attention):
+        """Logits [B, T, V] in f32 (plus the new cache when `cache` is given)."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        valid = jnp.ones(x.shape[:2], bool) if valid is None else valid.astype(bool)
+        if positions is None:
+            positions = positions_from_valid(valid)
+        hidden, new_cache = self.hidden_states(x, positions, valid, cache, attention_fn)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+
+def positions_from_valid(valid_bt):
+    """Positions that count only valid tokens, so left padding does not shift RoPE."""
+    return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)

@@ -1,0 +1,92 @@
+"""SigLIP vision tower: patch embedding, learned positions, pre-LN encoder layers.
+
+Features are `hidden_states[select_layer]` as VILA uses them (second-to-last layer, no
+post-layernorm, every patch kept): only the layers up to that one run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvr_jax.model import layers
+from lvr_jax.model.config import SiglipConfig
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: SiglipConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, h, hd = c.hidden_size, c.num_attention_heads, c.head_dim
+        self.q_proj = layers.Dense(d, (h, hd), ("vis_embed", "vis_heads", "head_dim"), **kw)
+        self.k_proj = layers.Dense(d, (h, hd), ("vis_embed", "vis_heads", "head_dim"), **kw)
+        self.v_proj = layers.Dense(d, (h, hd), ("vis_embed", "vis_heads", "head_dim"), **kw)
+        self.out_proj = layers.Dense(h * hd, d, ("vis_heads", "vis_embed"), **kw)
+
+    def __call__(self, x_bnd):
+        out = layers.dot_product_attention(self.q_proj(x_bnd), self.k_proj(x_bnd),
+                                           self.v_proj(x_bnd))
+        return self.out_proj(out.reshape(*x_bnd.shape[:2], -1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: SiglipConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.Dense(c.hidden_size, c.intermediate_size, ("vis_embed", "vis_mlp"), **kw)
+        self.fc2 = layers.Dense(c.intermediate_size, c.hidden_size, ("vis_mlp", "vis_embed"), **kw)
+        self.act = layers.ACTIVATIONS[c.hidden_act]
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, c: SiglipConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm1 = layers.LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
+        self.self_attn = Attention(c, **kw)
+        self.layer_norm2 = layers.LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
+        self.mlp = MLP(c, **kw)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipVisionTower(nnx.Module):
+    """Images [B, H, W, C] in [-1, 1] -> patch features [B, num_patches, hidden]."""
+
+    def __init__(self, c: SiglipConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config, self.dtype, self.remat = c, dtype, remat
+        p, d = c.patch_size, c.hidden_size
+        self.patch_embedding = layers.Dense(p * p * c.num_channels, d, ("patch", "vis_embed"),
+                                            use_bias=True, rngs=rngs, **kw)
+        self.position_embedding = layers.param(rngs, (c.num_patches, d), ("patches", "vis_embed"),
+                                               param_dtype)
+        self.layers = layers.stack_layers(lambda r: EncoderLayer(c, rngs=r, **kw),
+                                          c.num_hidden_layers, rngs)
+        # Kept for checkpoint round trips; VILA's features are taken before it.
+        self.post_layernorm = layers.LayerNorm(d, c.layer_norm_eps, rngs=rngs, **kw)
+
+    def patchify(self, images_bhwc):
+        """[B, H, W, C] -> [B, N, p*p*C] in row-major patch order (as a stride-p conv)."""
+        b, h, w, ch = images_bhwc.shape
+        p = self.config.patch_size
+        x = images_bhwc.reshape(b, h // p, p, w // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (h // p) * (w // p), p * p * ch)
+
+    def __call__(self, images_bhwc):
+        c = self.config
+        if images_bhwc.shape[1:3] != (c.image_size, c.image_size):
+            raise ValueError(f"vision tower expects {c.image_size}x{c.image_size} images, "
+                             f"got {images_bhwc.shape[1]}x{images_bhwc.shape[2]}")
+        x = self.patch_embedding(self.patchify(images_bhwc))
+        x = x + self.position_embedding[...].astype(self.dtype)
+
+        def body(layer, x, _):
+            return layer(x), None
+        x, _ = layers.scan_layers(self.layers, body, x, num_layers=c.num_feature_layers,
+                                  remat=self.remat)
+        return x
