@@ -1,0 +1,195 @@
+"""grain pipelines for SFT, RL and evaluation: records -> (worker processes) frames + tokens -> batches.
+
+    records -> shuffle(seed, per epoch) -> shard -> repeat -> tag epoch -> make example
+            -> mp_prefetch(num_workers)      # decoding happens in worker processes
+            -> skip stage                    # bad videos: skip and count, or stop with the error
+            -> batch (pad to length buckets)
+
+Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-able dicts, or
+orbax through grain's checkpoint handler) restore a run at exactly the next record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from lvr_jax.data import templates
+from lvr_jax.data.batching import PadBatch, default_buckets
+from lvr_jax.data.frame_cache import FrameCache
+from lvr_jax.data.schema import EvalRecord, TrainRecord, load_eval_records, load_train_records
+from lvr_jax.data.skipping import EpochReport, SkipBadRecords
+from lvr_jax.data.video import BACKENDS, BadVideoError, read_frames
+from lvr_jax.tokenizer import Tokenizer
+
+__all__ = ["DataConfig", "EpochReport", "sft_dataset", "rl_dataset", "eval_dataset"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Everything a data pipeline needs; an ml_collections config fills it as DataConfig(**cfg)."""
+
+    records: str | Sequence[str] = ()  # .jsonl / .json / .parquet file(s)
+    video_root: str = ""  # record video paths are relative to it
+    num_frames: int = 64
+    frame_size: int = 448  # the vision tower's square input resolution
+    video_backend: str = "auto"  # "auto" (decord, then PyAV), "decord" or "pyav"
+    on_bad_video: str = "skip"  # "skip": drop and count; "error": stop with the named error
+    on_bad_record: str = "error"  # a record that fails validation when the file is read
+    cache_dir: str | None = None  # on-disk frame cache; None: decode every time
+    batch_size: int = 8
+    max_length: int = 4096  # text tokens (the video placeholder counts as one); longer: skipped
+    length_buckets: Sequence[int] = ()  # () -> powers of two up to max_length
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = 1  # None: repeat forever
+    drop_remainder: bool = True
+    num_workers: int = 2  # decoding processes; 0 decodes in the calling process
+    worker_buffer_size: int = 2
+    shard_index: int = 0  # this host's share of the data
+    shard_count: int = 1
+
+    def __post_init__(self):
+        if self.on_bad_video not in ("skip", "error"):
+            raise ValueError(f"on_bad_video must be 'skip' or 'error', got {self.on_bad_video!r}")
+        if self.video_backend not in BACKENDS:
+            raise ValueError(f"video_backend must be one of {BACKENDS}, got {self.video_backend!r}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} is not in [0, {self.shard_count})")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(self.length_buckets) or default_buckets(self.max_length)
+
+
+def _skip(reason: str, message: str, epoch: int, error: BadVideoError | None = None) -> dict:
+    """The element a worker returns in place of a record it cannot use."""
+    details = (error.path, error.reason, error.where) if error else None
+    return {"_skip": reason, "_message": message, "_error": details, "epoch": epoch}
+
+
+class _TagEpoch:
+    """(index, record) -> (epoch, record), for the end-of-epoch report."""
+
+    def __init__(self, epoch_size: int):
+        self.epoch_size = epoch_size
+
+    def __call__(self, index: int, record):
+        return index // self.epoch_size, record
+
+
+class _MakeExample:
+    """Turns (epoch, record) into an example dict in a worker: frames, tokens and metadata."""
+
+    def __init__(self, kind: str, config: DataConfig, tokenizer: Tokenizer):
+        self.kind, self.config, self.tokenizer = kind, config, tokenizer
+
+    def __call__(self, item) -> dict[str, Any]:
+        epoch, record = item
+        tokens = self._tokens(record)
+        length = len(next(iter(tokens.values())))
+        if length > self.config.max_length:
+            return _skip("too_long", f"{record.origin}: {length} text tokens exceed max_length "
+                                     f"{self.config.max_length}", epoch)
+        try:
+            video = self._frames(record)
+        except BadVideoError as error:
+            error = BadVideoError(error.path, error.reason, record.origin)
+            return _skip("bad_video", str(error), epoch, error)
+        return {**tokens, **self._metadata(record), "frames": video.frames,
+                "frame_indices": video.indices, "video_key": video.fingerprint,
+                "record": record.origin, "epoch": epoch}
+
+    def _frames(self, record):
+        config = self.config
+        cache = FrameCache(config.cache_dir) if config.cache_dir else None
+        return read_frames(os.path.join(config.video_root, record.video), config.num_frames,
+                           config.frame_size, config.video_backend, cache)
+
+    def _tokens(self, record) -> dict[str, np.ndarray]:
+        if self.kind == "sft":
+            target = templates.sft_target(record.answer, record.reasoning)
+            input_ids, loss_mask = templates.encode_sft(self.tokenizer, record.problem, target)
+            return {"input_ids": input_ids, "loss_mask": loss_mask}
+        question = (record.problem if self.kind == "rl"
+                    else templates.format_question(record.question, record.options))
+        return {"prompt_ids": templates.encode_prompt(self.tokenizer, question)}
+
+    def _metadata(self, record) -> dict[str, Any]:
+        if self.kind == "sft":
+            return {}
+        if self.kind == "rl":
+            return {"ground_truth": record.ground_truth, "problem": record.problem}
+        return {"answer": record.answer, "category": record.category, "duration": record.duration,
+                "question": record.question, "options": record.options, "id": record.id}
+
+
+def _records_dataset(records: Sequence, config: DataConfig) -> grain.MapDataset:
+    """Seeded per-epoch shuffle, this host's shard, repeated, each record tagged with its epoch."""
+    if not records:
+        raise ValueError("no records to read: give DataConfig.records or a records list")
+    ds = grain.MapDataset.source(list(records))
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds[config.shard_index::config.shard_count]
+    epoch_size = len(ds)
+    if epoch_size == 0:
+        raise ValueError(f"shard {config.shard_index} of {config.shard_count} holds no records")
+    return ds.repeat(config.num_epochs).map_with_index(_TagEpoch(epoch_size))
+
+
+def _ensure_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside `absl.app.run` take their defaults."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenizer,
+           batch_fn: PadBatch, drop_remainder: bool,
+           on_epoch_end: Callable[[EpochReport], None] | None) -> grain.IterDataset:
+    ds = _records_dataset(records, config).map(_MakeExample(kind, config, tokenizer))
+    ds = ds.to_iter_dataset()
+    if config.num_workers > 0:
+        _ensure_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                               per_worker_buffer_size=config.worker_buffer_size)
+        ds = ds.mp_prefetch(options)
+    ds = SkipBadRecords(ds, on_bad_video=config.on_bad_video, on_epoch_end=on_epoch_end)
+    return ds.batch(config.batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+
+
+def sft_dataset(config: DataConfig, tokenizer: Tokenizer,
+                records: Sequence[TrainRecord] | None = None,
+                on_epoch_end: Callable[[EpochReport], None] | None = None) -> grain.IterDataset:
+    """Batches {input_ids, loss_mask, token_mask [B, L] int32, frames [B, F, S, S, 3] uint8, ...}."""
+    records = records if records is not None else load_train_records(config.records,
+                                                                     config.on_bad_record)
+    batch_fn = PadBatch({"input_ids": tokenizer.pad_id, "loss_mask": 0}, "token_mask",
+                        config.buckets, side="right")
+    return _build("sft", records, config, tokenizer, batch_fn, config.drop_remainder, on_epoch_end)
+
+
+def rl_dataset(config: DataConfig, tokenizer: Tokenizer,
+               records: Sequence[TrainRecord] | None = None,
+               on_epoch_end: Callable[[EpochReport], None] | None = None) -> grain.IterDataset:
+    """Batches {prompt_ids, prompt_mask [B, L] left-padded, ground_truth [B] str, frames, ...}."""
+    records = records if records is not None else load_train_records(config.records,
+                                                                     config.on_bad_record)
+    batch_fn = PadBatch({"prompt_ids": tokenizer.pad_id}, "prompt_mask", config.buckets, "left")
+    return _build("rl", records, config, tokenizer, batch_fn, config.drop_remainder, on_epoch_end)
+
+
+def eval_dataset(config: DataConfig, tokenizer: Tokenizer,
+                 records: Sequence[EvalRecord] | None = None,
+                 on_epoch_end: Callable[[EpochReport], None] | None = None) -> grain.IterDataset:
+    """Every record once, in file order: prompt_ids/prompt_mask, answer, category, duration, frames."""
+    records = records if records is not None else load_eval_records(config.records,
+                                                                    config.on_bad_record)
+    config = dataclasses.replace(config, shuffle=False, num_epochs=1)
+    batch_fn = PadBatch({"prompt_ids": tokenizer.pad_id}, "prompt_mask", config.buckets, "left")
+    return _build("eval", records, config, tokenizer, batch_fn, False, on_epoch_end)
