@@ -9,6 +9,7 @@ loading, saving and export (rollout_bridge) all read it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable, Iterator, Optional
@@ -221,14 +222,24 @@ def logical_axes(var: nnx.Param) -> tuple:
     return ("layers",) * (var.get_value().ndim - len(axes)) + axes
 
 
-def _assemble(spec: TensorSpec, var: nnx.Param, d: SafetensorsDir) -> np.ndarray:
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, i):
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
+
+
+def _place(spec: TensorSpec, var: nnx.Param, d: SafetensorsDir, sharding) -> jax.Array:
+    """Reads one parameter's tensors and puts them on their devices, a layer at a time.
+
+    A stacked parameter is allocated in place and filled layer by layer (the old buffer is
+    donated), so host memory never holds more than one layer's tensor beside the model.
+    """
     shape, dtype = var.get_value().shape, var.get_value().dtype
     if spec.num_layers is None:
-        return spec.to_nnx(d.read(spec.hf_name), shape).astype(dtype)
-    host = np.empty(shape, dtype)
+        return jax.device_put(spec.to_nnx(d.read(spec.hf_name), shape).astype(dtype), sharding)
+    stacked = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
     for i, name in enumerate(spec.hf_names()):
-        host[i] = spec.to_nnx(d.read(name), shape[1:])
-    return host
+        stacked = _set_layer(stacked, spec.to_nnx(d.read(name), shape[1:]), i)
+    return stacked
 
 
 def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
@@ -248,10 +259,9 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Opti
     params = _params_by_path(model)
     for spec in specs:
         var = params[spec.path]
-        host = _assemble(spec, var, dirs[spec.component])
-        sharding = sharding_fn(spec.path, logical_axes(var)) if sharding_fn else jax.devices()[0]
-        var.set_value(jax.device_put(host, sharding))
-        del host
+        sharding = (sharding_fn(spec.path, logical_axes(var)) if sharding_fn
+                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        var.set_value(_place(spec, var, dirs[spec.component], sharding))
     return model
 
 
