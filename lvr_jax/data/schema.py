@@ -122,14 +122,15 @@ def parse_train_record(row: Any, origin: str) -> TrainRecord:
     if not isinstance(row, dict):
         raise RecordError(f"{origin}: expected an object with fields problem, answer, videos; "
                           f"got {type(row).__name__}")
-    category = row.get("problem_type") or row.get("category")
+    category_field = "problem_type" if row.get("problem_type") else "category"
+    category = row.get(category_field)
     return TrainRecord(
         problem=_text(row, "problem", origin),
         answer=_text(row, "answer", origin),
         video=_video(row, origin),
         origin=origin,
         reasoning=_text(row, "reasoning", origin, required=False),
-        category=category_name(category, origin) if category else None,
+        category=category_name(category, origin, category_field) if category else None,
     )
 
 

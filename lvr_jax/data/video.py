@@ -196,7 +196,7 @@ def read_frames(path: str, num_frames: int, size: int, backend: str = "auto",
     if backend not in _READERS:
         raise ValueError(f"video backend {backend!r} is not one of {BACKENDS}")
     check_file(path)
-    key = cache.key(path, num_frames, size) if cache else None
+    key = cache.key(path, num_frames, size) if cache is not None else None
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:

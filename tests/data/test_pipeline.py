@@ -1,0 +1,212 @@
+"""grain pipelines on real files: batches, worker processes, bad videos, shuffling, resuming."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lvr_jax.data import templates
+from lvr_jax.data.frame_cache import FrameCache
+from lvr_jax.data.pipeline import DataConfig, eval_dataset, rl_dataset, sft_dataset
+from lvr_jax.data.schema import load_train_records
+from lvr_jax.data.video import BadVideoError
+from tests.data.conftest import BAD_VIDEOS, train_row, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config(records: str, video_root: str, **changes) -> DataConfig:
+    base = DataConfig(records=records, video_root=video_root, num_frames=16, frame_size=32,
+                      batch_size=2, max_length=1024, num_workers=0, drop_remainder=False)
+    return dataclasses.replace(base, **changes)
+
+
+def _run(dataset) -> list[dict]:
+    iterator = iter(dataset)
+    try:
+        return list(iterator)
+    finally:
+        iterator.close()
+
+
+def _records(batches: list[dict]) -> list[str]:
+    return [origin for batch in batches for origin in batch["record"]]
+
+
+@pytest.fixture
+def mixed_records(tmp_path, video_dir) -> str:
+    """Good videos (mp4, webm) mixed with every bad kind; line k holds the k-th video."""
+    videos = ["good.mp4", "missing.mp4", "good.webm", "empty.mp4", "truncated.mp4", "good2.mp4",
+              "truncated_index_first.mp4", "not_a_video.mp4", "short.mp4", "faststart.mp4"]
+    return write_jsonl(str(tmp_path / "train.jsonl"), [train_row(v) for v in videos])
+
+
+def test_sft_batch_holds_tokens_loss_mask_and_frames(tmp_path, video_dir, tokenizer):
+    rows = [train_row("good.mp4", "B"), train_row("good2.mp4", "C", "Why? " * 30)]
+    config = _config(write_jsonl(str(tmp_path / "t.jsonl"), rows), video_dir, shuffle=False)
+    (batch,) = _run(sft_dataset(config, tokenizer))
+    length = batch["input_ids"].shape[1]
+    assert length in config.buckets and batch["input_ids"].dtype == np.int32
+    assert batch["loss_mask"].shape == batch["token_mask"].shape == (2, length)
+    assert batch["frames"].shape == (2, 16, 32, 32, 3) and batch["frames"].dtype == np.uint8
+    assert batch["frame_indices"].tolist()[1] == np.floor(np.linspace(0, 23, 16)).astype(int).tolist()
+    for row, letter in enumerate("BC"):
+        ids, mask = batch["input_ids"][row], batch["loss_mask"][row]
+        assert tokenizer.decode(ids[mask == 1]).endswith(f"<answer>{letter}</answer><|im_end|>")
+        assert (ids[batch["token_mask"][row] == 0] == tokenizer.pad_id).all()
+        assert int((ids == tokenizer.video_id).sum()) == 1
+    assert len(set(batch["video_key"])) == 2 and batch["record"] == ["line 1 of t.jsonl",
+                                                                     "line 2 of t.jsonl"]
+
+
+def test_worker_processes_give_the_same_batches(synthetic_dir, tokenizer):
+    config = _config(os.path.join(synthetic_dir, "train.jsonl"), synthetic_dir, num_frames=8,
+                     batch_size=4, drop_remainder=True)
+    in_process = _run(sft_dataset(config, tokenizer))
+    in_workers = _run(sft_dataset(dataclasses.replace(config, num_workers=2), tokenizer))
+    assert _records(in_process) == _records(in_workers)
+    for a, b in zip(in_process, in_workers):
+        np.testing.assert_array_equal(a["frames"], b["frames"])
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_bad_videos_are_skipped_and_counted_in_worker_processes(mixed_records, video_dir,
+                                                                tokenizer, caplog):
+    reports = []
+    config = _config(mixed_records, video_dir, num_workers=2, shuffle=False)
+    with caplog.at_level(logging.WARNING):
+        batches = _run(sft_dataset(config, tokenizer, on_epoch_end=reports.append))
+    assert _records(batches) == [f"line {k} of train.jsonl" for k in (1, 3, 6, 10)]
+    (report,) = reports
+    assert (report.records, report.skipped, report.num_skipped) == (10, {"bad_video": 6}, 6)
+    for name, words in BAD_VIDEOS.items():
+        line = 1 + ["good.mp4", "missing.mp4", "good.webm", "empty.mp4", "truncated.mp4",
+                    "good2.mp4", "truncated_index_first.mp4", "not_a_video.mp4",
+                    "short.mp4"].index(name)
+        (message,) = [m for m in report.messages if f"{name}'" in m]
+        assert words.split(" (")[0] in message and f"(line {line} of train.jsonl)" in message
+    assert "epoch 0: 6 of 10 records skipped (6 bad_video)" in caplog.text
+
+
+def test_bad_video_stops_the_run_when_the_policy_is_error(mixed_records, video_dir, tokenizer):
+    config = _config(mixed_records, video_dir, num_workers=2, shuffle=False, on_bad_video="error")
+    with pytest.raises(BadVideoError) as error:
+        _run(sft_dataset(config, tokenizer))
+    message = str(error.value)
+    assert "missing.mp4' does not exist" in message and "(line 2 of train.jsonl)" in message
+    assert "on_bad_video='error'" in message
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VIDEOS))
+def test_each_bad_video_kind_under_both_policies(tmp_path, video_dir, tokenizer, name):
+    records = write_jsonl(str(tmp_path / "r.jsonl"), [train_row(v) for v in
+                                                      ("good.mp4", name, "good2.mp4")])
+    reports = []
+    batches = _run(sft_dataset(_config(records, video_dir, shuffle=False), tokenizer,
+                               on_epoch_end=reports.append))
+    assert _records(batches) == ["line 1 of r.jsonl", "line 3 of r.jsonl"]
+    assert reports[0].skipped == {"bad_video": 1}
+    with pytest.raises(BadVideoError, match=f"{name}' .*\\(line 2 of r.jsonl\\)"):
+        _run(sft_dataset(_config(records, video_dir, on_bad_video="error"), tokenizer))
+
+
+def test_too_long_records_are_skipped_and_counted(tmp_path, video_dir, tokenizer):
+    rows = [train_row("good.mp4"), train_row("good.mp4", "A", "Why? " * 400)]
+    reports = []
+    config = _config(write_jsonl(str(tmp_path / "t.jsonl"), rows), video_dir, max_length=256)
+    batches = _run(sft_dataset(config, tokenizer, on_epoch_end=reports.append))
+    assert _records(batches) == ["line 1 of t.jsonl"]
+    assert reports[0].skipped == {"too_long": 1} and "exceed max_length 256" in reports[0].messages[0]
+
+
+def test_each_epoch_is_a_seeded_shuffle_of_every_record(synthetic_dir, tokenizer):
+    config = _config(os.path.join(synthetic_dir, "train.jsonl"), synthetic_dir, num_frames=4,
+                     num_epochs=2, seed=5)
+    order = _records(_run(sft_dataset(config, tokenizer)))
+    n = len(load_train_records(config.records))
+    first, second = order[:n], order[n:]
+    assert sorted(first) == sorted(second) and len(set(first)) == n and first != second
+    assert _records(_run(sft_dataset(config, tokenizer))) == order
+    other_seed = _records(_run(sft_dataset(dataclasses.replace(config, seed=6), tokenizer)))
+    assert other_seed != order
+
+
+def test_shards_partition_the_records(synthetic_dir, tokenizer):
+    config = _config(os.path.join(synthetic_dir, "val.jsonl"), synthetic_dir, num_frames=4)
+    shards = [_records(_run(sft_dataset(dataclasses.replace(config, shard_index=i, shard_count=2),
+                                        tokenizer))) for i in range(2)]
+    everything = _records(_run(sft_dataset(config, tokenizer)))
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(everything)
+
+
+def test_rl_batch_left_pads_prompts_and_keeps_the_ground_truth(synthetic_dir, tokenizer):
+    config = _config(os.path.join(synthetic_dir, "val.jsonl"), synthetic_dir, num_frames=4,
+                     batch_size=3, length_buckets=(128, 256, 512), shuffle=False)
+    batch = _run(rl_dataset(config, tokenizer))[0]
+    records = load_train_records(config.records)[:3]
+    assert batch["ground_truth"] == [r.ground_truth for r in records]
+    assert batch["prompt_ids"].shape[1] in (128, 256, 512)
+    for row, record in enumerate(records):
+        ids, mask = batch["prompt_ids"][row], batch["prompt_mask"][row]
+        assert mask[-1] == 1 and (np.diff(mask) >= 0).all()  # padding on the left only
+        assert tokenizer.decode(ids[mask == 1]) == templates.chat_prompt(record.problem)
+
+
+def test_eval_reads_every_record_once_in_file_order(synthetic_dir, tokenizer):
+    config = _config(os.path.join(synthetic_dir, "test_eval.jsonl"), synthetic_dir, num_frames=4,
+                     batch_size=3, drop_remainder=True, num_epochs=None)
+    batches = _run(eval_dataset(config, tokenizer))
+    with open(config.records) as f:
+        rows = [json.loads(line) for line in f]
+    assert [a for b in batches for a in b["answer"]] == [r["answer"] for r in rows]
+    assert [c for b in batches for c in b["category"]] == [r["category"] for r in rows]
+    assert all(len(options) == 4 for b in batches for options in b["options"])
+
+
+def test_frame_cache_is_filled_by_the_first_epoch(synthetic_dir, tokenizer, tmp_path):
+    config = _config(os.path.join(synthetic_dir, "val.jsonl"), synthetic_dir, num_frames=4,
+                     cache_dir=str(tmp_path / "frames"), num_epochs=2)
+    batches = _run(sft_dataset(config, tokenizer))
+    videos = {r.video for r in load_train_records(config.records)}
+    assert len(FrameCache(config.cache_dir)) == len(videos)
+    keys = {}
+    for batch in batches:
+        for origin, key in zip(batch["record"], batch["video_key"]):
+            assert keys.setdefault(origin, key) == key  # decoded and cached frames agree
+
+
+def test_restored_iterator_in_a_fresh_process_continues_with_the_next_record(
+        synthetic_dir, video_dir, tokenizer, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(synthetic_dir, "train.jsonl"))][:11]
+    rows.insert(5, train_row(os.path.join(video_dir, "empty.mp4")))
+    config = _config(write_jsonl(str(tmp_path / "t.jsonl"), rows), synthetic_dir, num_frames=4,
+                     num_workers=2, num_epochs=2, drop_remainder=True, seed=1)
+    reports = []
+    whole = _run(sft_dataset(config, tokenizer, on_epoch_end=reports.append))
+    iterator = iter(sft_dataset(config, tokenizer))
+    head = [next(iterator)["record"] for _ in range(4)]
+    (tmp_path / "state.json").write_text(json.dumps(iterator.get_state()))
+    iterator.close()
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    subprocess.run([sys.executable, "-m", "tests.data.resume_pipeline", str(tmp_path / "config.json"),
+                    str(tmp_path / "state.json"), str(tmp_path / "out.json")],
+                   cwd=REPO, check=True, timeout=300)
+    resumed = json.loads((tmp_path / "out.json").read_text())
+    assert head + resumed["batches"] == [batch["record"] for batch in whole]
+    assert resumed["reports"] == [[r.epoch, r.records, r.skipped] for r in reports]
+    assert reports[0].skipped == {"bad_video": 1} and reports[0].records == 12
+
+
+def test_config_rejects_unknown_policies():
+    with pytest.raises(ValueError, match="on_bad_video must be 'skip' or 'error'"):
+        DataConfig(on_bad_video="ignore")
+    with pytest.raises(ValueError, match="video_backend"):
+        DataConfig(video_backend="opencv")

@@ -1,0 +1,121 @@
+"""Record formats: JSON, JSONL and Parquet read alike; every problem named with file, line, field."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lvr_jax.data.schema import (CATEGORIES, RecordError, answer_text, load_eval_records,
+                                 load_train_records, parse_eval_record, parse_train_record)
+from tests.data.conftest import train_row, write_jsonl
+
+ROWS = [train_row("a.mp4", "B"), train_row("dir/b.mp4", "C"), train_row("c.webm", "A")]
+
+
+def test_jsonl_json_and_parquet_give_the_same_records(tmp_path):
+    jsonl = write_jsonl(str(tmp_path / "train.jsonl"), ROWS)
+    (tmp_path / "train.json").write_text(json.dumps(ROWS))
+    pq.write_table(pa.Table.from_pylist(ROWS), str(tmp_path / "train.parquet"))
+    by_format = [load_train_records(str(path)) for path in
+                 (jsonl, tmp_path / "train.json", tmp_path / "train.parquet")]
+    fields = [[(r.problem, r.answer, r.video) for r in records] for records in by_format]
+    assert fields[0] == fields[1] == fields[2]
+    assert [r.origin for r in by_format[0]] == [f"line {i} of train.jsonl" for i in (1, 2, 3)]
+    assert by_format[1][2].origin == "item 2 of train.json"
+    assert by_format[2][0].origin == "row 0 of train.parquet"
+
+
+def test_ground_truth_is_the_answer_inside_the_tags():
+    record = parse_train_record(train_row("a.mp4", "D"), "line 1 of x")
+    assert record.ground_truth == "D"
+    assert answer_text("  B ") == "B" and answer_text("<answer> 1 / 2 </answer>") == "1/2"
+
+
+def test_malformed_jsonl_line_is_reported_with_file_and_line(tmp_path):
+    path = write_jsonl(str(tmp_path / "train.jsonl"), [ROWS[0], '{"problem": "x", "answ', ROWS[1]])
+    with pytest.raises(RecordError, match=r"line 2 of train.jsonl: not valid JSON"):
+        load_train_records(path)
+
+
+def test_missing_field_is_reported_with_file_line_and_field(tmp_path):
+    row = dict(ROWS[1])
+    del row["answer"]
+    path = write_jsonl(str(tmp_path / "train.jsonl"), [ROWS[0], row])
+    with pytest.raises(RecordError) as error:
+        load_train_records(path)
+    assert str(error.value) == "line 2 of train.jsonl: field 'answer' is missing"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"problem": ""}, "field 'problem' is empty"),
+    ({"answer": 3}, "field 'answer' must be a string, got int"),
+    ({"videos": ["a.mp4", "b.mp4"]}, "field 'videos' must name exactly one video, got 2"),
+    ({"videos": None}, "field 'videos' is missing"),
+    ({"problem_type": "cooking"}, "field 'problem_type' is 'cooking'"),
+])
+def test_each_bad_field_is_named(change, message):
+    with pytest.raises(RecordError, match="^row 4 of t.parquet: " + message.replace("(", r"\(")):
+        parse_train_record({**ROWS[0], **change}, "row 4 of t.parquet")
+
+
+def test_a_one_element_video_list_is_accepted():
+    assert parse_train_record({**ROWS[0], "videos": ["x.mp4"]}, "o").video == "x.mp4"
+
+
+def test_skip_policy_drops_bad_records_and_logs_them(tmp_path, caplog):
+    bad = dict(ROWS[1])
+    del bad["problem"]
+    path = write_jsonl(str(tmp_path / "train.jsonl"), [ROWS[0], "not json", bad, ROWS[2]])
+    with caplog.at_level(logging.WARNING):
+        records = load_train_records(path, on_bad_record="skip")
+    assert [r.video for r in records] == ["a.mp4", "c.webm"]
+    assert "skipped 2 bad records" in caplog.text and "line 3 of train.jsonl" in caplog.text
+
+
+def test_eval_record_with_explicit_options():
+    row = {"question": "Which came first?", "options": ["w", "x", "y", "z"], "answer": "c",
+           "category": "goal", "duration": "long", "videos": "v.mp4", "id": 7}
+    record = parse_eval_record(row, "line 1 of eval.jsonl")
+    assert (record.answer, record.category, record.duration, record.id) == ("C", "Goal & Purpose",
+                                                                            "long", "7")
+    assert record.options == ("w", "x", "y", "z")
+
+
+def test_eval_record_in_the_official_shape():
+    row = {"problem_id": 3, "problem": "What happens next?\nA. one\nB. two\nC. three\nD. four",
+           "problem_type": "plot", "answer": "<answer>B</answer>", "videos": "longvila_videos/v.webm"}
+    record = parse_eval_record(row, "item 3 of test.json")
+    assert record.question == "What happens next?"
+    assert record.options == ("one", "two", "three", "four")
+    assert (record.answer, record.category, record.duration) == ("B", "Plot & Narrative", None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"options": ["a", "b", "c"]}, "field 'options' must be a list of four strings"),
+    ({"answer": "E"}, "field 'answer' is 'E'; expected a letter A-D"),
+    ({"category": "Cooking"}, "field 'category' is 'Cooking'; expected one of"),
+    ({"category": None}, "field 'category' is missing"),
+])
+def test_bad_eval_fields_are_named(change, message):
+    row = {"question": "q", "options": ["a", "b", "c", "d"], "answer": "A", "category": "Spatial",
+           "videos": "v.mp4", **change}
+    with pytest.raises(RecordError, match="^line 9 of e.jsonl: " + message):
+        parse_eval_record(row, "line 9 of e.jsonl")
+
+
+def test_official_problem_without_four_options_is_named():
+    row = {"problem": "Who is it?\n\n", "problem_type": "goal", "answer": "<answer>C</answer>",
+           "videos": "v.mp4"}
+    with pytest.raises(RecordError, match="field 'problem' has options \\[\\]; four"):
+        parse_eval_record(row, "o")
+
+
+def test_load_eval_records_reads_every_category(tmp_path):
+    rows = [{"question": f"q{i}", "options": ["a", "b", "c", "d"], "answer": "A",
+             "category": category, "videos": "v.mp4"} for i, category in enumerate(CATEGORIES)]
+    records = load_eval_records(write_jsonl(str(tmp_path / "e.jsonl"), rows))
+    assert [r.category for r in records] == list(CATEGORIES)

@@ -1,0 +1,111 @@
+"""The synthetic set: valid records, four categories, disjoint splits, answers true to the script."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from lvr_jax.data.schema import CATEGORIES, LETTERS, load_eval_records, load_train_records
+from lvr_jax.data.synthetic import generate, split_of_videos
+from lvr_jax.data.synthetic_render import COLOURS
+from lvr_jax.data.synthetic_script import make_questions, make_script
+from lvr_jax.data.video import read_frames
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _scripts(out: str) -> dict[str, dict]:
+    folder = os.path.join(out, "scripts")
+    return {name[:-5]: json.load(open(os.path.join(folder, name))) for name in os.listdir(folder)}
+
+
+def test_records_are_valid_in_both_formats(synthetic_dir):
+    train = load_train_records([os.path.join(synthetic_dir, f"{s}.jsonl") for s in ("train", "val")])
+    test_eval = load_eval_records(os.path.join(synthetic_dir, "test_eval.jsonl"))
+    assert len(train) == 4 * 11 and len(test_eval) == 4 * 1  # 12 videos: 10 train, 1 val, 1 test
+    assert {r.category for r in train} == set(CATEGORIES) == {r.category for r in test_eval}
+    for record in train:
+        assert record.answer.startswith("<think>") and record.ground_truth in LETTERS
+        assert f"option {record.ground_truth}" in record.answer
+        assert os.path.exists(os.path.join(synthetic_dir, record.video))
+
+
+def test_splits_hold_disjoint_videos():
+    splits = split_of_videos(200, seed=0)
+    assert sorted(sum(splits.values(), [])) == list(range(200))
+    assert (len(splits["val"]), len(splits["test"])) == (20, 20)
+
+
+def test_answers_are_true_to_the_event_script(synthetic_dir):
+    scripts = _scripts(synthetic_dir)
+    for split in ("train", "val", "test"):
+        for record in load_train_records(os.path.join(synthetic_dir, f"{split}.jsonl")):
+            script = scripts[os.path.basename(record.video)[:-4]]
+            roles = {o["role"]: o for o in script["objects"]}
+            options = dict(line.split(". ", 1) for line in record.problem.splitlines()[1:])
+            chosen = options[record.ground_truth].lower()
+            if record.category == "Temporal":
+                ordered = sorted(script["objects"], key=lambda o: o["appear"])
+                expected = ordered[0 if "first" in record.problem else -1]["name"]
+            else:
+                expected = {"Spatial": roles["mover"]["corner"], "Plot & Narrative":
+                            roles["leaver"]["name"]}.get(record.category)
+                if record.category == "Goal & Purpose":
+                    expected = roles["mover" if "disappear" in record.problem else "target"]["name"]
+            assert expected in chosen, (record.origin, chosen, expected)
+
+
+def test_questions_need_frames_far_apart():
+    for index in range(20):
+        script = make_script(np.random.default_rng([0, index]), 64, 8)
+        beats, appear = script["beats"], [o["appear"] for o in script["objects"]]
+        assert len(set(appear)) == 4 and max(appear) < beats["move_start"]  # the order: first third
+        assert beats["touch"] < beats["leave_start"] < beats["arrive"] < beats["gone"] < 64
+        assert beats["gone"] - min(appear) >= 32  # spatial and plot span over half the video
+
+
+def test_answer_letters_are_balanced():
+    letters = collections.Counter(
+        q["answer"] for i in range(200)
+        for q in make_questions(make_script(np.random.default_rng([1, i]), 64, 8),
+                                np.random.default_rng([2, i])))
+    assert set(letters) == set(LETTERS) and min(letters.values()) > 150
+
+
+def test_generation_is_deterministic(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        generate(out, num_videos=3, frames=16, size=32, seed=9, progress=False)
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "test_eval.jsonl"):
+        assert open(os.path.join(a, name)).read() == open(os.path.join(b, name)).read()
+    frames = [read_frames(os.path.join(out, "videos", "synth_00001.mp4"), 16, 32).frames
+              for out in (a, b)]
+    np.testing.assert_array_equal(*frames)
+
+
+def test_videos_show_the_scripted_objects(synthetic_dir):
+    script = _scripts(synthetic_dir)["synth_00000"]
+    frames = read_frames(os.path.join(synthetic_dir, "videos", "synth_00000.mp4"), 32, 64).frames
+    last = max(script["objects"], key=lambda o: o["appear"])  # appears after frame 0
+    x, y = (int(v * 64) for v in last["path"][0][1])
+    assert frames[last["appear"] - 1, y, x].max() < 60  # background before it appears
+    colour = np.array(COLOURS[last["colour"]])
+    assert np.abs(frames[last["appear"], y, x].astype(int) - colour).max() < 40
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lvr_jax.data.synthetic", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_help_and_run(tmp_path):
+    help_text = _cli("--help")
+    assert help_text.returncode == 0 and "--num_videos" in help_text.stdout
+    done = _cli("--out", str(tmp_path), "--num_videos", "3", "--frames", "16", "--size", "32")
+    assert done.returncode == 0, done.stderr
+    assert len(os.listdir(tmp_path / "videos")) == 3
