@@ -12,6 +12,7 @@ orbax through grain's checkpoint handler) restore a run at exactly the next reco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -105,11 +106,14 @@ class _MakeExample:
                 "frame_indices": video.indices, "video_key": video.fingerprint,
                 "record": record.origin, "epoch": epoch}
 
+    @functools.cached_property
+    def _cache(self) -> FrameCache | None:
+        return FrameCache(self.config.cache_dir) if self.config.cache_dir else None
+
     def _frames(self, record):
         config = self.config
-        cache = FrameCache(config.cache_dir) if config.cache_dir else None
         return read_frames(os.path.join(config.video_root, record.video), config.num_frames,
-                           config.frame_size, config.video_backend, cache)
+                           config.frame_size, config.video_backend, self._cache)
 
     def _tokens(self, record) -> dict[str, np.ndarray]:
         if self.kind == "sft":
