@@ -1,0 +1,85 @@
+"""GRPO as REFERENCE.md §5 states it: group advantages, clipped surrogate, KL estimators.
+
+Pure functions of arrays (no logging, no model): the learner computes metrics from the
+per-token terms these return.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                "seq-mean-token-sum-norm")
+
+
+def group_advantages(scores, group_size: int, eps: float = 1e-6, scale_by_std: bool = True):
+    """Per-response advantages [N] from scores [N] ordered in groups of `group_size`.
+
+    (s - mean) / (std + eps) with the unbiased std of each group; Dr.GRPO drops the
+    division (`scale_by_std=False`). A group of one has mean 0 and std 1.
+    """
+    groups = scores.reshape(-1, group_size)
+    if group_size == 1:
+        mean, std = jnp.zeros_like(groups), jnp.ones_like(groups)
+    else:
+        mean = jnp.mean(groups, axis=1, keepdims=True)
+        std = jnp.std(groups, axis=1, keepdims=True, ddof=1)
+    centred = groups - mean
+    return (centred / (std + eps) if scale_by_std else centred).reshape(-1)
+
+
+def ratio(logp, old_logp):
+    """Importance ratio exp(logp - old_logp), the log-ratio clamped to [-20, 20]."""
+    return jnp.exp(jnp.clip(logp - old_logp, -20.0, 20.0))
+
+
+def policy_loss_terms(logp, old_logp, advantages, clip_low: float = 0.2, clip_high: float = 0.3,
+                      dual_clip: float | None = 3.0):
+    """Per-token clipped surrogate [N, T] and whether the clip was the binding term.
+
+    max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); for A < 0 dual clip caps it at -A c.
+    """
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages
+    r = ratio(logp, old_logp)
+    unclipped = -adv * r
+    clipped = -adv * jnp.clip(r, 1.0 - clip_low, 1.0 + clip_high)
+    loss = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * dual_clip), loss)
+    return loss, clipped > unclipped
+
+
+def aggregate(loss_nt, mask_nt, agg: str = "token-mean", norm_length: int | None = None):
+    """Reduces per-token losses to a scalar; `norm_length` is Dr.GRPO's constant divisor."""
+    mask = mask_nt.astype(loss_nt.dtype)
+    per_token = loss_nt * mask
+    if agg == "token-mean":
+        return jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
+    seq_sum = jnp.sum(per_token, axis=-1)
+    if agg == "seq-mean-token-mean":
+        return jnp.mean(seq_sum / jnp.maximum(jnp.sum(mask, axis=-1), 1.0))
+    if agg == "seq-mean-token-sum":
+        return jnp.mean(seq_sum)
+    if agg == "seq-mean-token-sum-norm":
+        return jnp.sum(seq_sum) / (norm_length or loss_nt.shape[-1])
+    raise ValueError(f"loss aggregation {agg!r} is not one of {AGGREGATIONS}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.3,
+                dual_clip: float | None = 3.0, agg: str = "token-mean",
+                norm_length: int | None = None):
+    """The PPO/GRPO clipped policy-gradient loss, aggregated over valid response tokens."""
+    loss, _ = policy_loss_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    return aggregate(loss, mask, agg, norm_length)
+
+
+def kl_penalty(logp, ref_logp, kind: str = "k3"):
+    """Per-token KL(pi || ref) estimate: "k1" (log-ratio), "k2" (half squared), "k3" (low-var)."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * jnp.square(logp - ref_logp)
+    if kind == "k3":
+        x = jnp.clip(ref_logp - logp, -20.0, 20.0)
+        return jnp.clip(jnp.exp(x) - x - 1.0, -10.0, 10.0)
+    raise ValueError(f"KL estimator {kind!r} is not one of 'k1', 'k2', 'k3'")
