@@ -6,7 +6,9 @@ weights are stored in the parameter dtype and cast to the compute dtype at use.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,26 @@ from flax import nnx
 
 # Key positions of padding and unwritten cache slots: never <= any query position.
 MASKED_POSITION = jnp.iinfo(jnp.int32).max
+
+# (x, logical_axes) -> x with a sharding constraint; set by lvr_jax.sharding while tracing.
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar = contextvars.ContextVar(
+    "activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_constraints(constrain: Callable) -> Iterator[None]:
+    """Within this context `constrain_activation` applies `constrain(x, logical_axes)`."""
+    token = _ACTIVATION_CONSTRAINT.set(constrain)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def constrain_activation(x, logical_axes):
+    """Pins x's layout by logical names when sharding rules are active; else a no-op."""
+    constrain = _ACTIVATION_CONSTRAINT.get()
+    return x if constrain is None else constrain(x, tuple(logical_axes))
 
 
 def param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:

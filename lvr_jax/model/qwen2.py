@@ -18,6 +18,8 @@ from lvr_jax.model import layers
 from lvr_jax.model.config import Qwen2Config
 
 AttentionFn = Callable[..., jax.Array]  # (q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs) -> out
+# Logical axes of the residual stream; sharding rules (when active) keep it sequence-sharded.
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 @jax.tree_util.register_dataclass
@@ -118,10 +120,11 @@ class Qwen2(nnx.Module):
                       attention_fn: AttentionFn = layers.dot_product_attention):
         """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
         kv_pos = jnp.where(valid_bt, positions_bt, layers.MASKED_POSITION).astype(jnp.int32)
+        x_btd = layers.constrain_activation(x_btd, HIDDEN_AXES)
         if cache is None:
             def body(layer, x, _):
                 x, _ = layer(x, positions_bt, kv_pos, attention_fn)
-                return x, None
+                return layers.constrain_activation(x, HIDDEN_AXES), None
             x, _ = layers.scan_layers(self.layers, body, x_btd, remat=self.remat)
             return self.norm(x), None
 
@@ -130,7 +133,7 @@ class Qwen2(nnx.Module):
         def body(layer, x, kv):
             x, kv = layer(x, positions_bt, None, attention_fn, cache_kv=kv,
                           cache_index=cache.index, cache_kv_pos=cache_kv_pos)
-            return x, kv
+            return layers.constrain_activation(x, HIDDEN_AXES), kv
         x, (k, v) = layers.scan_layers(self.layers, body, x_btd, (cache.k, cache.v),
                                        remat=self.remat)
         new_cache = KVCache(k, v, cache_kv_pos, cache.index + x_btd.shape[1])

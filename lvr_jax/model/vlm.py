@@ -39,10 +39,12 @@ class LongVILA(nnx.Module):
         newline = self.embed_tokens(jnp.full((f, 1), self.config.newline_token_id))
         return jnp.concatenate([tokens_ftd.astype(newline.dtype), newline], axis=1).reshape(-1, d)
 
-    def embed_inputs(self, input_ids_bt, video_embeds_bnd=None, valid_bt=None):
+    def embed_inputs(self, input_ids_bt, video_embeds_bnd=None, valid_bt=None,
+                     video_valid_bn=None):
         """Token embeddings with each row's placeholder replaced by its video embeddings.
 
         Returns (embeds [B, T - 1 + N, D], valid [B, T - 1 + N]); without video, T tokens.
+        `video_valid_bn` ([N] or [B, N]) masks padding frames of sharded encoding.
         """
         valid_bt = jnp.ones(input_ids_bt.shape, bool) if valid_bt is None else valid_bt
         # The placeholder's own id may lie past the embedding table (VILA adds it to the
@@ -57,13 +59,15 @@ class LongVILA(nnx.Module):
         check_one_placeholder(input_ids_bt, self.config.video_token_id)
         video = video_embeds_bnd.astype(embeds.dtype)
         merged = splice_video(embeds, input_ids_bt, video, self.config.video_token_id)
-        merged_valid = splice_video(valid_bt, input_ids_bt, jnp.ones(video.shape[:2], bool),
+        video_valid = (jnp.ones(video.shape[:2], bool) if video_valid_bn is None
+                       else jnp.broadcast_to(video_valid_bn, video.shape[:2]).astype(bool))
+        merged_valid = splice_video(valid_bt, input_ids_bt, video_valid,
                                     self.config.video_token_id)
         return merged, merged_valid
 
     def __call__(self, input_ids_bt, video_embeds=None, *, frames=None, valid=None,
                  positions=None, cache: Optional[KVCache] = None,
-                 attention_fn=layers.dot_product_attention):
+                 attention_fn=layers.dot_product_attention, video_valid=None):
         """Logits [B, T', V] for prompts whose placeholder is replaced by video embeddings.
 
         Pass `video_embeds` ([N, D] shared or [B, N, D]) from `encode_video` (or the
@@ -71,7 +75,7 @@ class LongVILA(nnx.Module):
         """
         if frames is not None:
             video_embeds = self.encode_video(frames)
-        embeds, valid = self.embed_inputs(input_ids_bt, video_embeds, valid)
+        embeds, valid = self.embed_inputs(input_ids_bt, video_embeds, valid, video_valid)
         return self.llm(inputs_embeds=embeds, valid=valid, positions=positions, cache=cache,
                         attention_fn=attention_fn)
 

@@ -1,0 +1,203 @@
+"""The device mesh, the one table of logical-axis rules, parameter placement, multi-host.
+
+Axes are ("data", "fsdp", "sp", "tp"). Parameters and activations name their dimensions
+logically ("embed", "activation_length", ...); `DEFAULT_RULES` maps each name to mesh
+axes, so the same model runs under any mix of data, FSDP, sequence and tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from lvr_jax.model import layers
+from lvr_jax.model.checkpoint import load_pretrained, logical_axes, read_config
+
+MESH_AXES = ("data", "fsdp", "sp", "tp")
+BATCH_AXES = ("data", "fsdp")
+STRATEGIES = ("all_gather", "ulysses", "ring")
+
+# (logical name, mesh axes). A mesh axis is used at most once per array: a later name that
+# asks for an axis already taken, or whose size does not divide, stays replicated.
+DEFAULT_RULES = (
+    # parameters: FSDP over the model width, tensor parallelism over heads and MLP
+    ("layers", None),
+    ("vocab", "tp"),
+    ("embed", "fsdp"),
+    ("heads", "tp"),
+    ("kv_heads", "tp"),
+    ("head_dim", None),
+    ("mlp", "tp"),
+    ("vis_embed", "fsdp"),
+    ("vis_heads", "tp"),
+    ("vis_mlp", "tp"),
+    ("patch", None),
+    ("patches", None),
+    ("proj_in", "fsdp"),
+    # activations: batch over data+fsdp, the long sequence over sp
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", "sp"),
+    ("activation_frames", "sp"),
+    ("activation_embed", None),
+    ("activation_heads", "tp"),
+    ("activation_kv_heads", "tp"),
+    ("activation_mlp", "tp"),
+    ("activation_vocab", "tp"),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `mesh` section of a recipe: axis sizes (-1 takes the rest), strategy, rules."""
+    return ml_collections.ConfigDict(dict(
+        shape=dict(data=1, fsdp=-1, sp=1, tp=1),
+        attention="ring",
+        rules=DEFAULT_RULES,
+        block_size=512,
+    ))
+
+
+def axis_sizes(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes in MESH_AXES order with the one -1 resolved to the devices left over."""
+    unknown = [a for a in MESH_AXES if int(shape.get(a, 1)) == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh.shape {dict(shape)} has more than one -1; give all but one size")
+    fixed = math.prod(int(shape.get(a, 1)) for a in MESH_AXES if a not in unknown)
+    if num_devices % fixed:
+        raise ValueError(f"mesh.shape {dict(shape)} does not divide {num_devices} devices")
+    sizes = tuple(num_devices // fixed if a in unknown else int(shape.get(a, 1))
+                  for a in MESH_AXES)
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh.shape {dict(shape)} covers {math.prod(sizes)} devices, "
+                         f"there are {num_devices}; set one axis to -1")
+    return sizes
+
+
+def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A mesh with axes MESH_AXES over all (global) devices, from `config.shape`
+    (a mesh ConfigDict or a dict with "shape")."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config["shape"] if isinstance(config, Mapping) else config.shape
+    sizes = axis_sizes(dict(shape), len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def rules_of(config_or_rules) -> tuple:
+    """Rules from a mesh config (its `.rules`) or a rules tuple; defaults when absent."""
+    rules = getattr(config_or_rules, "rules", config_or_rules)
+    return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
+                 for name, ax in (rules or DEFAULT_RULES))
+
+
+def logical_to_spec(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEFAULT_RULES,
+                    shape: Optional[Sequence[int]] = None) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry these logical names."""
+    table = dict(rules_of(rules))
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if shape is not None and shape[i] % math.prod(mesh.shape[a] for a in axes):
+            axes = ()  # indivisible: replicate rather than fail
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEFAULT_RULES,
+                        shape: Optional[Sequence[int]] = None) -> NamedSharding:
+    """NamedSharding on `mesh` for an array with these logical dimension names."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, shape))
+
+
+def param_shapes(config) -> dict[tuple, tuple]:
+    """Shape of every LongVILA parameter by its path (as `load_pretrained` names paths)."""
+    from lvr_jax.model import LongVILA
+
+    model = nnx.eval_shape(lambda: LongVILA(config, rngs=nnx.Rngs(0)))
+    return {tuple(str(p) for p in path): v.get_value().shape
+            for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+
+
+def sharding_fn(mesh: Mesh, rules=DEFAULT_RULES, shapes: Optional[dict] = None):
+    """`sharding_fn(path, logical_axes)` for `load_pretrained`; `shapes` lets it skip
+    axes that do not divide (from `param_shapes`)."""
+    def fn(path, axes):
+        shape = None if shapes is None else shapes.get(tuple(path))
+        return logical_to_sharding(axes, mesh, rules, shape)
+    return fn
+
+
+def load_sharded(path: str, mesh: Mesh, rules=DEFAULT_RULES, **kw):
+    """`load_pretrained` with every tensor streamed straight into its FSDP/TP sharding."""
+    shapes = param_shapes(read_config(path))
+    return load_pretrained(path, sharding_fn=sharding_fn(mesh, rules, shapes), **kw)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+    """The sharding of each parameter of a model (abstract or concrete), as a State."""
+    def one(var):
+        return logical_to_sharding(logical_axes(var), mesh, rules, var.get_value().shape)
+    params = nnx.state(model, nnx.Param)
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+    """Moves a model's parameters (in place) into their mesh shardings; returns it."""
+    params = nnx.state(model, nnx.Param)
+    shardings = param_shardings(model, mesh, rules)
+    nnx.update(model, jax.tree.map(
+        lambda v, s: v.replace(place_global(np.asarray(v.get_value()), s)),
+        params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model
+
+
+def place_global(host_array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value every process holds in full (multi-host safe)."""
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
+
+
+def activation_sharding_fn(mesh: Mesh, rules=DEFAULT_RULES):
+    """(x, logical_axes) -> x pinned to the sharding the rules give those axes."""
+    def constrain(x, axes):
+        spec = logical_to_spec(axes, mesh, rules, x.shape)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return constrain
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
+    """While tracing inside this context, model activations follow the rules' shardings."""
+    with layers.activation_constraints(activation_sharding_fn(mesh, rules)):
+        yield
+
+
+def initialize_distributed(config: Any = None) -> bool:
+    """Starts multi-host JAX from `config` (coordinator_address, num_processes, process_id)
+    or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; False if single-host."""
+    get = (lambda k: getattr(config, k, None)) if config is not None else (lambda k: None)
+    address = get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
+    pid = get("process_id")
+    pid = os.environ.get("JAX_PROCESS_ID") if pid is None else pid
+    if address is None and num is None:
+        return False
+    if address is None or num is None or pid is None:
+        raise ValueError("multi-host needs coordinator_address, num_processes and process_id "
+                         "(config.distributed or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
+                         f"JAX_PROCESS_ID); got {address!r}, {num!r}, {pid!r}")
+    if int(num) <= 1:
+        return False
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                               process_id=int(pid))
+    return True
