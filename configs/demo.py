@@ -1,0 +1,34 @@
+"""The embedded default: a tiny LongVILA on synthetic event videos, SFT then GRPO on a CPU.
+
+    python -m lvr_jax.train --config=configs/demo.py:sft --workdir=runs/demo/sft
+    python -m lvr_jax.train --config=configs/demo.py:grpo --workdir=runs/demo/grpo \
+        --config.model.init=runs/demo/sft/model
+
+`python -m lvr_jax.demo` runs both and evaluates; data comes from
+`python -m lvr_jax.data.synthetic --out runs/demo/data`.
+"""
+
+from lvr_jax.config import base_config
+
+DATA = "runs/demo/data"
+
+
+def get_config(stage: str = "sft"):
+    c = base_config()
+    c.stage = stage
+    c.model.vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, image_size=56, patch_size=14)
+    c.model.llm = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    c.data.update(records=f"{DATA}/train.jsonl", video_root=DATA, num_frames=16, batch_size=8,
+                  max_length=512, num_workers=0)
+    c.eval.update(records=f"{DATA}/test_eval.jsonl", max_new_tokens=96, batch_size=16)
+    c.train.update(checkpoint_every=50, keep_checkpoints=2)
+    if stage == "sft":
+        c.optim.update(lr=3e-3, warmup_steps=20, decay_steps=400, weight_decay=0.0)
+        c.train.num_steps = 400
+    else:
+        c.optim.update(lr=2e-5, schedule="constant", warmup_steps=0)
+        c.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=8, kl_coef=1e-3)
+        c.train.num_steps = 30
+    return c

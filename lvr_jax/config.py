@@ -1,0 +1,53 @@
+"""Defaults every recipe starts from; recipes in configs/ override what they change.
+
+    config = base_config(); config.rl.num_generations = 8
+
+Fields are grouped the way the code is: model, data, mesh, optim, train, sft, rl, cache, eval.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "sft"  # "sft" | "grpo"
+    c.seed = 0
+
+    c.model = dict(
+        preset="tiny",  # a name in lvr_jax.model.PRESETS, used when `init` is empty
+        init="",  # a VILA directory (e.g. the SFT stage's export) to start from
+        vision={}, llm={},  # overrides of the preset's SiglipConfig / Qwen2Config fields
+        projector_type="mlp_downsample_2x2_fix",
+        dtype="float32", param_dtype="float32", remat=False)
+
+    c.data = dict(
+        records="", video_root="", num_frames=64, batch_size=8, max_length=4096,
+        num_workers=2, cache_dir="", on_bad_video="skip", video_backend="auto",
+        num_epochs=-1)  # -1: repeat forever
+
+    c.mesh = dict(shape=dict(data=1, fsdp=-1, sp=1, tp=1), attention="all_gather")
+
+    c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=10, decay_steps=1000,
+                   end_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
+                   grad_clip=1.0, grad_accum_steps=1)
+
+    c.train = dict(num_steps=100, log_every=1, checkpoint_every=50, keep_checkpoints=3,
+                   async_checkpoints=True, max_nonfinite_steps=5, export=True)
+
+    c.sft = dict(train_vision_tower=False)
+
+    c.rl = dict(
+        num_generations=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048,
+        update_batch_size=128, ppo_epochs=1,  # prompts per optimizer step; passes per batch
+        clip_low=0.2, clip_high=0.3, dual_clip=3.0, loss_agg="token-mean",
+        kl_coef=1e-2, kl_kind="k3", format_weight=0.1, scale_by_std=True,
+        dynamic_sampling=False, overlong_buffer=0,  # 0: no overlong shaping
+        freeze_embeddings=True,
+        rollout=dict(backend="jax", urls=[]))
+
+    c.cache = dict(budget_mb=4096, disk_dir="")  # disk_dir: persist embeddings across runs
+
+    c.eval = dict(records="", every=0, max_new_tokens=256, batch_size=8)
+    return ml_collections.ConfigDict(c)

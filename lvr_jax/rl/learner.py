@@ -1,0 +1,213 @@
+"""GRPO learner: rollouts from cached video embeddings, rule rewards, clipped updates.
+
+Per rollout batch of P prompts: each video is encoded once (embedding cache), each prompt
+prefilled once and sampled G times, responses scored, advantages taken per group, then
+old-policy and reference log-probs and several optimizer steps reuse the same prompt
+embeddings. Only the LLM trains; vision tower, projector and token embeddings stay frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvr_jax import training
+from lvr_jax.model.layers import dot_product_attention
+from lvr_jax.model.qwen2 import Qwen2, positions_from_valid
+from lvr_jax.model.sampler import Generation, SamplingParams, generate
+from lvr_jax.model.vlm import LongVILA
+from lvr_jax.rl import grpo, rewards
+from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+from lvr_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The static knobs of the GRPO loss (hashable: part of the jitted step)."""
+
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0
+    loss_agg: str = "token-mean"
+    norm_length: int | None = None
+    kl_coef: float = 1e-2
+    kl_kind: str = "k3"
+
+
+def response_logprobs(llm: Qwen2, prompt_embeds, prompt_valid, tokens, response_mask,
+                      temperature: float, attention_fn=dot_product_attention):
+    """Log-probs and entropies [N, M] of response tokens under logits / temperature."""
+    t = prompt_embeds.shape[1]
+    x = jnp.concatenate([jax.lax.stop_gradient(prompt_embeds), llm.embed(tokens)], axis=1)
+    valid = jnp.concatenate([prompt_valid, response_mask.astype(bool)], axis=1)
+    hidden, _ = llm.hidden_states(x, positions_from_valid(valid), valid,
+                                  attention_fn=attention_fn)
+    # Only the positions that predict response tokens reach the vocabulary projection.
+    logits = llm.logits(hidden[:, t - 1:-1]) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+def gather_prompts(batch):
+    """Prompt embeddings per sequence: [P, T, D] indexed by each sequence's prompt."""
+    return batch["prompt_embeds"][batch["prompt_index"]], batch["prompt_valid"][batch["prompt_index"]]
+
+
+def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, attention_fn):
+    """Clipped surrogate plus k3 KL to the reference, over the valid response tokens."""
+    embeds, valid = gather_prompts(batch)
+    logp, entropy = response_logprobs(model.llm, embeds, valid, batch["tokens"],
+                                      batch["response_mask"], cfg.temperature, attention_fn)
+    mask = batch["loss_mask"]
+    terms, clipped = grpo.policy_loss_terms(logp, batch["old_logp"], batch["advantages"],
+                                            cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    pg_loss = grpo.aggregate(terms, mask, cfg.loss_agg, cfg.norm_length)
+    kl = grpo.aggregate(grpo.kl_penalty(logp, batch["ref_logp"], cfg.kl_kind), mask)
+    token_mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask)  # noqa: E731
+    return pg_loss + cfg.kl_coef * kl, {"pg_loss": pg_loss, "kl": kl,
+                                        "clip_fraction": token_mean(clipped),
+                                        "entropy": token_mean(entropy)}
+
+
+def response_texts(tokenizer: Tokenizer, gen: Generation, stop_ids) -> list[str]:
+    """Decoded responses without their stop token."""
+    texts = []
+    for tokens, length in zip(np.asarray(gen.tokens), np.asarray(gen.lengths)):
+        tokens = tokens[:length]
+        if length and tokens[-1] in stop_ids:
+            tokens = tokens[:-1]
+        texts.append(tokenizer.decode(tokens.tolist()))
+    return texts
+
+
+def score_responses(texts, lengths, truths, rl) -> dict[str, np.ndarray]:
+    """Reward parts per response; `score` is what the advantages see."""
+    acc = np.array([rewards.accuracy_reward(t, a) for t, a in zip(texts, truths)])
+    fmt = np.array([rewards.format_reward(t) for t in texts])
+    score = (1.0 - rl.format_weight) * acc + rl.format_weight * fmt
+    if rl.overlong_buffer > 0:
+        score = score + np.array([rewards.overlong_penalty(int(n), rl.max_new_tokens,
+                                                           rl.overlong_buffer) for n in lengths])
+    return {"score": score, "accuracy": acc, "format": fmt}
+
+
+class GRPOLearner:
+    """Rollout, score and update; `step(batch)` does one rollout batch and returns metrics."""
+
+    def __init__(self, model: LongVILA, config, tokenizer: Tokenizer, cache: EmbeddingCache,
+                 attention_fn=None, rollout_engine=None):
+        self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
+        frozen = ["llm.embed_tokens"] if self.rl.freeze_embeddings else []
+        self.tx = training.make_optimizer(config.optim)
+        self.state = training.TrainState.create(model, training.param_filter(["llm"], frozen),
+                                                self.tx)
+        self.reference = self.state.trainable  # the frozen initial policy
+        encode = jax.jit(lambda x: model.encode_video(x))
+        self.encoder = CachedVideoEncoder(encode, nnx.state(model, nnx.Param).filter(
+            lambda path, _: path[0] in ("vision_tower", "mm_projector")), cache)
+        self.loss_cfg = LossConfig(self.rl.temperature, self.rl.clip_low, self.rl.clip_high,
+                                   self.rl.dual_clip, self.rl.loss_agg,
+                                   self.rl.max_new_tokens if self.rl.loss_agg.endswith("norm") else None,
+                                   self.rl.kl_coef, self.rl.kl_kind)
+        attention_fn = attention_fn or dot_product_attention
+        loss_fn = functools.partial(grpo_loss, cfg=self.loss_cfg, attention_fn=attention_fn)
+        self._update = jax.jit(functools.partial(training.guarded_update, self.tx, loss_fn),
+                               static_argnames="graphdef", donate_argnums=(0, 2))
+        self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
+        self._embed = jax.jit(lambda m, ids, video, valid: m.embed_inputs(ids, video, valid))
+        self.rollout_engine = rollout_engine or self._jax_rollout
+        self.stop_ids = (tokenizer.eos_id,)
+
+    def sampling(self) -> SamplingParams:
+        rl = self.rl
+        return SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                              top_p=rl.top_p, top_k=rl.top_k, stop_token_ids=self.stop_ids,
+                              num_samples=rl.num_generations)
+
+    def _jax_rollout(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
+        return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
+                        pad_id=self.tokenizer.pad_id)
+
+    def _logprobs_fn(self, trainable, frozen, graphdef, batch):
+        llm = nnx.merge(graphdef, trainable, frozen).llm
+        embeds, valid = gather_prompts(batch)
+        return response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
+                                 self.loss_cfg.temperature)[0]
+
+    def rollout(self, batch: dict, rng) -> tuple[dict, dict]:
+        """Samples G responses per prompt and scores them: (training batch, metrics)."""
+        s, g = self.state, self.rl.num_generations
+        model = s.model()
+        video = self.encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
+        embeds, valid = self._embed(model, jnp.asarray(batch["prompt_ids"]), video,
+                                    jnp.asarray(batch["prompt_mask"]).astype(bool))
+        start = time.perf_counter()
+        gen = self.rollout_engine(model, embeds, valid, self.sampling(), rng)
+        seconds = time.perf_counter() - start
+        lengths = np.asarray(gen.lengths)
+        texts = response_texts(self.tokenizer, gen, self.stop_ids)
+        truths = [t for t in batch["ground_truth"] for _ in range(g)]
+        parts = score_responses(texts, lengths, truths, self.rl)
+        scores = parts["score"]
+        advantages = np.asarray(grpo.group_advantages(jnp.asarray(scores), g,
+                                                      scale_by_std=self.rl.scale_by_std))
+        varied = scores.reshape(-1, g).std(axis=1) > 0
+        keep = np.repeat(varied if self.rl.dynamic_sampling else np.ones_like(varied), g)
+        response_mask = (np.arange(gen.tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
+        train = {"prompt_embeds": embeds, "prompt_valid": valid,
+                 "prompt_index": jnp.repeat(jnp.arange(embeds.shape[0]), g),
+                 "tokens": gen.tokens, "response_mask": jnp.asarray(response_mask),
+                 "loss_mask": jnp.asarray(response_mask * keep[:, None]),
+                 "advantages": jnp.asarray(advantages, jnp.float32)}
+        metrics = {"reward": scores.mean(), "accuracy": parts["accuracy"].mean(),
+                   "format": parts["format"].mean(), "response_length": lengths.mean(),
+                   "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0,
+                   "tokens_per_second": lengths.sum() / seconds,
+                   "cache_hit_rate": self.encoder.cache.stats.hit_rate}
+        return train, {**metrics, "sample": texts[0]}
+
+    def add_logprobs(self, train: dict) -> dict:
+        """Old-policy and reference log-probs, computed once per rollout batch."""
+        s = self.state
+        train["old_logp"] = self._logprobs(s.trainable, s.frozen, graphdef=s.graphdef, batch=train)
+        if self.loss_cfg.kl_coef > 0:
+            train["ref_logp"] = self._logprobs(self.reference, s.frozen, graphdef=s.graphdef,
+                                               batch=train)
+        else:
+            train["ref_logp"] = train["old_logp"]
+        return train
+
+    def update(self, train: dict, rng) -> dict:
+        """ppo_epochs passes of mini-batches of update_batch_size prompts x G samples."""
+        s = self.state
+        n = train["tokens"].shape[0]
+        size = min(self.rl.update_batch_size * self.rl.num_generations, n)
+        sequence_keys = ("prompt_index", "tokens", "response_mask", "loss_mask", "advantages",
+                         "old_logp", "ref_logp")
+        history = []
+        for epoch in range(self.rl.ppo_epochs):
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
+            for start in range(0, n - size + 1, size):
+                idx = order[start:start + size]
+                mini = {k: train[k][idx] for k in sequence_keys}
+                mini.update(prompt_embeds=train["prompt_embeds"], prompt_valid=train["prompt_valid"])
+                s.trainable, s.opt_state, m = self._update(
+                    s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=mini)
+                history.append(m)
+        s.step += 1
+        return {k: np.mean([np.asarray(m[k]) for m in history]) for k in history[0]}
+
+    def step(self, batch: dict) -> dict:
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)
+        train, metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
+        train = self.add_logprobs(train)
+        return {**metrics, **self.update(train, jax.random.fold_in(rng, 1))}

@@ -1,0 +1,77 @@
+"""CoT-SFT: masked cross-entropy on the answer (reasoning + answer) tokens.
+
+The LLM and projector train (the vision tower too if configured); a frozen vision tower's
+features come from the embedding cache, so each video is encoded once for the whole run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvr_jax import training
+from lvr_jax.data.video import normalize_frames
+from lvr_jax.model.layers import dot_product_attention
+from lvr_jax.model.vlm import LongVILA, splice_video
+from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+
+
+def token_cross_entropy(logits_btv, targets_bt, mask_bt):
+    """Mean negative log-likelihood of targets over the masked positions, and the count."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+    count = jnp.sum(mask_bt)
+    return jnp.sum(nll * mask_bt) / jnp.maximum(count, 1.0), count
+
+
+def sft_loss(model: LongVILA, batch: dict, attention_fn):
+    """Next-token loss on `loss_mask` tokens of prompts whose video is spliced in."""
+    ids, mask = batch["input_ids"], batch["loss_mask"].astype(jnp.float32)
+    if "video_features" in batch:
+        video = jax.vmap(model.project_features)(batch["video_features"])
+    else:
+        video = jax.vmap(model.encode_video)(batch["frames"])
+    logits = model(ids, video, valid=batch["token_mask"].astype(bool), attention_fn=attention_fn)
+    vid = model.config.video_token_id
+    merged_ids = splice_video(ids, ids, jnp.zeros(video.shape[:2], ids.dtype), vid)
+    merged_mask = splice_video(mask, ids, jnp.zeros(video.shape[:2], mask.dtype), vid)
+    loss, count = token_cross_entropy(logits[:, :-1], merged_ids[:, 1:], merged_mask[:, 1:])
+    return loss, {"target_tokens": count}
+
+
+class SFTLearner:
+    """Holds the train state and the cached video encoder; `step(batch)` trains on a batch."""
+
+    def __init__(self, model: LongVILA, config, cache: EmbeddingCache,
+                 attention_fn=None):
+        trainable = ["llm", "mm_projector"] + (["vision_tower"] if config.sft.train_vision_tower else [])
+        self.tx = training.make_optimizer(config.optim)
+        self.state = training.TrainState.create(model, training.param_filter(trainable), self.tx)
+        self.train_vision = config.sft.train_vision_tower
+        if not self.train_vision:
+            features = jax.jit(lambda x: model.vision_tower(x))
+            self.encoder = CachedVideoEncoder(features, nnx.state(model.vision_tower), cache)
+        loss_fn = functools.partial(sft_loss, attention_fn=attention_fn or dot_product_attention)
+        self._update = jax.jit(functools.partial(training.guarded_update, self.tx, loss_fn),
+                               static_argnames="graphdef", donate_argnums=(0, 2))
+
+    def device_batch(self, batch: dict) -> dict:
+        """The arrays the jitted step needs; video features come from the cache."""
+        out = {k: jnp.asarray(batch[k]) for k in ("input_ids", "loss_mask", "token_mask")}
+        if self.train_vision:
+            out["frames"] = normalize_frames(jnp.asarray(batch["frames"]))
+        else:
+            out["video_features"] = self.encoder(batch["frames"], batch["video_key"],
+                                                 batch["frame_indices"])
+        return out
+
+    def step(self, batch: dict) -> dict:
+        s = self.state
+        s.trainable, s.opt_state, metrics = self._update(
+            s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=self.device_batch(batch))
+        s.step += 1
+        return {k: np.asarray(v) for k, v in metrics.items()}

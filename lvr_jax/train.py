@@ -1,0 +1,178 @@
+"""Training entrypoint: CoT-SFT or GRPO, chosen by `config.stage`.
+
+    python -m lvr_jax.train --config=configs/demo.py:sft --workdir=runs/demo/sft \
+        --config.train.num_steps=200
+
+The workdir holds checkpoints (an interrupted run resumes from the latest by itself),
+metrics as JSONL and TensorBoard events, a PNG of the learning curves, and at the end the
+model as a VILA directory (`workdir/model`) that a GRPO stage or transformers can load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from lvr_jax import metrics as metrics_lib
+from lvr_jax.checkpointing import Checkpointer
+from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
+from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
+from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
+from lvr_jax.training import NonFiniteGuard
+
+log = logging.getLogger("lvr_jax.train")
+
+CURVES = {"sft": ("loss", "grad_norm", "cache_hit_rate"),
+          "grpo": ("reward", "accuracy", "format", "kl", "response_length", "entropy")}
+
+
+def build_model(config):
+    """(tokenizer, model): from a VILA directory when `model.init` is set, else the preset."""
+    m = config.model
+    if m.init:
+        model = load_pretrained(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        return load_tokenizer(m.init), model
+    tokenizer = build_tiny_tokenizer()
+    base = PRESETS[m.preset](vocab_size=tokenizer.vocab_size)
+    model_config = base.replace(
+        vision=dataclasses.replace(base.vision, **m.vision),
+        llm=dataclasses.replace(base.llm, **m.llm), projector_type=m.projector_type,
+        video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id,
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    return tokenizer, LongVILA(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def data_config(config, model: LongVILA) -> DataConfig:
+    """The pipeline's settings; the frame size is the vision tower's, decided by the model."""
+    d = config.data
+    return DataConfig(records=d.records, video_root=d.video_root, num_frames=d.num_frames,
+                      frame_size=model.config.vision.image_size, video_backend=d.video_backend,
+                      on_bad_video=d.on_bad_video, cache_dir=d.cache_dir or None,
+                      batch_size=d.batch_size, max_length=d.max_length, seed=config.seed,
+                      num_epochs=None if d.num_epochs < 0 else d.num_epochs,
+                      num_workers=d.num_workers, shard_index=jax.process_index(),
+                      shard_count=jax.process_count())
+
+
+def make_learner(config, model, tokenizer, cache):
+    if config.stage == "sft":
+        from lvr_jax.sft.learner import SFTLearner
+        return SFTLearner(model, config, cache)
+    if config.stage == "grpo":
+        from lvr_jax.rl.learner import GRPOLearner
+        return GRPOLearner(model, config, tokenizer, cache)
+    raise ValueError(f"config.stage must be 'sft' or 'grpo', got {config.stage!r}")
+
+
+def make_data(config, model, tokenizer):
+    build = sft_dataset if config.stage == "sft" else rl_dataset
+    report = lambda r: log.warning("%s", r)  # noqa: E731  skipped records, once per epoch
+    return iter(build(data_config(config, model), tokenizer, on_epoch_end=report))
+
+
+class Run:
+    """One stage in one workdir: resumes, steps, logs, checkpoints, exports."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.tokenizer, model = build_model(config)
+        cache_dir = config.cache.disk_dir or None
+        self.cache = EmbeddingCache(config.cache.budget_mb << 20, cache_dir)
+        self.learner = make_learner(config, model, self.tokenizer, self.cache)
+        self.data = make_data(config, model, self.tokenizer)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 config.train.keep_checkpoints, config.train.async_checkpoints)
+        self.writer = metrics_lib.MetricsWriter(workdir, config.stage)
+        self.guard = NonFiniteGuard(config.train.max_nonfinite_steps)
+
+    def train_state(self) -> dict:
+        s = self.learner.state
+        return {"trainable": s.trainable, "opt_state": s.opt_state}
+
+    def save(self, force: bool = False) -> None:
+        meta = {"step": self.learner.state.step, "data": self.data.get_state(),
+                "cache": self.cache.manifest()}
+        self.ckpt.save(self.learner.state.step, self.train_state(), meta, force=force)
+
+    def resume(self) -> None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return
+        restored, meta = self.ckpt.restore(step, self.train_state())
+        s = self.learner.state
+        s.trainable, s.opt_state, s.step = restored["trainable"], restored["opt_state"], meta["step"]
+        self.data.set_state(meta["data"])
+        log.warning("resumed %s from step %d in %s", self.config.stage, step, self.workdir)
+
+    def step_once(self) -> dict:
+        batch = next(self.data)
+        out = self.learner.step(batch)
+        message = self.guard.check(bool(out.get("finite", True)), self.learner.state.step,
+                                   batch.get("record", []))
+        if message:
+            log.warning("%s", message)
+        return out
+
+    def run(self) -> dict:
+        self.resume()
+        train = self.config.train
+        bar = tqdm(total=train.num_steps, initial=self.learner.state.step, desc=self.config.stage)
+        last = {}
+        while self.learner.state.step < train.num_steps:
+            last = self.step_once()
+            step = self.learner.state.step
+            self.writer.write(step, last)
+            bar.set_postfix(metrics_lib.short_summary(last))
+            bar.update(1)
+            if self.guard.exhausted:
+                self.save(force=True)
+                self.ckpt.wait()
+                raise SystemExit(f"{self.guard.limit} non-finite steps in a row at step {step}; "
+                                 f"stopped with a checkpoint in {self.workdir}/checkpoints")
+            if step % train.checkpoint_every == 0 or step == train.num_steps:
+                self.save()
+        bar.close()
+        self.finish()
+        return last
+
+    def finish(self) -> None:
+        self.ckpt.wait()
+        self.writer.close()
+        metrics_lib.plot_curves(self.writer.path, CURVES[self.config.stage],
+                                os.path.join(self.workdir, f"{self.config.stage}_curves.png"),
+                                f"{self.config.stage} ({self.workdir})")
+        if self.config.train.export:
+            save_pretrained(self.learner.state.model(), os.path.join(self.workdir, "model"),
+                            tokenizer=self.tokenizer)
+
+
+def run(config, workdir: str) -> dict:
+    """Trains one stage in `workdir`; returns the last step's metrics."""
+    return Run(config, workdir).run()
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a recipe in configs/, e.g. "
+                                          "configs/demo.py:sft", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics, plots and the export")
+
+
+def main(argv) -> None:
+    del argv
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,104 @@
+"""What both learners share: the optimizer, trainable/frozen split, guarded updates.
+
+Parameters cross `jit` as (graphdef, trainable state, frozen state); only the trainable
+part has gradients and optimizer state. A step whose loss or gradient is not finite
+leaves parameters and optimizer state untouched and says so in its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def learning_rate(optim) -> optax.Schedule:
+    """Linear warm-up then cosine decay (or constant) from the `optim` config."""
+    if optim.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)),
+                                     optax.constant_schedule(optim.lr)], [optim.warmup_steps])
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, optim.lr, max(optim.warmup_steps, 1), max(optim.decay_steps, optim.warmup_steps + 1),
+            end_value=optim.lr * optim.end_lr_fraction)
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and optional gradient accumulation."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip),
+        optax.adamw(learning_rate(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay))
+    if optim.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum_steps)
+    return tx
+
+
+def param_filter(trainable_prefixes: Sequence[str], frozen_paths: Sequence[str] = ()):
+    """An nnx filter: parameters under one of the prefixes, minus the frozen paths."""
+    def is_trainable(path, value) -> bool:
+        name = ".".join(str(p) for p in path)
+        return (isinstance(value, nnx.Param)
+                and any(name == p or name.startswith(p + ".") for p in trainable_prefixes)
+                and not any(name == f or name.startswith(f + ".") for f in frozen_paths))
+    return is_trainable
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Parameters split for training, plus the optimizer state and step."""
+
+    graphdef: Any
+    trainable: nnx.State
+    frozen: nnx.State
+    opt_state: Any
+    step: int = 0
+
+    @classmethod
+    def create(cls, model: nnx.Module, is_trainable, tx: optax.GradientTransformation):
+        graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
+        return cls(graphdef, trainable, frozen, tx.init(trainable))
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef, batch):
+    """One optimizer step of loss_fn(model, batch) -> (loss, aux), skipped when not finite."""
+    def loss_of(t):
+        return loss_fn(nnx.merge(graphdef, t, frozen), batch)
+
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, new_opt_state = tx.update(safe_grads, opt_state, trainable)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    trainable = keep(optax.apply_updates(trainable, updates), trainable)
+    opt_state = keep(new_opt_state, opt_state)
+    return trainable, opt_state, {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite steps; past the limit the run must stop."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def check(self, finite: bool, step: int, batch_names: Sequence[str]) -> str | None:
+        """A message for a skipped step (None when the step was fine)."""
+        if finite:
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        return (f"step {step}: loss or gradient is NaN/inf; update skipped "
+                f"({self.in_a_row} in a row, stop after {self.limit}); batch: {list(batch_names)}")
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row >= self.limit
