@@ -34,7 +34,15 @@ class LongVILA(nnx.Module):
 
     def encode_video(self, frames_fhwc):
         """Frames [F, H, W, 3] in [-1, 1] -> [F * tokens_per_frame, hidden]."""
-        tokens_ftd = self.mm_projector(self.vision_tower(frames_fhwc))
+        return self.project_features(self.vision_tower(frames_fhwc))
+
+    def project_features(self, features_fpc):
+        """Vision features [F, patches, C] -> [F * tokens_per_frame, hidden] with the "\\n"s.
+
+        The half of `encode_video` after the vision tower: SFT caches the (frozen) tower's
+        features and trains the projector through this.
+        """
+        tokens_ftd = self.mm_projector(features_fpc)
         f, _, d = tokens_ftd.shape
         newline = self.embed_tokens(jnp.full((f, 1), self.config.newline_token_id))
         return jnp.concatenate([tokens_ftd.astype(newline.dtype), newline], axis=1).reshape(-1, d)
