@@ -38,15 +38,21 @@ def _encode_local(graphdef, state, newline_d, frames_vfhwc):
     return tokens.reshape(v, -1, tokens.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "axes"))
-def _encode(graphdef, state, newline_d, frames_vfhwc, *, mesh, axes):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "axes", "tokens"))
+def _encode(graphdef, state, newline_d, frames_vfhwc, *, mesh, axes, tokens):
+    """Pads the frames, encodes each device's share, marks the real tokens valid."""
+    num_frames = frames_vfhwc.shape[1]
+    pad = padded_frames(num_frames, mesh, axes) - num_frames
+    frames_vfhwc = jnp.pad(frames_vfhwc, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1 and a not in axes) or None
     frame_spec = P(batch, axes)
     frames_vfhwc = jax.lax.with_sharding_constraint(frames_vfhwc, NamedSharding(mesh, frame_spec))
     encode = jax.shard_map(functools.partial(_encode_local, graphdef), mesh=mesh,
                            in_specs=(P(), P(), frame_spec), out_specs=P(batch, axes, None),
                            check_vma=False)
-    return encode(state, newline_d, frames_vfhwc)
+    embeds = encode(state, newline_d, frames_vfhwc)
+    valid = jnp.arange(embeds.shape[1]) < num_frames * tokens
+    return embeds, jax.lax.with_sharding_constraint(valid, NamedSharding(mesh, P(axes)))
 
 
 def encode_video_sharded(model, frames, mesh: Mesh, axes=FRAME_AXES):
@@ -58,14 +64,8 @@ def encode_video_sharded(model, frames, mesh: Mesh, axes=FRAME_AXES):
     """
     axes = tuple(axes)
     single = frames.ndim == 4
-    frames_vfhwc = frames[None] if single else frames
-    num_frames = frames_vfhwc.shape[1]
-    pad = padded_frames(num_frames, mesh, axes) - num_frames
-    frames_vfhwc = jnp.pad(frames_vfhwc, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     graphdef, state = nnx.split((model.vision_tower, model.mm_projector))
     newline_d = model.embed_tokens(jnp.array([model.config.newline_token_id]))[0]
-    embeds = _encode(graphdef, state, newline_d, frames_vfhwc, mesh=mesh, axes=axes)
-    tokens = model.config.tokens_per_frame
-    valid = jnp.arange(embeds.shape[1]) < num_frames * tokens
-    valid = jax.device_put(valid, NamedSharding(mesh, P(axes)))
+    embeds, valid = _encode(graphdef, state, newline_d, frames[None] if single else frames,
+                            mesh=mesh, axes=axes, tokens=model.config.tokens_per_frame)
     return (embeds[0], valid) if single else (embeds, valid)

@@ -183,8 +183,9 @@ def activation_rules(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
 
 
 def initialize_distributed(config: Any = None) -> bool:
-    """Starts multi-host JAX from `config` (coordinator_address, num_processes, process_id)
-    or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; False if single-host."""
+    """Starts multi-host JAX from `config` (coordinator_address, num_processes, process_id,
+    optional coordinator_bind_address) or the env vars JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID (JAX_COORDINATOR_BIND_ADDRESS); False if single-host."""
     get = (lambda k: getattr(config, k, None)) if config is not None else (lambda k: None)
     address = get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num = get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
@@ -198,6 +199,7 @@ def initialize_distributed(config: Any = None) -> bool:
                          f"JAX_PROCESS_ID); got {address!r}, {num!r}, {pid!r}")
     if int(num) <= 1:
         return False
+    bind = get("coordinator_bind_address") or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                               process_id=int(pid))
+                               process_id=int(pid), coordinator_bind_address=bind)
     return True

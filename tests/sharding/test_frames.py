@@ -1,0 +1,33 @@
+"""Sequence-parallel frame encoding equals the single-device encoder."""
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lvr_jax.sharding import mesh as mesh_lib
+from lvr_jax.sharding.frames import encode_video_sharded, padded_frames
+from tests.sharding.helpers import frames, make_model, mesh_of, rel_err
+
+
+def test_indivisible_frame_count_is_padded_and_masked_not_truncated():
+    mesh = mesh_of(sp=8)
+    model = make_model()
+    video = frames(5)
+    embeds, valid = encode_video_sharded(model, video, mesh)
+    tokens = model.config.tokens_per_frame
+    assert padded_frames(5, mesh) == 8 and embeds.shape[0] == 8 * tokens
+    assert embeds.sharding.is_equivalent_to(NamedSharding(mesh, P("sp", None)), 2)
+    np.testing.assert_array_equal(valid, jnp.arange(8 * tokens) < 5 * tokens)
+    assert rel_err(embeds[:5 * tokens], model.encode_video(video)) < 1e-5
+
+
+def test_several_videos_split_over_data_and_sp_with_sharded_weights():
+    mesh = mesh_of(data=2, sp=2, tp=2)
+    model = mesh_lib.shard_model(make_model(), mesh)
+    videos = jnp.stack([frames(3, seed=1), frames(3, seed=2)])
+    embeds, valid = encode_video_sharded(model, videos, mesh)
+    assert embeds.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "sp", None)), 3)
+    tokens = model.config.tokens_per_frame
+    for i in range(2):
+        assert rel_err(embeds[i, :3 * tokens], model.encode_video(videos[i])) < 1e-5
+    assert int(valid.sum()) == 3 * tokens

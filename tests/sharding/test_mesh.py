@@ -1,0 +1,68 @@
+"""The mesh, the logical-axis rules and sharded loading."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lvr_jax.model import load_pretrained
+from lvr_jax.sharding import mesh as mesh_lib
+from tests.sharding.helpers import make_model, mesh_of
+
+
+def test_minus_one_takes_the_remaining_devices():
+    mesh = mesh_lib.make_mesh(mesh_lib.default_config())
+    assert dict(mesh.shape) == dict(data=1, fsdp=8, sp=1, tp=1)
+    assert mesh_lib.axis_sizes(dict(data=2, fsdp=1, sp=-1, tp=2), 8) == (2, 1, 2, 2)
+
+
+@pytest.mark.parametrize("shape, message", [
+    (dict(data=-1, sp=-1), "more than one -1"), (dict(sp=3, fsdp=-1), "does not divide"),
+    (dict(sp=2), "covers 2 devices")])
+def test_bad_mesh_shapes_say_what_to_fix(shape, message):
+    with pytest.raises(ValueError, match=message):
+        mesh_lib.axis_sizes(shape, 8)
+
+
+def test_rules_map_params_and_activations_once_per_mesh_axis():
+    mesh = mesh_of(fsdp=2, sp=2, tp=2)
+    assert mesh_lib.logical_to_spec(("layers", "embed", "heads", "head_dim"), mesh) == \
+        P(None, "fsdp", "tp", None)
+    # proj_in and embed both ask for fsdp: the second stays replicated
+    assert mesh_lib.logical_to_spec(("proj_in", "embed"), mesh) == P("fsdp", None)
+    assert mesh_lib.logical_to_spec(
+        ("activation_batch", "activation_length", "activation_embed"), mesh) == \
+        P("fsdp", "sp", None)
+    # an indivisible dimension is replicated instead of failing
+    assert mesh_lib.logical_to_spec(("embed",), mesh, shape=(3,)) == P(None)
+
+
+def test_load_sharded_streams_each_tensor_into_its_sharding(make_vila_dir):
+    path, _, _, _ = make_vila_dir()
+    mesh = mesh_of(fsdp=4, sp=1, tp=2)
+    sharded = mesh_lib.load_sharded(path, mesh)
+    plain = load_pretrained(path)
+    q_kernel = sharded.llm.layers.self_attn.q_proj.kernel.get_value()
+    assert q_kernel.sharding.spec == P(None, "fsdp", "tp", None)
+    assert len({d for s in q_kernel.addressable_shards for d in [s.device]}) == 8
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)),
+                    jax.tree.leaves(nnx.state(plain, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shard_model_places_parameters_by_their_logical_axes():
+    mesh = mesh_of(fsdp=4, sp=1, tp=2)
+    model = mesh_lib.shard_model(make_model(), mesh)
+    mlp = model.llm.layers.mlp
+    assert mlp.gate_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tp")
+    assert mlp.down_proj.kernel.get_value().sharding.spec == P(None, "tp", "fsdp")
+
+
+def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert mesh_lib.initialize_distributed() is False
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="coordinator_address"):
+        mesh_lib.initialize_distributed()
