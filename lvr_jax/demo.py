@@ -1,90 +1,125 @@
-"""The embedded default: a tiny LongVILA watches a generated long video and answers.
+"""The embedded default: SFT then GRPO of a tiny LongVILA on synthetic long videos, on a CPU.
 
     python -m lvr_jax.demo --workdir runs/demo
 
-Generates a few synthetic event videos, decodes uniformly sampled frames, encodes them
-with the vision tower + projector, samples G answers per question with the KV-cache
-sampler, then saves the model as a VILA directory and checks that it reloads to the same
-greedy answer. The model is untrained here, so its answers are noise; training (SFT then
-GRPO) is what makes them right.
+1. generates the synthetic event-video set (train / test splits with disjoint videos);
+2. CoT-SFT from scratch (`configs/demo.py:sft`), then evaluates on the test questions;
+3. GRPO from the SFT model (`configs/demo.py:grpo`), then evaluates again;
+4. writes `results.json`, `accuracy.png` and the learning curves of both stages.
+Each stage resumes from its checkpoints if the demo is interrupted and run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import logging
 import os
-import time
+import pathlib
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+import matplotlib
 
-from lvr_jax.data import synthetic, templates
-from lvr_jax.data.schema import load_eval_records
-from lvr_jax.data.video import normalize_frames, read_frames
-from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
-from lvr_jax.model.sampler import SamplingParams, generate
-from lvr_jax.tokenizer import build_tiny_tokenizer
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from lvr_jax import train  # noqa: E402
+from lvr_jax.data import synthetic  # noqa: E402
+from lvr_jax.eval.evaluate import evaluate  # noqa: E402
+from lvr_jax.model import load_pretrained  # noqa: E402
+from lvr_jax.tokenizer import load_tokenizer  # noqa: E402
+
+CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/demo", help="where videos and the model go")
-    parser.add_argument("--frames", type=int, default=32, help="frames sampled per video")
-    parser.add_argument("--samples", type=int, default=4, help="answers sampled per question (G)")
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="runs/demo", help="data, checkpoints, plots")
+    parser.add_argument("--videos", type=int, default=200, help="synthetic videos to generate")
+    parser.add_argument("--sft_steps", type=int, default=None, help="override the recipe")
+    parser.add_argument("--grpo_steps", type=int, default=None, help="override the recipe")
+    parser.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N only")
     return parser.parse_args(argv)
 
 
-def answer(model, tokenizer, frames_u8, question, params, rng):
-    """Encodes the video once and samples answers to one question from it."""
-    video = jax.jit(lambda m, x: m.encode_video(x))(model, normalize_frames(frames_u8))
-    ids = jnp.asarray(templates.encode_prompt(tokenizer, question))[None]
-    embeds, valid = model.embed_inputs(ids, video[None])
-    out = generate(model.llm, embeds, valid, params, rng, pad_id=tokenizer.pad_id)
-    texts = [tokenizer.decode(t[:n]) for t, n in zip(out.tokens.tolist(), out.lengths.tolist())]
-    return video, out, texts
+def stage_config(stage: str, data: str, steps: int | None = None):
+    """configs/demo.py for a stage, reading the synthetic set in `data`."""
+    spec = importlib.util.spec_from_file_location("demo_config", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(stage)
+    config.data.update(records=os.path.join(data, "train.jsonl"), video_root=data)
+    config.eval.records = os.path.join(data, "test_eval.jsonl")
+    if steps is not None:
+        config.train.num_steps = steps
+    return config
 
 
-def main(argv=None) -> None:
+def evaluate_export(config, model_dir: str, limit: int) -> dict:
+    """Accuracy of an exported model on the test questions."""
+    model = load_pretrained(model_dir)
+    data = train.data_config(config, model)
+    records = config.eval.records
+    if limit:
+        with open(records) as f:
+            lines = f.readlines()[:limit]
+        records = os.path.join(os.path.dirname(model_dir), "eval_subset.jsonl")
+        with open(records, "w") as f:
+            f.writelines(lines)
+    data = data.__class__(**{**data.__dict__, "records": records,
+                             "batch_size": config.eval.batch_size, "num_workers": 0})
+    result = evaluate(model, load_tokenizer(model_dir), data, config.eval.max_new_tokens)
+    return {"accuracy": result.accuracy, "per_category": result.per_category,
+            "unparseable": result.unparseable, "questions": len(result.predictions)}
+
+
+def plot_accuracy(results: dict, out_png: str) -> None:
+    """Accuracy per category after each stage, with chance at 25%."""
+    stages = list(results)
+    categories = list(results[stages[0]]["per_category"]) + ["overall"]
+    width = 0.8 / len(stages)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, stage in enumerate(stages):
+        values = [results[stage]["per_category"].get(c, 0) for c in categories[:-1]]
+        values.append(results[stage]["accuracy"])
+        ax.bar([x + i * width for x in range(len(categories))], values, width, label=stage)
+    ax.axhline(0.25, color="gray", linestyle="--", label="chance")
+    ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(categories))], categories)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
-    data_dir = os.path.join(args.workdir, "data")
-    print(f"[1/4] generating synthetic long videos in {data_dir}")
-    synthetic.generate(data_dir, num_videos=10, frames=64, size=96, seed=args.seed)
-    record = load_eval_records(os.path.join(data_dir, "test_eval.jsonl"))[0]
-
-    tokenizer = build_tiny_tokenizer()
-    config = PRESETS["tiny"](vocab_size=tokenizer.vocab_size, video_token_id=tokenizer.video_id,
-                             newline_token_id=tokenizer.newline_id)
-    model = LongVILA(config, rngs=nnx.Rngs(args.seed))
-    size = config.vision.image_size
-    frames = read_frames(os.path.join(data_dir, record.video), args.frames, size).frames
-    print(f"[2/4] decoded {frames.shape[0]} frames of {record.video} at {size}x{size}; "
-          f"{config.tokens_per_frame} tokens per frame")
-
-    question = templates.format_question(record.question, record.options)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0,
-                            stop_token_ids=(tokenizer.eos_id,), num_samples=args.samples)
-    start = time.perf_counter()
-    video, out, texts = answer(model, tokenizer, frames, question, params,
-                               jax.random.key(args.seed))
-    seconds = time.perf_counter() - start
-    print(f"[3/4] {record.category} question: {record.question}")
-    print(f"      video embeddings {tuple(video.shape)}; {args.samples} samples, "
-          f"{int(out.lengths.sum())} tokens in {seconds:.1f}s (compile included)")
-    for i, text in enumerate(texts):
-        print(f"      sample {i}: {text[:100]!r}")
-
-    ckpt = os.path.join(args.workdir, "checkpoint")
-    save_pretrained(model, ckpt, tokenizer=tokenizer)
-    greedy = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=(tokenizer.eos_id,))
-    before = answer(model, tokenizer, frames, question, greedy, None)[2]
-    after = answer(load_pretrained(ckpt), tokenizer, frames, question, greedy, None)[2]
-    status = "same greedy answer" if before == after else "DIFFERENT greedy answer"
-    print(f"[4/4] saved a VILA directory to {ckpt}; reloaded it: {status}")
-    if before != after:
-        raise SystemExit("reloaded checkpoint disagrees with the model that wrote it")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    data = os.path.join(args.workdir, "data")
+    if not os.path.exists(os.path.join(data, "test_eval.jsonl")):
+        synthetic.generate(data, num_videos=args.videos, frames=64, size=96)
+    results = {}
+    sft = stage_config("sft", data, args.sft_steps)
+    train.run(sft, os.path.join(args.workdir, "sft"))
+    results["after SFT"] = evaluate_export(sft, os.path.join(args.workdir, "sft", "model"),
+                                           args.eval_limit)
+    grpo = stage_config("grpo", data, args.grpo_steps)
+    grpo.model.init = os.path.join(args.workdir, "sft", "model")
+    train.run(grpo, os.path.join(args.workdir, "grpo"))
+    results["after GRPO"] = evaluate_export(grpo, os.path.join(args.workdir, "grpo", "model"),
+                                            args.eval_limit)
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_accuracy(results, os.path.join(args.workdir, "accuracy.png"))
+    print(f"\n{'stage':<12} {'accuracy':>9} {'unparseable':>12}  per category")
+    for stage, r in results.items():
+        cats = ", ".join(f"{k} {v:.0%}" for k, v in r["per_category"].items())
+        print(f"{stage:<12} {r['accuracy']:>9.1%} {r['unparseable']:>12}  {cats}")
+    print(f"chance is 25%; plots: {args.workdir}/accuracy.png, {args.workdir}/*/…_curves.png")
+    return results
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef
         return loss_fn(nnx.merge(graphdef, t, frozen), batch)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
     updates, new_opt_state = tx.update(safe_grads, opt_state, trainable)

@@ -38,3 +38,29 @@ def make_vila_dir(tmp_path_factory, tokenizer):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """A small synthetic long-video set (train/test splits) shared by the training tests."""
+    from lvr_jax.data.synthetic import generate
+
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    generate(out, num_videos=12, frames=32, size=64, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_train_config(synthetic_set):
+    """configs/demo.py shrunk further: a training step takes well under a second."""
+    from lvr_jax.demo import stage_config
+
+    def make(stage, steps):
+        c = stage_config(stage, synthetic_set, steps)
+        c.model.llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        c.data.update(num_frames=8, batch_size=4)
+        c.rl.update(num_generations=4, max_new_tokens=24, update_batch_size=2)
+        c.train.update(checkpoint_every=2, keep_checkpoints=10)
+        return c
+
+    return make

@@ -111,9 +111,9 @@ class GRPOLearner:
         self.state = training.TrainState.create(model, training.param_filter(["llm"], frozen),
                                                 self.tx)
         self.reference = self.state.trainable  # the frozen initial policy
-        encode = jax.jit(lambda x: model.encode_video(x))
-        self.encoder = CachedVideoEncoder(encode, nnx.state(model, nnx.Param).filter(
-            lambda path, _: path[0] in ("vision_tower", "mm_projector")), cache)
+        frozen_encoder = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
+        self.encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)),
+                                          frozen_encoder, cache)
         self.loss_cfg = LossConfig(self.rl.temperature, self.rl.clip_low, self.rl.clip_high,
                                    self.rl.dual_clip, self.rl.loss_agg,
                                    self.rl.max_new_tokens if self.rl.loss_agg.endswith("norm") else None,
@@ -165,7 +165,8 @@ class GRPOLearner:
         response_mask = (np.arange(gen.tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
         train = {"prompt_embeds": embeds, "prompt_valid": valid,
                  "prompt_index": jnp.repeat(jnp.arange(embeds.shape[0]), g),
-                 "tokens": gen.tokens, "response_mask": jnp.asarray(response_mask),
+                 "tokens": gen.tokens, "rollout_logp": gen.logprobs,
+                 "response_mask": jnp.asarray(response_mask),
                  "loss_mask": jnp.asarray(response_mask * keep[:, None]),
                  "advantages": jnp.asarray(advantages, jnp.float32)}
         metrics = {"reward": scores.mean(), "accuracy": parts["accuracy"].mean(),
@@ -175,16 +176,23 @@ class GRPOLearner:
                    "cache_hit_rate": self.encoder.cache.stats.hit_rate}
         return train, {**metrics, "sample": texts[0]}
 
-    def add_logprobs(self, train: dict) -> dict:
-        """Old-policy and reference log-probs, computed once per rollout batch."""
+    def add_logprobs(self, train: dict) -> tuple[dict, dict]:
+        """Old-policy and reference log-probs, computed once per rollout batch.
+
+        Also measures how far the rollout engine's log-probs are from the training
+        forward's (a mismatch that grows means the engine and trainer disagree).
+        """
         s = self.state
         train["old_logp"] = self._logprobs(s.trainable, s.frozen, graphdef=s.graphdef, batch=train)
+        mask = train["response_mask"]
+        gap = jnp.abs(train["old_logp"] - train["rollout_logp"])
+        mismatch = float(jnp.sum(gap * mask) / jnp.maximum(jnp.sum(mask), 1.0))
         if self.loss_cfg.kl_coef > 0:
             train["ref_logp"] = self._logprobs(self.reference, s.frozen, graphdef=s.graphdef,
                                                batch=train)
         else:
             train["ref_logp"] = train["old_logp"]
-        return train
+        return train, {"logprob_mismatch": mismatch}
 
     def update(self, train: dict, rng) -> dict:
         """ppo_epochs passes of mini-batches of update_batch_size prompts x G samples."""
@@ -208,6 +216,7 @@ class GRPOLearner:
 
     def step(self, batch: dict) -> dict:
         rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)
-        train, metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
-        train = self.add_logprobs(train)
-        return {**metrics, **self.update(train, jax.random.fold_in(rng, 1))}
+        train, rollout_metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
+        train, logprob_metrics = self.add_logprobs(train)
+        return {**rollout_metrics, **logprob_metrics,
+                **self.update(train, jax.random.fold_in(rng, 1))}

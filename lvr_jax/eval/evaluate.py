@@ -1,0 +1,71 @@
+"""Multiple-choice evaluation with the embedded sampler: accuracy overall and per category.
+
+Answers are extracted and graded exactly as the accuracy reward does; an answer that is
+not one of the option letters counts as wrong and is also counted as unparseable.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lvr_jax.data.pipeline import DataConfig, eval_dataset
+from lvr_jax.data.schema import LETTERS, answer_text
+from lvr_jax.model.sampler import SamplingParams, generate
+from lvr_jax.model.vlm import LongVILA
+from lvr_jax.rl.learner import response_texts
+from lvr_jax.rl.rewards import accuracy_reward
+from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+from lvr_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class EvalResult:
+    predictions: list[dict]
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean([p["correct"] for p in self.predictions])) if self.predictions else 0.0
+
+    @property
+    def per_category(self) -> dict[str, float]:
+        groups = collections.defaultdict(list)
+        for p in self.predictions:
+            groups[p["category"]].append(p["correct"])
+        return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
+    @property
+    def unparseable(self) -> int:
+        return sum(not p["parsed_ok"] for p in self.predictions)
+
+
+def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_tokens: int = 256,
+             temperature: float = 0.0, cache: EmbeddingCache | None = None,
+             progress: bool = True) -> EvalResult:
+    """Answers every record of `data.records` once and grades it."""
+    frozen = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
+    encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)), frozen,
+                                 cache or EmbeddingCache())
+    embed = jax.jit(lambda ids, video, valid: model.embed_inputs(ids, video, valid))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            stop_token_ids=(tokenizer.eos_id,))
+    predictions = []
+    for batch in tqdm(eval_dataset(data, tokenizer), desc="evaluate", disable=not progress):
+        video = encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
+        embeds, valid = embed(jnp.asarray(batch["prompt_ids"]), video,
+                              jnp.asarray(batch["prompt_mask"]).astype(bool))
+        gen = generate(model.llm, embeds, valid, params, jax.random.key(0), tokenizer.pad_id)
+        for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
+            parsed = answer_text(text).upper()
+            predictions.append({
+                "id": batch["id"][i], "category": batch["category"][i],
+                "answer": batch["answer"][i], "prediction": text, "parsed": parsed,
+                "parsed_ok": parsed in LETTERS,
+                "correct": bool(accuracy_reward(text, batch["answer"][i]))})
+    return EvalResult(predictions)
