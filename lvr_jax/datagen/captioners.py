@@ -1,0 +1,110 @@
+"""Clip captioners: this project's LongVILA (embedded sampler) or an OpenAI-compatible VLM.
+
+Both expose `frame_size` (the side to decode frames at) and `async caption(clips) -> texts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from lvr_jax.datagen.client import ChatClient, image_part
+from lvr_jax.datagen.clips import Clip
+from lvr_jax.datagen.prompts import CAPTION_INSTRUCTION, caption_messages
+
+
+class OpenAICaptioner:
+    """Sends each clip's frames as JPEG image parts to a chat endpoint, one request per clip."""
+
+    def __init__(self, client: ChatClient, frame_size: int, max_tokens: int, temperature: float):
+        self.client, self.frame_size = client, frame_size
+        self.max_tokens, self.temperature = max_tokens, temperature
+
+    async def _caption_one(self, clip: Clip) -> str:
+        parts = [image_part(frame) for frame in clip.frames]
+        reply = await self.client.chat(caption_messages(parts, clip.end - clip.start),
+                                       max_tokens=self.max_tokens, temperature=self.temperature)
+        return reply.text.strip()
+
+    async def caption(self, clips: Sequence[Clip]) -> list[str]:
+        return list(await asyncio.gather(*(self._caption_one(c) for c in clips)))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def caption_prompt(seconds: float) -> str:
+    """The embedded model's chat prompt: the video placeholder, then the caption instruction."""
+    from lvr_jax.data.templates import SYSTEM_PROMPT
+    from lvr_jax.tokenizer import IM_END, IM_START, VIDEO_TOKEN
+
+    user = VIDEO_TOKEN + CAPTION_INSTRUCTION.format(seconds=seconds)
+    return (f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
+            f"{IM_START}assistant\n")
+
+
+class EmbeddedCaptioner:
+    """LongVILA from a VILA checkpoint: clips are captioned `batch_size` at a time in one call.
+
+    Every call has the same shapes (the last batch is padded with repeats), so the encoder and
+    the sampler compile once. Calls run in a worker thread, one at a time.
+    """
+
+    def __init__(self, checkpoint: str, clip_seconds: float, max_tokens: int, temperature: float,
+                 batch_size: int = 8, seed: int = 0):
+        import jax
+
+        from lvr_jax.model import load_pretrained
+        from lvr_jax.model.sampler import SamplingParams
+        from lvr_jax.tokenizer import load_tokenizer
+
+        self.model = load_pretrained(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.frame_size = self.model.config.vision.image_size
+        self.batch_size = max(1, batch_size)
+        self.prompt_ids = np.asarray(self.tokenizer.encode(caption_prompt(clip_seconds)), np.int32)
+        self.params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                     stop_token_ids=(self.tokenizer.eos_id,))
+        self._rng = jax.random.key(seed)
+        self._lock = threading.Lock()
+        self._embed = jax.jit(_embed_prompts)
+
+    def _caption_batch(self, clips: Sequence[Clip]) -> list[str]:
+        import jax
+        import jax.numpy as jnp
+
+        from lvr_jax.model.sampler import generate
+
+        frames = np.stack([c.frames for c in clips])
+        pad = self.batch_size - len(clips)
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
+        ids = jnp.broadcast_to(jnp.asarray(self.prompt_ids), (self.batch_size, len(self.prompt_ids)))
+        with self._lock:
+            embeds, valid = self._embed(self.model, ids, jnp.asarray(frames))
+            self._rng, key = jax.random.split(self._rng)
+            out = generate(self.model.llm, embeds, valid, self.params, key,
+                           pad_id=self.tokenizer.pad_id)
+        tokens, lengths = out.tokens.tolist(), out.lengths.tolist()
+        return [self.tokenizer.decode(t[:n], skip_special_tokens=True).strip()
+                for t, n in zip(tokens[:len(clips)], lengths[:len(clips)])]
+
+    async def caption(self, clips: Sequence[Clip]) -> list[str]:
+        texts = []
+        for i in range(0, len(clips), self.batch_size):
+            texts += await asyncio.to_thread(self._caption_batch, clips[i:i + self.batch_size])
+        return texts
+
+    async def close(self) -> None:
+        return None
+
+
+def _embed_prompts(model, ids_bt, frames_bfhw3):
+    """Prompt embeddings with each row's clip frames spliced in: ([B, T', D], [B, T'])."""
+    from lvr_jax.data.video import normalize_frames
+
+    b, f = frames_bfhw3.shape[:2]
+    video = model.encode_video(normalize_frames(frames_bfhw3.reshape(b * f, *frames_bfhw3.shape[2:])))
+    return model.embed_inputs(ids_bt, video.reshape(b, -1, video.shape[-1]))
