@@ -43,6 +43,15 @@ def all_in_future(q_pos_bt, kv_pos_bs):
     return jnp.min(kv_pos_bs) > jnp.max(q_pos_bt)
 
 
+def tie_positions(q, q_pos, kv_pos):
+    """Ties positions to q so autodiff cannot hoist the masks out of a layer scan.
+
+    Positions are loop-invariant in the model's scan over layers; without the tie, scan's
+    partial evaluation precomputes every block's mask and stores them all ([T, S] memory).
+    """
+    return jax.lax.optimization_barrier((q, q_pos, kv_pos))
+
+
 def _forward_q_block(q, q_pos, k_blocks, v_blocks, kv_pos_blocks):
     """Online softmax of one query block over all key blocks -> (o, lse) [B,K,G,T,(D)]."""
     b, t, kvh, g, d = q.shape
@@ -75,6 +84,7 @@ def forward_stats(q_btkgd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, q_block: int, kv
 
     T and S must divide by their block sizes (`attention` pads).
     """
+    q_btkgd, q_pos_bt, kv_pos_bs = tie_positions(q_btkgd, q_pos_bt, kv_pos_bs)
     kv = (chunks(k_bskd, kv_block), chunks(v_bskd, kv_block), chunks(kv_pos_bs, kv_block))
     o, lse = jax.lax.map(lambda x: _forward_q_block(x[0], x[1], *kv),
                          (chunks(q_btkgd, q_block), chunks(q_pos_bt, q_block)))
@@ -113,6 +123,7 @@ def _backward_q_block(q, q_pos, do, lse, delta, k_blocks, v_blocks, kv_pos_block
 def backward(q_btkgd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, do_btkgd, lse_btkg, delta_btkg,
              q_block: int, kv_block: int):
     """(dq, dk, dv) in f32 given the final lse and delta = sum(do * o) of every query."""
+    q_btkgd, q_pos_bt, kv_pos_bs = tie_positions(q_btkgd, q_pos_bt, kv_pos_bs)
     kv = (chunks(k_bskd, kv_block), chunks(v_bskd, kv_block), chunks(kv_pos_bs, kv_block))
     per_q = (chunks(q_btkgd, q_block), chunks(q_pos_bt, q_block), chunks(do_btkgd, q_block),
              chunks(lse_btkg, q_block), chunks(delta_btkg, q_block))
