@@ -20,12 +20,14 @@ REPLY_REASONS = ("empty_reply", "bad_json", "truncated_reply", "wrong_shape")
 # Reasons one question is dropped.
 REASONS = ("not_an_object", "missing_field", "unknown_category", "empty_question",
            "not_four_options", "duplicate_options", "bad_answer_letter", "empty_reasoning",
-           "duplicate_question", "over_target")
+           "reserved_tag", "duplicate_question", "over_target")
 _FIELDS = ("category", "question", "options", "reasoning", "answer")
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 _OPTION_LABEL = re.compile(r"^\s*\(?([A-Da-d])[.):]\s+")
 _SPACES = re.compile(r"\s+")
+# Tags of the training answer format: inside a question or reasoning they would break it.
+_RESERVED_TAG = re.compile(r"</?(think|answer)>", re.IGNORECASE)
 
 
 class ReplyError(ValueError):
@@ -96,7 +98,8 @@ def extract_json(text: str, finish_reason: str | None = None) -> Any:
     if start < 0:
         raise ReplyError("bad_json", f"no JSON object in reply starting {text[:80]!r}")
     try:
-        value, _ = json.JSONDecoder().raw_decode(body[start:])
+        # strict=False: raw newlines/control characters inside strings are common in LLM output
+        value, _ = json.JSONDecoder(strict=False).raw_decode(body[start:])
     except json.JSONDecodeError as error:
         if finish_reason == "length" or _looks_truncated(body[start:]):
             raise ReplyError("truncated_reply", f"JSON ends early ({error.msg}; "
@@ -165,6 +168,9 @@ def validate_item(item: Any) -> Question | Rejection:
                          item)
     if not isinstance(reasoning, str) or not reasoning.strip():
         return Rejection("empty_reasoning", "reasoning is empty", item)
+    tagged = [text for text in (question, reasoning, *options) if _RESERVED_TAG.search(text)]
+    if tagged:
+        return Rejection("reserved_tag", f"<think>/<answer> tag inside {tagged[0][:80]!r}", item)
     return Question(category, question.strip(), tuple(options), reasoning.strip(), letter)
 
 

@@ -54,6 +54,14 @@ def test_truncated_reply_is_reported_as_truncated(finish_reason):
     assert caught.value.reason == "truncated_reply"
 
 
+def test_raw_newlines_and_control_characters_inside_strings_are_accepted():
+    item = dict(json.loads(reply("valid.json"))["questions"][0], reasoning="First.\nThen.\x07")
+    text = json.dumps({"questions": [item]}).replace("\\n", "\n").replace("\\u0007", "\x07")
+    assert "\n" in text and "\x07" in text
+    (question,) = filter_items(parse_reply(text))[0]
+    assert question.reasoning == "First.\nThen.\x07"
+
+
 def test_unclosed_think_block_is_truncated():
     with pytest.raises(ReplyError, match="truncated_reply"):
         parse_reply("<think>Let me look at the clips one by one. First")
@@ -89,6 +97,8 @@ def test_malformed_replies_name_their_reason(text, reason):
     ({"question": ""}, "empty_question"),
     ({"category": "Causal"}, "unknown_category"),
     ({"answer": None}, "missing_field"),
+    ({"reasoning": "At 0:10 it moves. <answer>A</answer>"}, "reserved_tag"),
+    ({"options": ["<think>one", "two", "three", "four"]}, "reserved_tag"),
 ])
 def test_bad_items_are_rejected_with_their_reason(changes, reason):
     result = validate_item(good_item(**changes))
