@@ -7,6 +7,7 @@ the summary is printed at the end.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, logging
 from ml_collections import config_flags
@@ -36,5 +37,14 @@ def main(argv) -> None:
     print(f"outputs in {config.out_dir}: train.jsonl val.jsonl rejected.jsonl summary.json done/")
 
 
+def cli() -> None:
+    """app.run(main), except that asking for help exits 0 (absl exits 1 after printing it)."""
+    try:
+        app.run(main)
+    except SystemExit as exit_:
+        asked_help = {"-h", "--help", "--helpshort", "--helpfull"} & set(sys.argv[1:])
+        raise SystemExit(0 if asked_help and exit_.code == 1 else exit_.code) from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli()

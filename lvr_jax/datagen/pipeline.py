@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Context:
-    """What every video's processing shares: settings, captioner, reasoning client, counters."""
+    """What every video's processing shares: settings, captioner, reasoning client, quotas."""
 
     config: ml_collections.ConfigDict
     captioner: Any
@@ -45,6 +45,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first missing or invalid setting."""
     if not config.videos_dir or not config.out_dir:
         raise ValueError("set --config.videos_dir (raw videos) and --config.out_dir (outputs)")
+    if not os.path.isdir(config.videos_dir):
+        raise ValueError(f"videos_dir {config.videos_dir!r} is not a directory")
     if config.caption.backend not in ("embedded", "openai"):
         raise ValueError(f"caption.backend is {config.caption.backend!r}; use 'embedded' or 'openai'")
     if config.caption.backend == "embedded" and not config.caption.checkpoint:
@@ -57,6 +59,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"val_fraction must lie in [0, 1], got {config.val_fraction}")
     if config.frames_per_clip < 1 or config.questions_per_video < 1:
         raise ValueError("frames_per_clip and questions_per_video must be at least 1")
+    category_quotas(config.questions_per_video, dict(config.category_targets))  # raises if bad
 
 
 def _client(endpoint: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> ChatClient:

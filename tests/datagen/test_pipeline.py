@@ -145,6 +145,12 @@ def test_config_errors_name_the_field(tmp_path):
     config.caption.backend, config.caption.checkpoint = "embedded", ""
     with pytest.raises(ValueError, match="caption.checkpoint"):
         check_config(config)
+    config.caption.checkpoint, config.category_targets.temporal = "ckpt", -1
+    with pytest.raises(ValueError, match="category_targets"):
+        check_config(config)
+    config.videos_dir = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="missing' is not a directory"):
+        check_config(config)
 
 
 def test_crash_mid_video_loses_only_that_video(videos_dir, out_dir, server):
@@ -169,3 +175,17 @@ def test_crash_mid_video_loses_only_that_video(videos_dir, out_dir, server):
     assert len(script.caption_requests()) == 3 + 3 + 6  # video 1 is captioned again, 0 is not
     assert len(load_train_records([os.path.join(out_dir, "train.jsonl"),
                                    os.path.join(out_dir, "val.jsonl")])) == 12
+
+
+def test_embedded_captioner_feeds_the_reasoning_prompt(videos_dir, out_dir, server,
+                                                       tiny_checkpoint):
+    base_url, script = server
+    summary = run(pipeline_config(videos_dir, out_dir, base_url, **{
+        "caption.backend": "embedded", "caption.checkpoint": tiny_checkpoint,
+        "caption.max_tokens": 6, "caption.batch_size": 2}))
+    assert summary["run"]["kept"] == 12 and script.caption_requests() == []
+    state = json.load(open(os.path.join(out_dir, "done", "synth_00002.mp4.json")))
+    captions = [c["caption"] for c in state["clips"]]
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    prompt = script.reasoning_requests()[-1]["messages"][-1]["content"]
+    assert f"[0:20-0:24] {' '.join(captions[2].split())}".strip() in prompt
