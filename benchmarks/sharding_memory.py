@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -75,9 +76,14 @@ def step_memory(llm_config, frames, sp, strategy, block=512, rules=mesh_lib.DEFA
     if t % sp:
         args = (abstract(args[0].shape, jnp.bfloat16, rep),) + args[1:]
 
-    @jax.jit
+    grad_shardings = jax.tree.map(lambda v: v.get_value().sharding, state,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    @functools.partial(jax.jit, out_shardings=grad_shardings)  # grads sharded like weights
     def step(state, *batch):
-        return policy_loss_step(nnx.merge(graphdef, state), *batch, mesh, strategy, block)
+        grads = policy_loss_step(nnx.merge(graphdef, state), *batch, mesh, strategy, block)
+        return jax.tree.map(lambda v: v.get_value(), nnx.state(grads, nnx.Param),
+                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     compiled = step.lower(state, *args).compile()
     m = compiled.memory_analysis()

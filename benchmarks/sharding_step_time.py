@@ -1,0 +1,70 @@
+"""Step time of each SP attention strategy at sp = 8 vs sp = 1 on simulated CPU devices.
+
+    python -m benchmarks.sharding_step_time --frames 8
+
+Runs the RL step of `sharding_memory` (forward + backward of the policy loss) for real on
+the small config. Simulated devices share the host's cores, so the ratio shows the
+overhead of each strategy's communication and bookkeeping, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from benchmarks.sharding_memory import PROMPT, RESPONSE, TOKENS_PER_FRAME, policy_loss_step, small_llm  # noqa: E402
+from lvr_jax.model.qwen2 import Qwen2  # noqa: E402
+from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
+
+
+def seconds_per_step(frames: int, sp: int, strategy: str, repeats: int = 3) -> float:
+    """Median wall time of the compiled step on a mesh of `sp` devices."""
+    mesh = mesh_lib.make_mesh({"shape": dict(data=1, fsdp=1, sp=sp, tp=1)},
+                              devices=jax.devices()[:sp])
+    config = small_llm()
+    llm = mesh_lib.shard_model(Qwen2(config, dtype=jnp.bfloat16, remat=True, rngs=nnx.Rngs(0)),
+                               mesh)
+    t = frames * TOKENS_PER_FRAME + PROMPT + RESPONSE
+    t -= t % (2 * sp)  # keep the toy batch divisible; padding is tested elsewhere
+    rng = np.random.default_rng(0)
+    seq = NamedSharding(mesh, P(None, "sp"))
+    embeds = jax.device_put(rng.normal(size=(1, t, config.hidden_size)).astype(jnp.bfloat16),
+                            NamedSharding(mesh, P(None, "sp", None)))
+    valid = jax.device_put(np.ones((1, t), bool), seq)
+    positions = jax.device_put(np.arange(t, dtype=np.int32)[None], seq)
+    actions = jnp.asarray(rng.integers(0, config.vocab_size, (1, RESPONSE)), jnp.int32)
+    advantages = jnp.ones((1, RESPONSE), jnp.float32)
+    step = nnx.jit(policy_loss_step, static_argnums=(6, 7, 8))
+    args = (llm, embeds, valid, positions, actions, advantages, mesh, strategy, 512)
+    jax.block_until_ready(step(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=8)
+    args = parser.parse_args()
+    base = seconds_per_step(args.frames, 1, "all_gather")
+    print(f"small config, {args.frames} frames; sp=1 step {base:.2f} s (CPU, simulated devices)")
+    print(f"{'strategy':>10} {'sp=8 s/step':>12} {'ratio to sp=1':>14}")
+    for strategy in mesh_lib.STRATEGIES:
+        sec = seconds_per_step(args.frames, 8, strategy)
+        print(f"{strategy:>10} {sec:12.2f} {sec / base:14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
