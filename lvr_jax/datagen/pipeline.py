@@ -108,8 +108,7 @@ async def ask_questions(captions: list[dict], duration: float, ctx: Context
     failure = None
     for attempt in range(config.retries + 1):
         if attempt:
-            await asyncio.sleep(RetryPolicy(config.retries, config.backoff_seconds)
-                                .delay(attempt - 1, ctx.rng))
+            await asyncio.sleep(ctx.reasoning.policy.delay(attempt - 1, ctx.rng))
         reply = await ctx.reasoning.chat(messages, max_tokens=r.max_tokens,
                                          temperature=r.temperature, **extra)
         try:
