@@ -21,12 +21,12 @@ def get_config(stage: str = "sft"):
     c.model.llm = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     c.data.update(records=f"{DATA}/train.jsonl", video_root=DATA, num_frames=16, batch_size=8,
-                  max_length=512, num_workers=0)
+                  max_length=256, num_workers=0)
     c.eval.update(records=f"{DATA}/test_eval.jsonl", max_new_tokens=96, batch_size=16)
     c.train.update(checkpoint_every=50, keep_checkpoints=2)
     if stage == "sft":
-        c.optim.update(lr=3e-3, warmup_steps=20, decay_steps=400, weight_decay=0.0)
-        c.train.num_steps = 400
+        c.optim.update(lr=1e-3, warmup_steps=50, decay_steps=1000, weight_decay=0.0)
+        c.train.num_steps = 1000
     else:
         c.optim.update(lr=2e-5, schedule="constant", warmup_steps=0)
         c.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=8, kl_coef=1e-3)

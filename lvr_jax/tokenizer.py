@@ -37,6 +37,17 @@ red green blue yellow purple orange white black circle square triangle star diam
 appears disappears moves left right up down top bottom corner center collides touches
 first then later finally before after because so therefore at the start at the end
 frame second minute seconds minutes long short medium video clip event events object
+Going through the video in order: the magenta square appears in the bottom left at 0.2 s;
+then the blue square appears in the bottom right at 0.9 s; then the cyan circle appears in
+the top left at 1.6 s. So the object that appeared first is the yellow square, option B.
+What was the red triangle trying to reach when it started to move? At 3.4 s the green
+circle leaves the top right and heads to the bottom left; at 4.4 s it touches the white
+diamond, which disappears. So the answer is option C. After the blue square touched the
+cyan circle, which object moved next and then left the video? Next, at 5.0 s the magenta
+square moves from the top left to the top right and leaves the video at 6.5 s, while the
+orange star stays in the bottom right. So it was in the top left corner, option D.
+Where was the purple star just before it left the video? It reaches the empty corner.
+0 1 2 3 4 5 6 7 8 9 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1.0 2.5 3.5 4.5 5.5 6.5 7.5
 """
 
 
@@ -92,7 +103,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     raise FileNotFoundError(f"no tokenizer.json in {directory!r} or its llm/ folder")
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> Tokenizer:
+def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     """Trains a deterministic byte-level BPE with the Qwen2 chat and VILA tokens, offline."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

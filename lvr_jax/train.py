@@ -22,12 +22,14 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
+from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 from lvr_jax.training import NonFiniteGuard
+from rollout_bridge.client import RolloutServerUnavailable
 
 log = logging.getLogger("lvr_jax.train")
 
@@ -69,8 +71,19 @@ def make_learner(config, model, tokenizer, cache):
         return SFTLearner(model, config, cache)
     if config.stage == "grpo":
         from lvr_jax.rl.learner import GRPOLearner
-        return GRPOLearner(model, config, tokenizer, cache)
+        return GRPOLearner(model, config, tokenizer, cache,
+                           rollout_engine=make_rollout_engine(config.rl.rollout, tokenizer))
     raise ValueError(f"config.stage must be 'sft' or 'grpo', got {config.stage!r}")
+
+
+def make_rollout_engine(rollout, tokenizer):
+    """None for the embedded JAX sampler, else a client of the rollout servers."""
+    if rollout.backend == "jax":
+        return None
+    if rollout.backend == "server":
+        from rollout_bridge.client import make_server_rollout
+        return make_server_rollout(rollout, pad_id=tokenizer.pad_id)
+    raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {rollout.backend!r}")
 
 
 def make_data(config, model, tokenizer):
@@ -128,7 +141,13 @@ class Run:
         bar = tqdm(total=train.num_steps, initial=self.learner.state.step, desc=self.config.stage)
         last = {}
         while self.learner.state.step < train.num_steps:
-            last = self.step_once()
+            try:
+                last = self.step_once()
+            except RolloutServerUnavailable as e:  # saved at the step the rollout was for
+                self.save(force=True)
+                self.ckpt.wait()
+                raise SystemExit(f"{e}; stopped with a checkpoint in {self.workdir}/checkpoints;"
+                                 " restart the server and rerun to resume") from e
             step = self.learner.state.step
             self.writer.write(step, last)
             bar.set_postfix(metrics_lib.short_summary(last))
@@ -175,4 +194,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

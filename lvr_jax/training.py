@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+
+from lvr_jax.model.qwen2 import positions_from_valid
 
 
 def learning_rate(optim) -> optax.Schedule:
@@ -102,3 +105,22 @@ class NonFiniteGuard:
     @property
     def exhausted(self) -> bool:
         return self.in_a_row >= self.limit
+
+
+def hidden_fn(mesh: Mesh | None = None, mesh_config=None) -> Callable:
+    """(llm, embeds [B, T, D], valid [B, T]) -> final hidden states [B, L >= T, D].
+
+    Without a mesh the plain forward; with one, MR-SP stage 2: the sequence is split over
+    `sp` with the configured attention strategy and every layer runs sequence-sharded.
+    """
+    if mesh is None:
+        return lambda llm, embeds, valid: llm.hidden_states(embeds, positions_from_valid(valid),
+                                                            valid)[0]
+    from lvr_jax.sharding.mesh import rules_of
+    from lvr_jax.sharding.sequence import sp_hidden_states
+
+    def sharded(llm, embeds, valid):
+        return sp_hidden_states(llm, embeds, valid, positions_from_valid(valid), mesh,
+                                mesh_config.attention, mesh_config.get("block_size", 512),
+                                rules_of(mesh_config))
+    return sharded

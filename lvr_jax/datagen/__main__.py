@@ -7,11 +7,11 @@ the summary is printed at the end.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, logging
 from ml_collections import config_flags
 
+from lvr_jax.cli import run_app
 from lvr_jax.datagen import config as config_lib
 
 __doc__ += "\n" + config_lib.__doc__  # --help shows every config field
@@ -37,14 +37,5 @@ def main(argv) -> None:
     print(f"outputs in {config.out_dir}: train.jsonl val.jsonl rejected.jsonl summary.json done/")
 
 
-def cli() -> None:
-    """app.run(main), except that asking for help exits 0 (absl exits 1 after printing it)."""
-    try:
-        app.run(main)
-    except SystemExit as exit_:
-        asked_help = {"-h", "--help", "--helpshort", "--helpfull"} & set(sys.argv[1:])
-        raise SystemExit(0 if asked_help and exit_.code == 1 else exit_.code) from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_app(main)

@@ -18,8 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lvr_jax import training
-from lvr_jax.model.layers import dot_product_attention
-from lvr_jax.model.qwen2 import Qwen2, positions_from_valid
+from lvr_jax.model.qwen2 import Qwen2
 from lvr_jax.model.sampler import Generation, SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rewards
@@ -42,15 +41,14 @@ class LossConfig:
 
 
 def response_logprobs(llm: Qwen2, prompt_embeds, prompt_valid, tokens, response_mask,
-                      temperature: float, attention_fn=dot_product_attention):
+                      temperature: float, hidden_fn=training.hidden_fn()):
     """Log-probs and entropies [N, M] of response tokens under logits / temperature."""
-    t = prompt_embeds.shape[1]
+    t, m = prompt_embeds.shape[1], tokens.shape[1]
     x = jnp.concatenate([jax.lax.stop_gradient(prompt_embeds), llm.embed(tokens)], axis=1)
     valid = jnp.concatenate([prompt_valid, response_mask.astype(bool)], axis=1)
-    hidden, _ = llm.hidden_states(x, positions_from_valid(valid), valid,
-                                  attention_fn=attention_fn)
+    hidden = hidden_fn(llm, x, valid)
     # Only the positions that predict response tokens reach the vocabulary projection.
-    logits = llm.logits(hidden[:, t - 1:-1]) / temperature
+    logits = llm.logits(hidden[:, t - 1:t - 1 + m]) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -62,11 +60,11 @@ def gather_prompts(batch):
     return batch["prompt_embeds"][batch["prompt_index"]], batch["prompt_valid"][batch["prompt_index"]]
 
 
-def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, attention_fn):
+def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, hidden_fn):
     """Clipped surrogate plus k3 KL to the reference, over the valid response tokens."""
     embeds, valid = gather_prompts(batch)
     logp, entropy = response_logprobs(model.llm, embeds, valid, batch["tokens"],
-                                      batch["response_mask"], cfg.temperature, attention_fn)
+                                      batch["response_mask"], cfg.temperature, hidden_fn)
     mask = batch["loss_mask"]
     terms, clipped = grpo.policy_loss_terms(logp, batch["old_logp"], batch["advantages"],
                                             cfg.clip_low, cfg.clip_high, cfg.dual_clip)
@@ -104,7 +102,7 @@ class GRPOLearner:
     """Rollout, score and update; `step(batch)` does one rollout batch and returns metrics."""
 
     def __init__(self, model: LongVILA, config, tokenizer: Tokenizer, cache: EmbeddingCache,
-                 attention_fn=None, rollout_engine=None):
+                 mesh=None, rollout_engine=None):
         self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
         frozen = ["llm.embed_tokens"] if self.rl.freeze_embeddings else []
         self.tx = training.make_optimizer(config.optim)
@@ -118,8 +116,8 @@ class GRPOLearner:
                                    self.rl.dual_clip, self.rl.loss_agg,
                                    self.rl.max_new_tokens if self.rl.loss_agg.endswith("norm") else None,
                                    self.rl.kl_coef, self.rl.kl_kind)
-        attention_fn = attention_fn or dot_product_attention
-        loss_fn = functools.partial(grpo_loss, cfg=self.loss_cfg, attention_fn=attention_fn)
+        self.hidden_fn = training.hidden_fn(mesh, config.mesh)
+        loss_fn = functools.partial(grpo_loss, cfg=self.loss_cfg, hidden_fn=self.hidden_fn)
         self._update = jax.jit(functools.partial(training.guarded_update, self.tx, loss_fn),
                                static_argnames="graphdef", donate_argnums=(0, 2))
         self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
@@ -141,7 +139,7 @@ class GRPOLearner:
         llm = nnx.merge(graphdef, trainable, frozen).llm
         embeds, valid = gather_prompts(batch)
         return response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
-                                 self.loss_cfg.temperature)[0]
+                                 self.loss_cfg.temperature, self.hidden_fn)[0]
 
     def rollout(self, batch: dict, rng) -> tuple[dict, dict]:
         """Samples G responses per prompt and scores them: (training batch, metrics)."""
@@ -216,6 +214,9 @@ class GRPOLearner:
 
     def step(self, batch: dict) -> dict:
         rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)
+        sync = getattr(self.rollout_engine, "sync_weights", None)
+        if sync is not None:  # a rollout server samples the policy of this step: push it first
+            sync(self.state.model(), self.state.step)
         train, rollout_metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
         train, logprob_metrics = self.add_logprobs(train)
         return {**rollout_metrics, **logprob_metrics,

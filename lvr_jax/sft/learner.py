@@ -15,8 +15,7 @@ from flax import nnx
 
 from lvr_jax import training
 from lvr_jax.data.video import normalize_frames
-from lvr_jax.model.layers import dot_product_attention
-from lvr_jax.model.vlm import LongVILA, splice_video
+from lvr_jax.model.vlm import LongVILA
 from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
 
 
@@ -28,26 +27,39 @@ def token_cross_entropy(logits_btv, targets_bt, mask_bt):
     return jnp.sum(nll * mask_bt) / jnp.maximum(count, 1.0), count
 
 
-def sft_loss(model: LongVILA, batch: dict, attention_fn):
-    """Next-token loss on `loss_mask` tokens of prompts whose video is spliced in."""
+def predicting_slots(input_ids_bt, num_video: int, video_token_id: int):
+    """For each text token, the slot of the merged sequence whose output predicts it.
+
+    Text token k sits at slot k before the placeholder and k + N - 1 after it; its
+    prediction comes from the slot before. Logits are taken only there, never over the
+    video, which for a long video is most of the sequence.
+    """
+    k = jnp.arange(input_ids_bt.shape[1])[None]
+    placeholder = jnp.argmax(input_ids_bt == video_token_id, axis=1)[:, None]
+    slot = jnp.where(k < placeholder, k, k + num_video - 1)
+    return jnp.maximum(slot - 1, 0)
+
+
+def sft_loss(model: LongVILA, batch: dict, hidden_fn):
+    """Next-token loss on the `loss_mask` tokens of prompts whose video is spliced in."""
     ids, mask = batch["input_ids"], batch["loss_mask"].astype(jnp.float32)
     if "video_features" in batch:
         video = jax.vmap(model.project_features)(batch["video_features"])
     else:
         video = jax.vmap(model.encode_video)(batch["frames"])
-    logits = model(ids, video, valid=batch["token_mask"].astype(bool), attention_fn=attention_fn)
-    vid = model.config.video_token_id
-    merged_ids = splice_video(ids, ids, jnp.zeros(video.shape[:2], ids.dtype), vid)
-    merged_mask = splice_video(mask, ids, jnp.zeros(video.shape[:2], mask.dtype), vid)
-    loss, count = token_cross_entropy(logits[:, :-1], merged_ids[:, 1:], merged_mask[:, 1:])
+    embeds, valid = model.embed_inputs(ids, video, batch["token_mask"].astype(bool))
+    hidden = hidden_fn(model.llm, embeds, valid)
+    slots = predicting_slots(ids, video.shape[1], model.config.video_token_id)
+    text_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1)
+    mask = mask.at[:, 0].set(0.0)  # the first token has no prediction
+    loss, count = token_cross_entropy(model.llm.logits(text_hidden), ids, mask)
     return loss, {"target_tokens": count}
 
 
 class SFTLearner:
     """Holds the train state and the cached video encoder; `step(batch)` trains on a batch."""
 
-    def __init__(self, model: LongVILA, config, cache: EmbeddingCache,
-                 attention_fn=None):
+    def __init__(self, model: LongVILA, config, cache: EmbeddingCache, mesh=None):
         trainable = ["llm", "mm_projector"] + (["vision_tower"] if config.sft.train_vision_tower else [])
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, training.param_filter(trainable), self.tx)
@@ -55,7 +67,7 @@ class SFTLearner:
         if not self.train_vision:
             features = jax.jit(lambda x: model.vision_tower(x))
             self.encoder = CachedVideoEncoder(features, nnx.state(model.vision_tower), cache)
-        loss_fn = functools.partial(sft_loss, attention_fn=attention_fn or dot_product_attention)
+        loss_fn = functools.partial(sft_loss, hidden_fn=training.hidden_fn(mesh, config.mesh))
         self._update = jax.jit(functools.partial(training.guarded_update, self.tx, loss_fn),
                                static_argnames="graphdef", donate_argnums=(0, 2))
 
