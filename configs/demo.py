@@ -20,6 +20,7 @@ def get_config(stage: str = "sft"):
                           num_attention_heads=2, image_size=56, patch_size=14)
     c.model.llm = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    c.mesh.shape = dict(data=1, fsdp=1, sp=1, tp=1)  # one CPU device
     c.data.update(records=f"{DATA}/train.jsonl", video_root=DATA, num_frames=16, batch_size=8,
                   max_length=256, num_workers=0)
     c.eval.update(records=f"{DATA}/test_eval.jsonl", max_new_tokens=96, batch_size=16)

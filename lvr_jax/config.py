@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from lvr_jax.sharding.mesh import DEFAULT_RULES
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -27,7 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
         num_workers=2, cache_dir="", on_bad_video="skip", video_backend="auto",
         num_epochs=-1)  # -1: repeat forever
 
-    c.mesh = dict(shape=dict(data=1, fsdp=-1, sp=1, tp=1), attention="all_gather")
+    # Axis sizes (-1: the remaining devices), MR-SP attention strategy and the logical-axis
+    # rules (lvr_jax.sharding.mesh.DEFAULT_RULES). Multi-host reads JAX_COORDINATOR_ADDRESS,
+    # JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    c.mesh = dict(shape=dict(data=1, fsdp=-1, sp=1, tp=1), attention="ring", block_size=512,
+                  rules=DEFAULT_RULES)
 
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=10, decay_steps=1000,
                    end_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
@@ -45,9 +51,20 @@ def base_config() -> ml_collections.ConfigDict:
         kl_coef=1e-2, kl_kind="k3", format_weight=0.1, scale_by_std=True,
         dynamic_sampling=False, overlong_buffer=0,  # 0: no overlong shaping
         freeze_embeddings=True,
-        rollout=dict(backend="jax", urls=[]))
+        # backend "jax": the embedded sampler; "server": rollout_bridge servers at `urls`
+        # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
+        rollout=dict(backend="jax", urls=[], token="", timeout_s=120.0, retries=3,
+                     backoff_s=0.5, wait_s=300.0, chunk_mb=64, dtype="float32"))
 
     c.cache = dict(budget_mb=4096, disk_dir="")  # disk_dir: persist embeddings across runs
 
     c.eval = dict(records="", every=0, max_new_tokens=256, batch_size=8)
     return ml_collections.ConfigDict(c)
+
+
+# Meshes of the paper-scale recipes: one 8-GPU node (FSDP x 2, Ulysses x 4 as the paper)
+# and a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence).
+RECIPE_MESHES = {
+    "gpu8": dict(shape=dict(data=1, fsdp=-1, sp=4, tp=1), attention="ulysses"),
+    "tpu": dict(shape=dict(data=1, fsdp=-1, sp=8, tp=1), attention="ring"),
+}

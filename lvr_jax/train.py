@@ -11,6 +11,7 @@ model as a VILA directory (`workdir/model`) that a GRPO stage or transformers ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -18,14 +19,18 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
+from lvr_jax import training
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
+from lvr_jax.model.checkpoint import logical_axes
+from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 from lvr_jax.training import NonFiniteGuard
@@ -37,20 +42,81 @@ CURVES = {"sft": ("loss", "grad_norm", "cache_hit_rate"),
           "grpo": ("reward", "accuracy", "format", "kl", "response_length", "entropy")}
 
 
-def build_model(config):
-    """(tokenizer, model): from a VILA directory when `model.init` is set, else the preset."""
+def preset_config(config, tokenizer=None):
+    """The LongVILAConfig of `model.preset` with the recipe's overrides (no weights)."""
     m = config.model
-    if m.init:
-        model = load_pretrained(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-        return load_tokenizer(m.init), model
-    tokenizer = build_tiny_tokenizer()
-    base = PRESETS[m.preset](vocab_size=tokenizer.vocab_size)
-    model_config = base.replace(
+    base = PRESETS[m.preset](**({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
+    ids = (dict(video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
+           if tokenizer else {})
+    return base.replace(
         vision=dataclasses.replace(base.vision, **m.vision),
         llm=dataclasses.replace(base.llm, **m.llm), projector_type=m.projector_type,
-        video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id,
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    return tokenizer, LongVILA(model_config, rngs=nnx.Rngs(config.seed))
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **ids)
+
+
+def make_run_mesh(config):
+    """The recipe's mesh, or None when it asks for a single device."""
+    shape = dict(config.mesh.shape)
+    if all(int(v) == 1 for v in shape.values()) or jax.device_count() == 1:
+        return None
+    return mesh_lib.make_mesh(config.mesh)
+
+
+def build_model(config, mesh=None):
+    """(tokenizer, model): from a VILA directory when `model.init` is set, else the preset.
+
+    On a mesh every parameter is placed in its FSDP/TP sharding as it is loaded.
+    """
+    m = config.model
+    rules = mesh_lib.rules_of(config.mesh)
+    if m.init:
+        kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        model = (mesh_lib.load_sharded(m.init, mesh, rules, **kw) if mesh
+                 else load_pretrained(m.init, **kw))
+        return load_tokenizer(m.init), model
+    tokenizer = build_tiny_tokenizer()
+    model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
+    return tokenizer, (mesh_lib.shard_model(model, mesh, rules) if mesh else model)
+
+
+def learner_module(stage: str):
+    if stage == "sft":
+        from lvr_jax.sft import learner
+    elif stage == "grpo":
+        from lvr_jax.rl import learner
+    else:
+        raise ValueError(f"config.stage must be 'sft' or 'grpo', got {stage!r}")
+    return learner
+
+
+def compile_step(config, mesh):
+    """Compiles one optimizer step of a recipe on `mesh` from shapes alone (no weights).
+
+    Returns the compiled step; `.memory_analysis()` says what one device needs.
+    """
+    rules = mesh_lib.rules_of(config.mesh)
+    module = learner_module(config.stage)
+    model_config = preset_config(config)
+    model = nnx.eval_shape(lambda: LongVILA(model_config, rngs=nnx.Rngs(0)))
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            v = var.get_value()
+            sharding = mesh_lib.logical_to_sharding(logical_axes(var), mesh, rules, v.shape)
+            var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
+    graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
+    tx = training.make_optimizer(config.optim)
+    # Adam moments take their parameter's sharding; counters are replicated.
+    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
+    on_mesh = lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())  # noqa: E731
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
+                             jax.eval_shape(tx.init, trainable), opt_shardings)
+    batch_sharding = lambda a: NamedSharding(  # noqa: E731
+        mesh, P(mesh_lib.BATCH_AXES, *([None] * (len(a.shape) - 1))))
+    batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
+             for k, a in module.abstract_batch(config, model_config).items()}
+    step = jax.jit(functools.partial(training.guarded_update, tx, module.make_loss_fn(config, mesh)),
+                   static_argnames="graphdef")
+    return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
 
 
 def data_config(config, model: LongVILA) -> DataConfig:
@@ -97,10 +163,12 @@ class Run:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
-        self.tokenizer, model = build_model(config)
+        mesh_lib.initialize_distributed(config.get("distributed"))
+        mesh = make_run_mesh(config)
+        self.tokenizer, model = build_model(config, mesh)
         cache_dir = config.cache.disk_dir or None
         self.cache = EmbeddingCache(config.cache.budget_mb << 20, cache_dir)
-        self.learner = make_learner(config, model, self.tokenizer, self.cache)
+        self.learner = make_learner(config, model, self.tokenizer, self.cache, mesh)
         self.data = make_data(config, model, self.tokenizer)
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                                  config.train.keep_checkpoints, config.train.async_checkpoints)
@@ -182,10 +250,24 @@ def run(config, workdir: str) -> dict:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a recipe in configs/, e.g. "
                                           "configs/demo.py:sft", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics, plots and the export")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile one step of the recipe on this "
+                                  "machine's devices from shapes alone and print its memory")
+
+
+def report_compiled_memory(config) -> None:
+    """What one device needs for one step of the recipe, without loading weights."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    memory = compile_step(config, mesh).memory_analysis()
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    print(f"{config.stage} step on {dict(mesh.shape)}: arguments {gib(memory.argument_size_in_bytes)}, "
+          f"temporaries {gib(memory.temp_size_in_bytes)}, outputs {gib(memory.output_size_in_bytes)} "
+          "per device")
 
 
 def main(argv) -> None:
     del argv
+    if _CONFIG.value is not None and _COMPILE_ONLY.value:
+        return report_compiled_memory(_CONFIG.value)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -65,7 +65,8 @@ class TrainState:
     @classmethod
     def create(cls, model: nnx.Module, is_trainable, tx: optax.GradientTransformation):
         graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
-        return cls(graphdef, trainable, frozen, tx.init(trainable))
+        # jit places the optimizer state beside the (possibly sharded) parameters.
+        return cls(graphdef, trainable, frozen, jax.jit(tx.init)(trainable))
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)

@@ -98,27 +98,52 @@ def score_responses(texts, lengths, truths, rl) -> dict[str, np.ndarray]:
     return {"score": score, "accuracy": acc, "format": fmt}
 
 
+def trainable_filter(config):
+    """Only the LLM trains, its token embeddings frozen unless `rl.freeze_embeddings` is off."""
+    return training.param_filter(["llm"],
+                                 ["llm.embed_tokens"] if config.rl.freeze_embeddings else [])
+
+
+def loss_config(rl) -> LossConfig:
+    norm_length = rl.max_new_tokens if rl.loss_agg.endswith("norm") else None
+    return LossConfig(rl.temperature, rl.clip_low, rl.clip_high, rl.dual_clip, rl.loss_agg,
+                      norm_length, rl.kl_coef, rl.kl_kind)
+
+
+def make_loss_fn(config, mesh=None):
+    return functools.partial(grpo_loss, cfg=loss_config(config.rl),
+                             hidden_fn=training.hidden_fn(mesh, config.mesh))
+
+
+def abstract_batch(config, model_config) -> dict:
+    """Shapes of one update mini-batch (for compiling a recipe without data)."""
+    rl = config.rl
+    p, n, m = rl.update_batch_size, rl.update_batch_size * rl.num_generations, rl.max_new_tokens
+    t = config.data.max_length - 1 + config.data.num_frames * model_config.tokens_per_frame
+    sds = jax.ShapeDtypeStruct
+    per_token = {k: sds((n, m), jnp.float32) for k in
+                 ("response_mask", "loss_mask", "old_logp", "ref_logp")}
+    return {"prompt_embeds": sds((p, t, model_config.llm.hidden_size), jnp.dtype(model_config.dtype)),
+            "prompt_valid": sds((p, t), jnp.bool_), "prompt_index": sds((n,), jnp.int32),
+            "tokens": sds((n, m), jnp.int32), "advantages": sds((n,), jnp.float32), **per_token}
+
+
 class GRPOLearner:
     """Rollout, score and update; `step(batch)` does one rollout batch and returns metrics."""
 
     def __init__(self, model: LongVILA, config, tokenizer: Tokenizer, cache: EmbeddingCache,
                  mesh=None, rollout_engine=None):
         self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
-        frozen = ["llm.embed_tokens"] if self.rl.freeze_embeddings else []
         self.tx = training.make_optimizer(config.optim)
-        self.state = training.TrainState.create(model, training.param_filter(["llm"], frozen),
-                                                self.tx)
+        self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         self.reference = self.state.trainable  # the frozen initial policy
         frozen_encoder = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
         self.encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)),
                                           frozen_encoder, cache)
-        self.loss_cfg = LossConfig(self.rl.temperature, self.rl.clip_low, self.rl.clip_high,
-                                   self.rl.dual_clip, self.rl.loss_agg,
-                                   self.rl.max_new_tokens if self.rl.loss_agg.endswith("norm") else None,
-                                   self.rl.kl_coef, self.rl.kl_kind)
+        self.loss_cfg = loss_config(self.rl)
         self.hidden_fn = training.hidden_fn(mesh, config.mesh)
-        loss_fn = functools.partial(grpo_loss, cfg=self.loss_cfg, hidden_fn=self.hidden_fn)
-        self._update = jax.jit(functools.partial(training.guarded_update, self.tx, loss_fn),
+        self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
+                                                 make_loss_fn(config, mesh)),
                                static_argnames="graphdef", donate_argnums=(0, 2))
         self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
         self._embed = jax.jit(lambda m, ids, video, valid: m.embed_inputs(ids, video, valid))

@@ -56,19 +56,41 @@ def sft_loss(model: LongVILA, batch: dict, hidden_fn):
     return loss, {"target_tokens": count}
 
 
+def trainable_filter(config):
+    """LLM and projector train; the vision tower only if `sft.train_vision_tower`."""
+    return training.param_filter(["llm", "mm_projector"] +
+                                 (["vision_tower"] if config.sft.train_vision_tower else []))
+
+
+def make_loss_fn(config, mesh=None):
+    return functools.partial(sft_loss, hidden_fn=training.hidden_fn(mesh, config.mesh))
+
+
+def abstract_batch(config, model_config) -> dict:
+    """Shapes of one training batch (for compiling a recipe without data)."""
+    b, length, f = config.data.batch_size, config.data.max_length, config.data.num_frames
+    v = model_config.vision
+    text = {k: jax.ShapeDtypeStruct((b, length), jnp.int32)
+            for k in ("input_ids", "loss_mask", "token_mask")}
+    if config.sft.train_vision_tower:
+        video = jax.ShapeDtypeStruct((b, f, v.image_size, v.image_size, 3), jnp.float32)
+        return {**text, "frames": video}
+    features = (b, f, v.num_patches, v.hidden_size)
+    return {**text, "video_features": jax.ShapeDtypeStruct(features, jnp.dtype(model_config.dtype))}
+
+
 class SFTLearner:
     """Holds the train state and the cached video encoder; `step(batch)` trains on a batch."""
 
     def __init__(self, model: LongVILA, config, cache: EmbeddingCache, mesh=None):
-        trainable = ["llm", "mm_projector"] + (["vision_tower"] if config.sft.train_vision_tower else [])
         self.tx = training.make_optimizer(config.optim)
-        self.state = training.TrainState.create(model, training.param_filter(trainable), self.tx)
+        self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         self.train_vision = config.sft.train_vision_tower
         if not self.train_vision:
             features = jax.jit(lambda x: model.vision_tower(x))
             self.encoder = CachedVideoEncoder(features, nnx.state(model.vision_tower), cache)
-        loss_fn = functools.partial(sft_loss, hidden_fn=training.hidden_fn(mesh, config.mesh))
-        self._update = jax.jit(functools.partial(training.guarded_update, self.tx, loss_fn),
+        self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
+                                                 make_loss_fn(config, mesh)),
                                static_argnames="graphdef", donate_argnums=(0, 2))
 
     def device_batch(self, batch: dict) -> dict:

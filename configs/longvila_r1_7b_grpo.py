@@ -1,0 +1,28 @@
+"""LongVILA-R1-7B GRPO: the paper's RL recipe (REFERENCE.md §6).
+
+    python -m lvr_jax.train --config=configs/longvila_r1_7b_grpo.py:gpu8 --workdir=runs/r1_grpo \
+        --config.model.init=runs/r1_sft/model --config.data.records=data/rl.jsonl \
+        --config.data.video_root=data/videos
+
+`gpu8`: one node of 8 GPUs (FSDP x 2, Ulysses sequence parallelism x 4, as the paper);
+`tpu`: a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence).
+"""
+
+from lvr_jax.config import RECIPE_MESHES, base_config
+
+
+def get_config(platform: str = "gpu8"):
+    c = base_config()
+    c.stage = "grpo"
+    c.model.update(preset="longvila_r1_7b", dtype="bfloat16", param_dtype="float32", remat=True)
+    c.mesh.update(RECIPE_MESHES[platform])
+    c.data.update(num_frames=256, batch_size=512, max_length=2048, num_workers=8)
+    c.optim.update(lr=1e-6, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
+                   weight_decay=1e-2, grad_clip=1.0)
+    c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
+                update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
+                dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1)
+    c.eval.update(max_new_tokens=2048)
+    c.cache.update(budget_mb=65536)
+    c.train.update(num_steps=1000, checkpoint_every=20)
+    return c
