@@ -131,15 +131,12 @@ def data_config(config, model: LongVILA) -> DataConfig:
                       shard_count=jax.process_count())
 
 
-def make_learner(config, model, tokenizer, cache):
+def make_learner(config, model, tokenizer, cache, mesh=None):
+    module = learner_module(config.stage)
     if config.stage == "sft":
-        from lvr_jax.sft.learner import SFTLearner
-        return SFTLearner(model, config, cache)
-    if config.stage == "grpo":
-        from lvr_jax.rl.learner import GRPOLearner
-        return GRPOLearner(model, config, tokenizer, cache,
-                           rollout_engine=make_rollout_engine(config.rl.rollout, tokenizer))
-    raise ValueError(f"config.stage must be 'sft' or 'grpo', got {config.stage!r}")
+        return module.SFTLearner(model, config, cache, mesh)
+    return module.GRPOLearner(model, config, tokenizer, cache, mesh,
+                              rollout_engine=make_rollout_engine(config.rl.rollout, tokenizer))
 
 
 def make_rollout_engine(rollout, tokenizer):
