@@ -1,0 +1,247 @@
+"""What the trainer uses: push weights, upload prompt embeddings, generate; with retries.
+
+    client = RolloutClient(["http://10.0.0.5:8470"], token=os.environ["ROLLOUT_TOKEN"])
+    client.push_weights(model, version=1)
+    key = client.upload_embeddings(video_embeds_nd)
+    client.generate([{"before": ids_a, "embeddings": key, "after": ids_b}], n=8, version=1)
+
+`ServerRollout` wraps a client as GRPOLearner's `rollout_engine`. A server that stops
+answering is waited for (retries with backoff up to `wait_s`); one that comes back as a
+fresh process gets the current weights and embeddings again by itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import httpx2
+import numpy as np
+
+from rollout_bridge import wire
+
+log = logging.getLogger("rollout_bridge.client")
+RETRY_STATUS = (502, 503, 504)  # a proxy or a server still starting; a 500 is a bug: raise it
+
+
+class RolloutError(RuntimeError):
+    """A request the server refused (4xx); `code` is the server's error code."""
+
+    def __init__(self, url: str, status: int, code: str, message: str):
+        super().__init__(f"rollout server {url} answered {status} ({code}): {message}")
+        self.url, self.status, self.code = url, status, code
+
+
+class RolloutServerUnavailable(RuntimeError):
+    """A server that did not answer within the deadline; the message names its URL."""
+
+    def __init__(self, url: str, waited_s: float, cause: str):
+        super().__init__(f"rollout server {url} did not answer for {waited_s:.0f} s ({cause})")
+        self.url = url
+
+
+@dataclasses.dataclass
+class RetryPolicy:
+    """Per request: `timeout_s`; on failure back off from `backoff_s` (doubling, capped at
+    `max_backoff_s`) for at least `retries` tries and until `wait_s` have passed."""
+
+    timeout_s: float = 120.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    wait_s: float = 300.0
+
+
+class RolloutClient:
+    """Talks to one or more rollout servers; generate requests are spread across them."""
+
+    def __init__(self, urls: Sequence[str], token: Optional[str] = None,
+                 retry: RetryPolicy = RetryPolicy(), chunk_bytes: int = 64 << 20,
+                 dtype: Optional[str] = None):
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server URL (config.rl.rollout.urls)")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.retry, self.chunk_bytes, self.dtype = retry, chunk_bytes, dtype
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx2.Client(headers=headers, timeout=retry.timeout_s)
+        self.known_keys: dict[str, set[str]] = {u: set() for u in self.urls}
+
+    # ---- transport ---------------------------------------------------------------------
+    def request(self, url: str, method: str, path: str, **kwargs) -> httpx2.Response:
+        """One request with retries; errors raise RolloutError, silence RolloutServerUnavailable."""
+        start, delay, tries = time.monotonic(), self.retry.backoff_s, 0
+        while True:
+            tries += 1
+            try:
+                response = self.http.request(method, url + path, **kwargs)
+                if response.status_code not in RETRY_STATUS:
+                    return _checked(url, response)
+                cause = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx2.TransportError as e:
+                cause = f"{type(e).__name__}: {e}"
+            waited = time.monotonic() - start
+            if tries >= self.retry.retries and waited + delay > self.retry.wait_s:
+                raise RolloutServerUnavailable(url, waited, cause)
+            log.warning("rollout server %s: %s; retrying in %.1f s", url, cause, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, self.retry.max_backoff_s)
+
+    def health(self, url: Optional[str] = None) -> dict:
+        return self.request(url or self.urls[0], "GET", "/health").json()
+
+    # ---- weights -----------------------------------------------------------------------
+    def push_weights(self, model, version: int) -> int:
+        """Exports the LLM of `model` and pushes it to every server as `version`."""
+        from rollout_bridge.export import iter_chunks
+        chunks = lambda: iter_chunks(model, self.chunk_bytes, dtype=self.dtype)  # noqa: E731
+        for url in self.urls:
+            self.push_chunks(url, chunks, version)
+        return version
+
+    def push_chunks(self, url: str, chunks: Callable[[], Iterable[bytes]], version: int) -> None:
+        """One push (begin, chunks, commit); restarted if the server restarts mid-push."""
+        for attempt in range(3):
+            try:
+                push_id = self.request(url, "POST", "/weights").json()["push_id"]
+                for body in chunks():
+                    self.request(url, "PUT", f"/weights/{push_id}", content=body,
+                                 headers={"Content-Type": "application/octet-stream"})
+                self.request(url, "POST", f"/weights/{push_id}/commit", json={"version": version})
+                return
+            except RolloutError as e:
+                if e.code != "unknown_push" or attempt == 2:
+                    raise
+                log.warning("push to %s was interrupted (%s); pushing again", url, e)
+
+    # ---- embeddings --------------------------------------------------------------------
+    def upload_embeddings(self, embeds_nd: np.ndarray, url: Optional[str] = None) -> str:
+        """Stores [N, D] embeddings on the server(s) under their content key; skips known ones."""
+        body = wire.embeds_body(np.asarray(embeds_nd))
+        key = wire.content_key(body)
+        for u in [url] if url else self.urls:
+            if key in self.known_keys[u]:
+                continue
+            try:
+                self.request(u, "HEAD", f"/embeddings/{key}")
+            except RolloutError:  # 404: not there yet
+                self.request(u, "PUT", f"/embeddings/{key}", content=body,
+                             headers={"Content-Type": "application/octet-stream"})
+            self.known_keys[u].add(key)
+        return key
+
+    def forget_embeddings(self, url: str) -> None:
+        """After a restart or eviction: check with the server again before trusting a key."""
+        self.known_keys[url].clear()
+
+    # ---- generation --------------------------------------------------------------------
+    def generate(self, prompts: list[dict], *, url: Optional[str] = None, n: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 max_tokens: int = 64, stop_token_ids: Sequence[int] = (), seed: int = 0,
+                 version: Optional[int] = None) -> dict:
+        """{"version", "outputs": per prompt, n of {"token_ids", "logprobs"}} from one server."""
+        body = {"prompts": prompts, "n": n, "temperature": temperature, "top_p": top_p,
+                "top_k": top_k, "max_tokens": max_tokens, "stop_token_ids": list(stop_token_ids),
+                "seed": seed, "version": version}
+        return self.request(url or self.urls[0], "POST", "/generate", json=body).json()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _checked(url: str, response: httpx2.Response) -> httpx2.Response:
+    if response.status_code < 400:
+        return response
+    try:
+        info = response.json()
+    except ValueError:
+        info = {}
+    raise RolloutError(url, response.status_code, info.get("code", "http_error"),
+                       info.get("error", response.text[:500] or response.reason_phrase))
+
+
+class ServerRollout:
+    """GRPOLearner's `rollout_engine` backed by rollout servers.
+
+    The prompt embeddings the learner built (text + cached video, constant while the
+    embeddings are frozen) are uploaded once under their content key and reused by all G
+    samples and all later steps. `sync_weights` pushes the policy before each rollout.
+    """
+
+    def __init__(self, client: RolloutClient, pad_id: int = 0):
+        self.client, self.pad_id = client, pad_id
+        self.model, self.version = None, None
+
+    def sync_weights(self, model, step: int) -> None:
+        """Pushes `model` as version step + 1 unless that version is already served."""
+        if self.version != step + 1:
+            self.client.push_weights(model, step + 1)
+        self.model, self.version = model, step + 1
+
+    def __call__(self, model, prompt_embeds, prompt_valid, params, rng):
+        import jax
+        embeds, valid = np.asarray(prompt_embeds, np.float32), np.asarray(prompt_valid, bool)
+        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+        urls = self.client.urls
+        shares = np.array_split(np.arange(embeds.shape[0]), len(urls))
+        with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
+            outputs = pool.map(lambda i: self._generate_share(
+                urls[i], [embeds[p][valid[p]] for p in shares[i]], params, seed + i),
+                range(len(urls)))
+            samples = [s for share in outputs for prompt in share for s in prompt]
+        return _generation(samples, params.max_new_tokens, self.pad_id)
+
+    def _generate_share(self, url: str, prompts_nd: list, params, seed: int) -> list:
+        """One server's prompts; re-uploads or re-pushes when the server lost them (restart)."""
+        if not prompts_nd:
+            return []
+        for attempt in range(3):
+            keys = [self.client.upload_embeddings(p, url) for p in prompts_nd]
+            try:
+                reply = self.client.generate(
+                    [{"embeddings": k} for k in keys], url=url, n=params.num_samples,
+                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    max_tokens=params.max_new_tokens, stop_token_ids=params.stop_token_ids,
+                    seed=seed, version=self.version)
+                return reply["outputs"]
+            except RolloutError as e:
+                if attempt == 2 or e.code not in ("unknown_embeddings", "version_mismatch"):
+                    raise
+                log.warning("%s; restoring the server's state", e)
+                self.client.forget_embeddings(url)
+                if e.code == "version_mismatch" and self.model is not None:
+                    self.client.push_chunks(url, lambda: _chunks(self.client, self.model),
+                                            self.version)
+
+
+def _chunks(client: RolloutClient, model):
+    from rollout_bridge.export import iter_chunks
+    return iter_chunks(model, client.chunk_bytes, dtype=client.dtype)
+
+
+def _generation(samples: list[dict], max_tokens: int, pad_id: int):
+    """Server samples -> the learner's Generation (rows p * G + g, padded to max_tokens)."""
+    import jax.numpy as jnp
+    from lvr_jax.model.sampler import Generation
+    tokens = np.full((len(samples), max_tokens), pad_id, np.int32)
+    logprobs = np.zeros((len(samples), max_tokens), np.float32)
+    lengths = np.zeros(len(samples), np.int32)
+    for row, sample in enumerate(samples):
+        ids = sample["token_ids"][:max_tokens]
+        tokens[row, :len(ids)], lengths[row] = ids, len(ids)
+        logprobs[row, :len(ids)] = sample["logprobs"][:len(ids)]
+    return Generation(jnp.asarray(tokens), jnp.asarray(logprobs), jnp.asarray(lengths))
+
+
+def make_server_rollout(rollout_config, pad_id: int) -> ServerRollout:
+    """ServerRollout from `config.rl.rollout` (urls, token, timeouts, chunk size, dtype)."""
+    import os
+    r = rollout_config
+    retry = RetryPolicy(timeout_s=r.timeout_s, retries=r.retries, backoff_s=r.backoff_s,
+                        wait_s=r.wait_s)
+    client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
+                           retry=retry, chunk_bytes=int(r.chunk_mb) << 20,
+                           dtype=r.dtype or None)
+    return ServerRollout(client, pad_id)

@@ -1,0 +1,215 @@
+"""Rollout engines behind the server: vLLM (in-place weight loads) and transformers.
+
+Both take prompts as embeddings [T, D] and return, per prompt, `n` samples of
+(token ids, log-probs of the sampled tokens). Log-probs are those of logits / T before
+top-k/top-p filtering (raw logits when greedy), the quantity the trainer recomputes;
+vLLM's `processed_logprobs` are renormalised after top-k/top-p, which differs from
+that only when those filters are on (the trainer's `logprob_mismatch` shows it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+EMBED_NAME = "model.embed_tokens.weight"
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """One generate request's settings; temperature 0 is greedy, top_k 0 / top_p 1 are off."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+
+def llm_dir(path: str) -> str:
+    """A Qwen2 directory itself, or the `llm/` folder of a VILA directory."""
+    return os.path.join(path, "llm") if os.path.isdir(os.path.join(path, "llm")) else path
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's safetensors files (the layout pushes must match)."""
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    if not tensors:
+        raise FileNotFoundError(f"no .safetensors files in {directory!r}")
+    return tensors
+
+
+class Engine:
+    """What the server needs of an engine; subclasses implement load and sampling."""
+
+    name = "base"
+
+    def __init__(self, model_dir: str, dtype: str):
+        self.model_dir, self.dtype = llm_dir(model_dir), FLOAT_DTYPES[dtype]
+        start = read_tensors(self.model_dir)
+        self.shapes = {k: tuple(v.shape) for k, v in start.items()}
+        self.embed_table = start[EMBED_NAME].to(self.dtype)
+        with open(os.path.join(self.model_dir, "config.json")) as f:
+            self.hf_config = json.load(f)
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """Text embeddings [T, D] from the current weights."""
+        return self.embed_table[torch.as_tensor(ids, dtype=torch.long)]
+
+    def apply(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Loads a complete, validated state dict in place."""
+        tensors = {k: v.to(self.dtype) for k, v in tensors.items()}
+        self._load(tensors)
+        self.embed_table = tensors[EMBED_NAME]
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[torch.Tensor], s: Sampling) -> list[list[tuple[list, list]]]:
+        raise NotImplementedError
+
+
+# ---- transformers ------------------------------------------------------------------------
+
+def filter_logits(logits_bv: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits outside the top-k and the top-p nucleus set to -inf (as the JAX sampler does)."""
+    neg_inf = torch.finfo(logits_bv.dtype).min
+    if top_k > 0:
+        kth = torch.topk(logits_bv, top_k, dim=-1).values[:, -1:]
+        logits_bv = torch.where(logits_bv < kth, neg_inf, logits_bv)
+    if top_p < 1.0:
+        sorted_desc = torch.sort(logits_bv, dim=-1, descending=True).values
+        probs = torch.softmax(sorted_desc, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        kept = torch.where(mass_before < top_p, sorted_desc, torch.inf)
+        threshold = kept.min(dim=-1, keepdim=True).values
+        logits_bv = torch.where(logits_bv < threshold, neg_inf, logits_bv)
+    return logits_bv
+
+
+def sample_token(logits_bv: torch.Tensor, s: Sampling, gen: torch.Generator):
+    """Next token [B] and its log-prob under logits / T (raw logits when greedy)."""
+    if s.temperature == 0.0:
+        token = logits_bv.argmax(-1)
+        return token, torch.log_softmax(logits_bv, -1).gather(1, token[:, None])[:, 0]
+    scaled = logits_bv / s.temperature
+    probs = torch.softmax(filter_logits(scaled, s.top_k, s.top_p), -1)
+    token = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return token, torch.log_softmax(scaled, -1).gather(1, token[:, None])[:, 0]
+
+
+class TransformersEngine(Engine):
+    """Qwen2ForCausalLM in torch with a KV cache; the fallback where vLLM is absent."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: str, dtype: str = "float32"):
+        super().__init__(model_dir, dtype)
+        import transformers
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=self.dtype).eval()
+
+    @torch.no_grad()
+    def _load(self, tensors):
+        state = self.model.state_dict()  # views of the parameters (tied ones share storage)
+        for name, value in tensors.items():
+            state[name].copy_(value)
+
+    @torch.no_grad()
+    def _sample_one(self, embeds_td: torch.Tensor, s: Sampling, gen: torch.Generator):
+        """n samples of one prompt: one prefill of n rows, then decoding until all stop."""
+        x = embeds_td.to(self.dtype)[None].expand(s.n, -1, -1)
+        out = self.model(inputs_embeds=x, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        done = torch.zeros(s.n, dtype=torch.bool)
+        tokens, logps = [], []
+        stops = torch.as_tensor(s.stop_token_ids or (-1,))
+        for _ in range(s.max_tokens):
+            token, logp = sample_token(logits, s, gen)
+            tokens.append(token), logps.append(torch.where(done, 0.0, logp))
+            done = done | torch.isin(token, stops)
+            if bool(done.all()):
+                break
+            out = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+        return _trim(torch.stack(tokens, 1), torch.stack(logps, 1), stops)
+
+    def generate(self, prompts, s):
+        gen = torch.Generator().manual_seed(s.seed)
+        return [self._sample_one(p, s, gen) for p in prompts]
+
+
+def _trim(tokens_nm: torch.Tensor, logps_nm: torch.Tensor, stops: torch.Tensor):
+    """Per sample: tokens up to and including the first stop token, and their log-probs."""
+    samples = []
+    for row, logp in zip(tokens_nm.tolist(), logps_nm.tolist()):
+        end = next((i + 1 for i, t in enumerate(row) if t in stops.tolist()), len(row))
+        samples.append((row[:end], logp[:end]))
+    return samples
+
+
+# ---- vLLM --------------------------------------------------------------------------------
+
+class VllmEngine(Engine):
+    """vLLM's offline LLM in this process: prompt embeddings in, weights loaded in place.
+
+    The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the server
+    before vllm is imported) so a weight load is a direct call on the model, not a copy
+    through a pipe.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, dtype: str = "float32", max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.8):
+        super().__init__(model_dir, dtype)
+        import vllm
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=self.model_dir, dtype=dtype, enable_prompt_embeds=True,
+                            logprobs_mode="processed_logprobs", max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization, seed=0,
+                            enforce_eager=True, enable_prefix_caching=False)
+
+    def _load(self, tensors):
+        items = list(tensors.items())
+        self.llm.apply_model(lambda model: model.load_weights(iter(items)))
+        self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
+
+    def generate(self, prompts, s):
+        # vLLM refuses n > 1 when greedy; n identical requests give the same answer.
+        copies = s.n if s.temperature == 0.0 else 1
+        params = self._vllm.SamplingParams(
+            n=s.n // copies, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            max_tokens=s.max_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=True,
+            logprobs=0, seed=s.seed, detokenize=False)
+        inputs = [{"prompt_embeds": p.to(self.dtype)} for p in prompts for _ in range(copies)]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        samples = [(list(c.token_ids), [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
+                   for out in outputs for c in out.outputs]
+        return [samples[i:i + s.n] for i in range(0, len(samples), s.n)]
+
+
+def make_engine(kind: str, model_dir: str, dtype: str = "float32", **kwargs) -> Engine:
+    """`vllm`, `transformers`, or `auto` (vLLM where it imports)."""
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+            kind = "vllm"
+        except ImportError:
+            kind = "transformers"
+    if kind == "vllm":
+        return VllmEngine(model_dir, dtype, **kwargs)
+    if kind == "transformers":
+        return TransformersEngine(model_dir, dtype)
+    raise ValueError(f"--engine must be vllm, transformers or auto, got {kind!r}")

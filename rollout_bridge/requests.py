@@ -1,0 +1,81 @@
+"""Validation of generate requests: every bad field becomes a 4xx naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from rollout_bridge.engines import Sampling
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Token ids before the video, the video's embeddings key (or None), token ids after."""
+
+    before: list[int]
+    embeddings: Optional[str]
+    after: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateJob:
+    prompts: list[Prompt]
+    sampling: Sampling
+    version: Optional[int]  # the weight version the caller expects, if it cares
+
+
+def _bad(message: str):
+    from rollout_bridge.server import BadRequest
+    return BadRequest(400, "bad_request", message)
+
+
+def _ids(value, field: str, vocab: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) and 0 <= i < vocab
+                                              for i in value):
+        raise _bad(f"{field} must be a list of token ids in [0, {vocab})")
+    return value
+
+
+def _prompt(raw, i: int, vocab: int) -> Prompt:
+    if not isinstance(raw, dict):
+        raise _bad(f"prompts[{i}] must be an object with before/embeddings/after")
+    key = raw.get("embeddings")
+    if key is not None and (not isinstance(key, str) or not _KEY.match(key)):
+        raise _bad(f"prompts[{i}].embeddings must be a sha256 hex key from PUT /embeddings")
+    prompt = Prompt(_ids(raw.get("before", []), f"prompts[{i}].before", vocab), key,
+                    _ids(raw.get("after", []), f"prompts[{i}].after", vocab))
+    if not prompt.before and key is None and not prompt.after:
+        raise _bad(f"prompts[{i}] is empty")
+    return prompt
+
+
+def _number(body: dict, name: str, kind, default, low, high):
+    value = body.get(name, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
+        raise _bad(f"{name} must be a {kind.__name__} in [{low}, {high}], got {value!r}")
+    return value
+
+
+def parse_generate(body: dict, server) -> GenerateJob:
+    """A GenerateJob, or BadRequest naming the first bad field."""
+    prompts = body.get("prompts")
+    if not isinstance(prompts, list) or not prompts:
+        raise _bad("prompts must be a non-empty list")
+    stops = _ids(body.get("stop_token_ids", []), "stop_token_ids", server.vocab)
+    sampling = Sampling(
+        n=_number(body, "n", int, 1, 1, server.max_n),
+        temperature=_number(body, "temperature", float, 1.0, 0.0, 100.0),
+        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
+        top_k=_number(body, "top_k", int, 0, 0, server.vocab),
+        max_tokens=_number(body, "max_tokens", int, 64, 1, server.max_new_tokens),
+        stop_token_ids=tuple(stops), seed=_number(body, "seed", int, 0, 0, 2**63 - 1))
+    version = body.get("version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise _bad("version must be an int (the weight version the caller expects)")
+    return GenerateJob([_prompt(p, i, server.vocab) for i, p in enumerate(prompts)],
+                       sampling, version)

@@ -1,0 +1,270 @@
+"""Rollout server: versioned weight pushes, cached prompt embeddings, sampling over HTTP.
+
+    python -m rollout_bridge.server --model DIR [--engine vllm|transformers|auto]
+        [--host 127.0.0.1] [--port 8470] [--token SECRET]
+
+JSON for control, safetensors bodies for tensors, no pickle. Routes:
+  GET  /health                      status, engine, weight version, instance id
+  POST /weights                     start a push -> {"push_id"}
+  PUT  /weights/{push_id}           one safetensors chunk of Hugging Face tensors
+  POST /weights/{push_id}/commit    {"version": int?} -> apply all at once, or 4xx and keep the old
+  HEAD/PUT /embeddings/{sha256}     prompt embeddings [N, D] keyed by the body's sha256
+  POST /generate                    {"prompts": [{"before", "embeddings", "after"}], "n", ...}
+Every response carries the serving weight version (header X-Weight-Version, and in JSON).
+Binding beyond loopback needs --token; with a token every route needs `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import logging
+import os
+import uuid
+
+from aiohttp import web
+from safetensors.torch import load as load_safetensors
+
+from rollout_bridge import wire
+from rollout_bridge.requests import parse_generate
+from rollout_bridge.store import EmbeddingStore, PushError, StagedPush
+
+log = logging.getLogger("rollout_bridge.server")
+VERSION_HEADER = "X-Weight-Version"
+
+
+class BadRequest(Exception):
+    """A 4xx answer: JSON body {"error": message, "code": code}."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": self.message, "code": self.code}, status=self.status)
+
+
+class RolloutServer:
+    """The state behind the routes: engine, weight version, embeddings, the push in progress."""
+
+    def __init__(self, engine, *, token: str | None = None, embed_budget_bytes: int = 1 << 30,
+                 max_concurrent: int = 4, max_new_tokens: int = 8192, max_n: int = 64):
+        self.engine, self.token = engine, token
+        self.version = 0
+        self.instance = uuid.uuid4().hex  # changes on restart: clients then push again
+        self.embeddings = EmbeddingStore(embed_budget_bytes)
+        self.push: StagedPush | None = None
+        self.engine_lock = asyncio.Lock()  # a weight apply never overlaps a generate
+        self.generate_slots = asyncio.Semaphore(max_concurrent)
+        self.max_new_tokens, self.max_n = max_new_tokens, max_n
+        self.hidden = engine.embed_table.shape[1]
+        self.vocab = engine.embed_table.shape[0]
+
+    # ---- plumbing ----------------------------------------------------------------------
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        """Auth first, then the handler; every answer (errors too) names the weight version."""
+        try:
+            self._authorize(request)
+            response = await handler(request)
+        except BadRequest as e:
+            response = e.response()
+        except web.HTTPRequestEntityTooLarge as e:
+            response = BadRequest(413, "too_large", f"request body too large ({e.text}); raise "
+                                  "--max-request-mb or send smaller chunks").response()
+        except web.HTTPException as e:  # aiohttp's own 404/405 for unknown routes
+            if e.status_code < 400:
+                raise
+            response = BadRequest(e.status_code, e.reason.lower().replace(" ", "_"),
+                                  f"{request.method} {request.path}: {e.reason}").response()
+        response.headers[VERSION_HEADER] = str(self.version)
+        return response
+
+    def _authorize(self, request: web.Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise BadRequest(401, "unauthorized", "missing or wrong bearer token "
+                             "(send 'Authorization: Bearer <token>')")
+
+    async def _in_thread(self, fn, *args):
+        """Engine work off the event loop, so health and uploads stay responsive."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # ---- routes ------------------------------------------------------------------------
+    async def health(self, request):
+        return web.json_response({"status": "ok", "engine": self.engine.name,
+                                  "version": self.version, "instance": self.instance,
+                                  "protocol": wire.PROTOCOL_VERSION,
+                                  "embeddings": self.embeddings.stats()})
+
+    async def begin_push(self, request):
+        self.push = StagedPush(dict(self.engine.shapes))  # a newer push replaces an unfinished one
+        return web.json_response({"push_id": self.push.push_id, "version": self.version})
+
+    def _staged(self, request) -> StagedPush:
+        push_id = request.match_info["push_id"]
+        if self.push is None or self.push.push_id != push_id:
+            raise BadRequest(404, "unknown_push", f"no weight push {push_id!r} in progress "
+                             "(it was committed, rejected or replaced by a newer one)")
+        return self.push
+
+    async def push_chunk(self, request):
+        push = self._staged(request)
+        body = await request.read()
+        try:
+            push.add(load_safetensors(body))
+        except PushError as e:
+            self.push = None
+            raise BadRequest(422, "bad_weights", f"{e}; push dropped, serving version "
+                             f"{self.version}") from None
+        except Exception as e:  # not a safetensors body
+            self.push = None
+            raise BadRequest(400, "bad_body", f"weight chunk is not a safetensors body: {e}")
+        return web.json_response({"received": len(push.tensors), "version": self.version})
+
+    async def commit_push(self, request):
+        push = self._staged(request)
+        wanted = (await self._json(request)).get("version", self.version + 1)
+        self.push = None
+        try:
+            tensors = push.complete()
+        except PushError as e:
+            raise BadRequest(422, "bad_weights", f"{e}; serving version {self.version}") from None
+        if not isinstance(wanted, int) or wanted <= self.version:
+            raise BadRequest(409, "stale_version", f"version {wanted!r} is not above the "
+                             f"serving version {self.version}")
+        async with self.engine_lock:
+            await self._in_thread(self.engine.apply, tensors)
+            self.version = wanted
+        log.warning("weights version %d applied (%d tensors)", wanted, len(tensors))
+        return web.json_response({"version": self.version})
+
+    async def has_embeddings(self, request):
+        known = request.match_info["key"] in self.embeddings
+        return web.Response(status=200 if known else 404)
+
+    async def put_embeddings(self, request):
+        key = request.match_info["key"]
+        body = await request.read()
+        if wire.content_key(body) != key:
+            raise BadRequest(400, "key_mismatch", f"the body's sha256 is not {key!r}")
+        try:
+            embeds = load_safetensors(body)[wire.EMBEDS_NAME]
+        except Exception as e:
+            raise BadRequest(400, "bad_body", f"embeddings body must be safetensors with one "
+                             f"tensor {wire.EMBEDS_NAME!r}: {e}") from None
+        if embeds.ndim != 2 or embeds.shape[1] != self.hidden or not embeds.is_floating_point():
+            raise BadRequest(422, "bad_embeddings", f"embeddings must be float [N, {self.hidden}]"
+                             f", got {embeds.dtype} {tuple(embeds.shape)}")
+        try:
+            self.embeddings.put(key, embeds.to(self.engine.dtype))
+        except ValueError as e:
+            raise BadRequest(413, "too_large", str(e)) from None
+        return web.json_response({"key": key, "version": self.version})
+
+    async def generate(self, request):
+        job = parse_generate(await self._json(request), self)
+        async with self.generate_slots:
+            async with self.engine_lock:
+                if job.version is not None and job.version != self.version:
+                    raise BadRequest(409, "version_mismatch", f"request wants weights version "
+                                     f"{job.version}; serving {self.version} (push first)")
+                prompts = [self._prompt_embeds(p) for p in job.prompts]
+                try:
+                    outputs = await self._in_thread(self.engine.generate, prompts, job.sampling)
+                except ValueError as e:  # the engine's own validation (vLLM's limits)
+                    raise BadRequest(422, "engine_rejected", f"{type(e).__name__}: {e}") from e
+                version = self.version
+        return web.json_response({"version": version, "outputs": [
+            [{"token_ids": t, "logprobs": lp} for t, lp in samples] for samples in outputs]})
+
+    def _prompt_embeds(self, prompt):
+        """Text embeddings from the current weights around the uploaded video embeddings."""
+        import torch
+        parts = [self.engine.embed(prompt.before)] if prompt.before else []
+        if prompt.embeddings is not None:
+            video = self.embeddings.get(prompt.embeddings)
+            if video is None:
+                raise BadRequest(404, "unknown_embeddings", f"no embeddings {prompt.embeddings!r}"
+                                 " on this server (upload them first; they may have been evicted)")
+            parts.append(video)
+        if prompt.after:
+            parts.append(self.engine.embed(prompt.after))
+        return torch.cat(parts, 0)
+
+    async def _json(self, request) -> dict:
+        try:
+            body = await request.json()
+        except Exception:
+            raise BadRequest(400, "bad_json", "request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "bad_json", "request body must be a JSON object")
+        return body
+
+    def app(self, max_request_bytes: int) -> web.Application:
+        app = web.Application(middlewares=[self.middleware], client_max_size=max_request_bytes)
+        app.add_routes([web.get("/health", self.health), web.post("/weights", self.begin_push),
+                        web.put("/weights/{push_id}", self.push_chunk),
+                        web.post("/weights/{push_id}/commit", self.commit_push),
+                        web.head("/embeddings/{key}", self.has_embeddings),
+                        web.put("/embeddings/{key}", self.put_embeddings),
+                        web.post("/generate", self.generate)])
+        return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rollout_bridge.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Qwen2 directory or VILA directory (uses llm/)")
+    p.add_argument("--engine", default="auto", choices=("auto", "vllm", "transformers"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--token", default=os.environ.get("ROLLOUT_TOKEN"),
+                   help="bearer token (or $ROLLOUT_TOKEN); required off loopback")
+    p.add_argument("--max-request-mb", type=int, default=1024)
+    p.add_argument("--embed-budget-mb", type=int, default=4096)
+    p.add_argument("--max-concurrent", type=int, default=4, help="generate requests at once")
+    p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    args = p.parse_args(argv)
+    if not is_loopback(args.host) and not args.token:
+        p.error(f"--host {args.host} is not loopback: pass --token (or set ROLLOUT_TOKEN) so "
+                "that only the trainer can push weights")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.engine in ("vllm", "auto"):
+        # The engine core in this process: weight loads call the model directly.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from rollout_bridge.engines import make_engine
+    extra = ({} if args.engine == "transformers" else
+             {"max_model_len": args.max_model_len,
+              "gpu_memory_utilization": args.gpu_memory_utilization})
+    engine = make_engine(args.engine, args.model, args.dtype, **extra)
+    server = RolloutServer(engine, token=args.token, embed_budget_bytes=args.embed_budget_mb << 20,
+                           max_concurrent=args.max_concurrent)
+    log.warning("serving %s with the %s engine on %s:%d", args.model, engine.name, args.host,
+                args.port)
+    web.run_app(server.app(args.max_request_mb << 20), host=args.host, port=args.port,
+                print=None, reuse_address=True)
+
+
+if __name__ == "__main__":
+    main()
