@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from lvr_jax.model import PRESETS  # noqa: E402
 from lvr_jax.model.qwen2 import Qwen2  # noqa: E402
 from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
-from lvr_jax.sharding.sequence import sp_hidden_states  # noqa: E402
+from lvr_jax.sharding.sequence import response_logprobs, sp_hidden_states  # noqa: E402
 
 TOKENS_PER_FRAME = 257
 PROMPT, RESPONSE = 256, 2048
@@ -45,9 +45,8 @@ def policy_loss_step(llm, embeds, valid, positions, actions, advantages, mesh, s
     """Gradient of a clipped surrogate on the response tokens w.r.t. the LLM."""
     def loss_fn(llm):
         hidden = sp_hidden_states(llm, embeds, valid, positions, mesh, strategy, block)
-        t = embeds.shape[1]
-        logits = llm.logits(hidden[:, t - RESPONSE - 1:t - 1])  # predicts the response
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), actions[..., None], -1)[..., 0]
+        start = embeds.shape[1] - RESPONSE - 1  # these positions predict the response
+        logp, _ = response_logprobs(llm, hidden, start, actions, mesh)
         ratio = jnp.exp(logp - jax.lax.stop_gradient(logp))
         return -jnp.mean(jnp.minimum(ratio * advantages, jnp.clip(ratio, 0.8, 1.3) * advantages))
     return nnx.grad(loss_fn)(llm)

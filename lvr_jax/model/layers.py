@@ -38,6 +38,41 @@ def constrain_activation(x, logical_axes):
     return x if constrain is None else constrain(x, tuple(logical_axes))
 
 
+# How many chunks `map_tokens` splits token-wise work into; set by lvr_jax.sharding.
+_TOKEN_CHUNKS: contextvars.ContextVar = contextvars.ContextVar("token_chunks", default=1)
+
+
+@contextlib.contextmanager
+def token_chunks(num_chunks: int) -> Iterator[None]:
+    """Within this context token-wise blocks (the MLP) run in `num_chunks` chunks."""
+    token = _TOKEN_CHUNKS.set(int(num_chunks))
+    try:
+        yield
+    finally:
+        _TOKEN_CHUNKS.reset(token)
+
+
+def map_tokens(fn: Callable, xs, axes, num_chunks=None):
+    """fn(*xs) for a token-wise fn of arrays [B, T, ...], in chunks of tokens.
+
+    Chunk j holds tokens j, j+n, j+2n, ... so a sequence-sharded T stays sharded with no
+    communication; each chunk is recomputed in the backward pass, so the large
+    intermediates (MLP width, vocabulary) exist for one chunk at a time.
+    """
+    n = _TOKEN_CHUNKS.get() if num_chunks is None else num_chunks
+    b, t = xs[0].shape[:2]
+    if n <= 1 or t % n:
+        return fn(*xs)
+    split = lambda x: jnp.moveaxis(x.reshape(b, t // n, n, *x.shape[2:]), 2, 0)  # noqa: E731
+
+    def step(_, chunk):
+        chunk = [constrain_activation(c, axes[:c.ndim]) for c in chunk]
+        return None, fn(*chunk)
+
+    _, ys = jax.lax.scan(jax.checkpoint(step), None, [split(x) for x in xs])
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 2).reshape(b, t, *y.shape[3:]), ys)
+
+
 def param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
     """A parameter with logical axis names; init is 'normal' (std 0.02), 'zeros' or 'ones'."""
     if init == "normal":

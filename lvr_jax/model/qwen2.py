@@ -81,6 +81,9 @@ class MLP(nnx.Module):
         self.down_proj = layers.Dense(f, d, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
+        return layers.map_tokens(self.swiglu, (x,), HIDDEN_AXES)
+
+    def swiglu(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

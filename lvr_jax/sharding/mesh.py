@@ -26,7 +26,8 @@ BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("all_gather", "ulysses", "ring")
 
 # (logical name, mesh axes). A mesh axis is used at most once per array: a later name that
-# asks for an axis already taken, or whose size does not divide, stays replicated.
+# asks for an axis already taken, or whose size does not divide, stays replicated. When a
+# name appears twice, the first entry wins, so a recipe overrides a default by prepending.
 DEFAULT_RULES = (
     # parameters: FSDP over the model width, tensor parallelism over heads and MLP
     ("layers", None),
@@ -91,10 +92,14 @@ def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 def rules_of(config_or_rules) -> tuple:
-    """Rules from a mesh config (its `.rules`) or a rules tuple; defaults when absent."""
+    """Rules from a mesh config (its `.rules`) or a rules tuple; defaults when absent.
+
+    One entry per logical name: the first one given wins (prepend to override)."""
     rules = getattr(config_or_rules, "rules", config_or_rules)
-    return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
-                 for name, ax in (rules or DEFAULT_RULES))
+    table: dict = {}
+    for name, ax in (rules or DEFAULT_RULES):
+        table.setdefault(name, tuple(ax) if isinstance(ax, list) else ax)
+    return tuple(table.items())
 
 
 def logical_to_spec(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEFAULT_RULES,

@@ -2,20 +2,25 @@
 
 `sp_hidden_states` pads the sequence so it splits, puts it in the strategy's order
 (zig-zag for ring), runs every layer sequence-sharded with the sequence-parallel
-attention, and returns hidden states in the original order. Callers take logits only
-where they need them (the response), never [T, vocab] for a long video.
+attention, and returns hidden states in the original order. The MLP runs in chunks of
+`chunk_tokens` tokens per device, so its [tokens, intermediate] activations do not grow
+with the video. Callers take log-probs only where they need them (the response) with
+`response_logprobs`: chunked, sequence-sharded, never [T, vocab] for a long video.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from lvr_jax.model import layers
 from lvr_jax.model.qwen2 import HIDDEN_AXES
-from lvr_jax.sharding.attention import make_attention_fn, pad_sequence, padded_length
-from lvr_jax.sharding.mesh import DEFAULT_RULES, activation_rules
+from lvr_jax.sharding.attention import (_batch_axes, make_attention_fn, pad_sequence,
+                                        padded_length)
+from lvr_jax.sharding.mesh import DEFAULT_RULES, activation_rules, rules_of
 
 
 def to_zigzag(x_bt, sp: int):
@@ -34,21 +39,29 @@ def from_zigzag(x_bt, sp: int):
     return jnp.concatenate([early, late], axis=1).reshape(x_bt.shape)
 
 
+def token_chunk_count(length: int, sp: int, chunk_tokens: int) -> int:
+    """Chunks for token-wise blocks: at most `chunk_tokens` tokens per device in each."""
+    return max(1, math.ceil(length / (sp * chunk_tokens)))
+
+
 def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
-                     strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES):
-    """Final hidden states [B, L, D] (L = padded length, original order), sharded on sp.
+                     strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES,
+                     chunk_tokens: int = 8192):
+    """Final hidden states [B, L, D] (L >= T padded length, original order), sharded on sp.
 
     Rows past T are padding. Call inside `jax.jit`; positions should come from the
-    unpadded sequence (`qwen2.positions_from_valid`).
+    unpadded sequence (`qwen2.positions_from_valid`). The MLP runs `chunk_tokens` tokens
+    per device at a time.
     """
     sp = mesh.shape["sp"]
-    length = padded_length(embeds_btd.shape[1], sp, strategy)
+    chunks = token_chunk_count(embeds_btd.shape[1], sp, chunk_tokens)
+    length = padded_length(-(-embeds_btd.shape[1] // chunks), sp, strategy) * chunks
     embeds, valid, positions = pad_sequence(embeds_btd, valid_bt, positions_bt, length)
     zigzag = strategy == "ring" and sp > 1
     if zigzag:
         embeds, valid, positions = (to_zigzag(x, sp) for x in (embeds, valid, positions))
     attention_fn = make_attention_fn(mesh, strategy, block_size)
-    with activation_rules(mesh, rules):
+    with activation_rules(mesh, rules), layers.token_chunks(chunks):
         hidden, _ = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn)
         hidden = from_zigzag(hidden, sp) if zigzag else hidden
         return layers.constrain_activation(hidden, HIDDEN_AXES)
@@ -62,3 +75,47 @@ def sp_logits(llm, hidden_btd, rules=DEFAULT_RULES, mesh: Mesh | None = None):
     with activation_rules(mesh, rules):
         return layers.constrain_activation(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def response_window(hidden_btd, start: int, length: int, mesh: Mesh):
+    """hidden[:, start:start+length] of a sequence-sharded array, replicated over sp.
+
+    Each device contributes the rows it holds and a psum joins them; the backward pass
+    scatters the cotangent into each device's own rows (a plain slice would build a
+    full-length, unsharded cotangent).
+    """
+    batch = _batch_axes(mesh)
+
+    def local(h_btd):
+        local_len = h_btd.shape[1]
+        rows = start + jnp.arange(length) - jax.lax.axis_index("sp") * local_len
+        mine = (rows >= 0) & (rows < local_len)
+        window = jnp.take(h_btd, jnp.clip(rows, 0, local_len - 1), axis=1)
+        return jax.lax.psum(jnp.where(mine[None, :, None], window, 0), "sp")
+
+    return jax.shard_map(local, mesh=mesh, in_specs=P(batch, "sp", None),
+                         out_specs=P(batch, None, None))(hidden_btd)
+
+
+def response_logprobs(llm, hidden_btd, start: int, targets_bm, mesh: Mesh,
+                      rules=DEFAULT_RULES, temperature: float = 1.0, chunk_tokens: int = 512):
+    """Log-probs and entropies [B, M] of `targets_bm` predicted by hidden[:, start:start+M].
+
+    Only the response window reaches the vocabulary projection, vocabulary-parallel over
+    sp (and tp): each device scores its slice of the vocabulary, `chunk_tokens`
+    positions at a time with recomputation, so at most [chunk, V/sp] logits live.
+    """
+    rules = (("activation_vocab", ("sp", "tp")),) + tuple(rules_of(rules))
+    axes = ("activation_batch", None, "activation_vocab")
+    m = targets_bm.shape[1]
+
+    def one_chunk(h_btd, t_bt):
+        logits = layers.constrain_activation(llm.logits(h_btd), axes) / temperature
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        logp = jnp.take_along_axis(logp_all, t_bt[..., None], axis=-1)[..., 0]
+        return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+    window = response_window(hidden_btd, start, m, mesh)
+    with activation_rules(mesh, rules):
+        return layers.map_tokens(one_chunk, (window, targets_bm), axes,
+                                 token_chunk_count(m, 1, chunk_tokens))

@@ -101,8 +101,9 @@ def reference():
     return video, unsharded_reference(video)
 
 
-@pytest.mark.parametrize("strategy", mesh_lib.STRATEGIES)
-def test_sharded_model_equals_unsharded_logits_and_grads(strategy, reference):
+@pytest.mark.parametrize("strategy, chunk_tokens", [(s, 8192) for s in mesh_lib.STRATEGIES]
+                         + [("ring", 2)])
+def test_sharded_model_equals_unsharded_logits_and_grads(strategy, chunk_tokens, reference):
     video, (want_logits, want_loss, want_grads) = reference
     mesh = mesh_of(sp=8)
     model = mesh_lib.shard_model(make_model(), mesh)
@@ -117,7 +118,7 @@ def test_sharded_model_equals_unsharded_logits_and_grads(strategy, reference):
     def loss_and_grads(llm, embeds, merged_valid, positions):
         def loss_fn(llm):
             hidden = sp_hidden_states(llm, embeds, merged_valid, positions, mesh, strategy,
-                                      block_size=8)[:, :t]
+                                      block_size=8, chunk_tokens=chunk_tokens)[:, :t]
             logits = llm.logits(hidden)
             return token_logprob_loss(logits, positions, merged_valid), logits
         return nnx.value_and_grad(loss_fn, has_aux=True)(llm)

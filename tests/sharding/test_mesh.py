@@ -66,3 +66,11 @@ def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="coordinator_address"):
         mesh_lib.initialize_distributed()
+
+
+def test_a_prepended_rule_overrides_the_default_for_that_name():
+    mesh = mesh_of(fsdp=2, sp=4)
+    rules = (("embed", ("fsdp", "sp")),) + mesh_lib.DEFAULT_RULES
+    assert mesh_lib.logical_to_spec(("layers", "embed", "mlp"), mesh, rules) == \
+        P(None, ("fsdp", "sp"), None)
+    assert mesh_lib.logical_to_spec(("layers", "embed", "mlp"), mesh) == P(None, "fsdp", None)
