@@ -182,8 +182,10 @@ class VllmEngine(Engine):
                             enforce_eager=True, enable_prefix_caching=False)
 
     def _load(self, tensors):
-        items = list(tensors.items())
-        self.llm.apply_model(lambda model: model.load_weights(iter(items)))
+        # reload_weights, not model.load_weights: the CPU and quantised backends repack
+        # weights after loading, and vLLM's layer-wise reload redoes that processing.
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": list(tensors.items()), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
 
     def generate(self, prompts, s):

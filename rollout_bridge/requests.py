@@ -27,8 +27,15 @@ class GenerateJob:
     version: Optional[int]  # the weight version the caller expects, if it cares
 
 
-def _bad(message: str):
-    from rollout_bridge.server import BadRequest
+class BadRequest(Exception):
+    """A 4xx answer: the server sends {"error": message, "code": code} with `status`."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _bad(message: str) -> BadRequest:
     return BadRequest(400, "bad_request", message)
 
 

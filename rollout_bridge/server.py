@@ -28,22 +28,15 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from rollout_bridge import wire
-from rollout_bridge.requests import parse_generate
+from rollout_bridge.requests import BadRequest, parse_generate
 from rollout_bridge.store import EmbeddingStore, PushError, StagedPush
 
 log = logging.getLogger("rollout_bridge.server")
 VERSION_HEADER = "X-Weight-Version"
 
 
-class BadRequest(Exception):
-    """A 4xx answer: JSON body {"error": message, "code": code}."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-    def response(self) -> web.Response:
-        return web.json_response({"error": self.message, "code": self.code}, status=self.status)
+def json_error(e: BadRequest) -> web.Response:
+    return web.json_response({"error": e.message, "code": e.code}, status=e.status)
 
 
 class RolloutServer:
@@ -70,15 +63,17 @@ class RolloutServer:
             self._authorize(request)
             response = await handler(request)
         except BadRequest as e:
-            response = e.response()
+            response = json_error(e)
         except web.HTTPRequestEntityTooLarge as e:
             response = BadRequest(413, "too_large", f"request body too large ({e.text}); raise "
-                                  "--max-request-mb or send smaller chunks").response()
+                                  "--max-request-mb or send smaller chunks")
+            response = json_error(response)
         except web.HTTPException as e:  # aiohttp's own 404/405 for unknown routes
             if e.status_code < 400:
                 raise
             response = BadRequest(e.status_code, e.reason.lower().replace(" ", "_"),
-                                  f"{request.method} {request.path}: {e.reason}").response()
+                                  f"{request.method} {request.path}: {e.reason}")
+            response = json_error(response)
         response.headers[VERSION_HEADER] = str(self.version)
         return response
 
