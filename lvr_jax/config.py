@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
         kl_coef=1e-2, kl_kind="k3", format_weight=0.1, scale_by_std=True,
         dynamic_sampling=False, overlong_buffer=0,  # 0: no overlong shaping
         freeze_embeddings=True,
+        reencode_video=False,  # True: the reference's baseline for benchmarks, no embedding cache
         # backend "jax": the embedded sampler; "server": rollout_bridge servers at `urls`
         # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
         rollout=dict(backend="jax", urls=[], token="", timeout_s=120.0, retries=3,

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lvr_jax import training
+from lvr_jax.data.video import normalize_frames
 from lvr_jax.model.qwen2 import Qwen2
 from lvr_jax.model.sampler import Generation, SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
@@ -166,11 +167,32 @@ class GRPOLearner:
         return response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
                                  self.loss_cfg.temperature, self.hidden_fn)[0]
 
+    def _encode_each(self, frames_bfhwc) -> jax.Array:
+        """Each video through the frozen encoder, bypassing the embedding cache."""
+        return jnp.stack([self.encoder.encode(normalize_frames(f)) for f in frames_bfhwc])
+
+    def _prompts_of(self, train: dict, prompt_index) -> dict:
+        """Prompt embeddings and indices for a forward over the sequences of `prompt_index`.
+
+        Shared rollout embeddings; with `rl.reencode_video` (the reference implementation's
+        baseline) every sequence is its own prompt and its video is encoded again.
+        """
+        if not self.rl.reencode_video:
+            return {"prompt_embeds": train["prompt_embeds"], "prompt_valid": train["prompt_valid"],
+                    "prompt_index": prompt_index}
+        index = np.asarray(prompt_index)
+        embeds, valid = self._embed(self.state.model(), jnp.asarray(train["prompt_ids"][index]),
+                                    self._encode_each(train["frames"][index]),
+                                    jnp.asarray(train["prompt_mask"][index]))
+        return {"prompt_embeds": embeds, "prompt_valid": valid,
+                "prompt_index": jnp.arange(len(index))}
+
     def rollout(self, batch: dict, rng) -> tuple[dict, dict]:
         """Samples G responses per prompt and scores them: (training batch, metrics)."""
         s, g = self.state, self.rl.num_generations
         model = s.model()
-        video = self.encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
+        video = (self._encode_each(batch["frames"]) if self.rl.reencode_video
+                 else self.encoder(batch["frames"], batch["video_key"], batch["frame_indices"]))
         embeds, valid = self._embed(model, jnp.asarray(batch["prompt_ids"]), video,
                                     jnp.asarray(batch["prompt_mask"]).astype(bool))
         start = time.perf_counter()
@@ -192,6 +214,9 @@ class GRPOLearner:
                  "response_mask": jnp.asarray(response_mask),
                  "loss_mask": jnp.asarray(response_mask * keep[:, None]),
                  "advantages": jnp.asarray(advantages, jnp.float32)}
+        if self.rl.reencode_video:  # what each later forward needs to encode its video again
+            train.update(frames=batch["frames"], prompt_ids=np.asarray(batch["prompt_ids"]),
+                         prompt_mask=np.asarray(batch["prompt_mask"]).astype(bool))
         metrics = {"reward": scores.mean(), "accuracy": parts["accuracy"].mean(),
                    "format": parts["format"].mean(), "response_length": lengths.mean(),
                    "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0,
@@ -206,13 +231,19 @@ class GRPOLearner:
         forward's (a mismatch that grows means the engine and trainer disagree).
         """
         s = self.state
-        train["old_logp"] = self._logprobs(s.trainable, s.frozen, graphdef=s.graphdef, batch=train)
+
+        def prompts():  # called per forward: under rl.reencode_video each one encodes again
+            return {"tokens": train["tokens"], "response_mask": train["response_mask"],
+                    **self._prompts_of(train, train["prompt_index"])}
+
+        train["old_logp"] = self._logprobs(s.trainable, s.frozen, graphdef=s.graphdef,
+                                           batch=prompts())
         mask = train["response_mask"]
         gap = jnp.abs(train["old_logp"] - train["rollout_logp"])
         mismatch = float(jnp.sum(gap * mask) / jnp.maximum(jnp.sum(mask), 1.0))
         if self.loss_cfg.kl_coef > 0:
             train["ref_logp"] = self._logprobs(self.reference, s.frozen, graphdef=s.graphdef,
-                                               batch=train)
+                                               batch=prompts())
         else:
             train["ref_logp"] = train["old_logp"]
         return train, {"logprob_mismatch": mismatch}
@@ -230,7 +261,7 @@ class GRPOLearner:
             for start in range(0, n - size + 1, size):
                 idx = order[start:start + size]
                 mini = {k: train[k][idx] for k in sequence_keys}
-                mini.update(prompt_embeds=train["prompt_embeds"], prompt_valid=train["prompt_valid"])
+                mini.update(self._prompts_of(train, mini["prompt_index"]))
                 s.trainable, s.opt_state, m = self._update(
                     s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=mini)
                 history.append(m)
