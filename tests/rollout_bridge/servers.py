@@ -26,7 +26,8 @@ def tiny_model(tokenizer, seed: int = 0, scale: float = 0.3, **llm) -> LongVILA:
     """The tiny preset with head_dim 32 (vLLM's minimum) and weights scaled up so that
     greedy choices are decided by clear margins rather than float rounding."""
     base = PRESETS["tiny"](vocab_size=tokenizer.vocab_size)
-    fields = dict(num_attention_heads=2, num_key_value_heads=1, **llm)
+    # Untied, like Qwen2-7B: vLLM's in-place reload does not refresh a tied lm_head.
+    fields = dict(num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False, **llm)
     config = base.replace(llm=dataclasses.replace(base.llm, **fields),
                           video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
     model = LongVILA(config, rngs=nnx.Rngs(seed))

@@ -14,7 +14,7 @@ from tests.rollout_bridge.servers import tiny_model
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_model(tokenizer, tie_word_embeddings=False)
+    return tiny_model(tokenizer)
 
 
 def jax_logits(model, ids):
