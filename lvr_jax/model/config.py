@@ -101,7 +101,7 @@ def longvila_r1_7b(**kw) -> LongVILAConfig:
     return LongVILAConfig(**kw)
 
 
-def tiny(vocab_size: int = 512, **kw) -> LongVILAConfig:
+def tiny(vocab_size: int = 1024, **kw) -> LongVILAConfig:
     """A model of a few hundred thousand parameters for tests and the CPU demo."""
     vision = SiglipConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                                 num_attention_heads=2, image_size=56, patch_size=14)

@@ -47,7 +47,8 @@ def test_released_layout_round_trips_exactly(make_vila_dir, tmp_path):
 
 
 def test_sharded_save_writes_an_index_and_loads(tmp_path, tokenizer):
-    config = PRESETS["tiny"](video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
+    config = PRESETS["tiny"](vocab_size=tokenizer.vocab_size, video_token_id=tokenizer.video_id,
+                             newline_token_id=tokenizer.newline_id)
     model = LongVILA(config, rngs=nnx.Rngs(3))
     save_pretrained(model, str(tmp_path), tokenizer=tokenizer, max_shard_bytes=64 << 10)
     index = json.loads((tmp_path / "llm" / "model.safetensors.index.json").read_text())
@@ -59,7 +60,8 @@ def test_sharded_save_writes_an_index_and_loads(tmp_path, tokenizer):
 
 
 def test_saved_directory_loads_in_transformers_with_the_same_outputs(tmp_path, tokenizer):
-    config = PRESETS["tiny"](video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
+    config = PRESETS["tiny"](vocab_size=tokenizer.vocab_size, video_token_id=tokenizer.video_id,
+                             newline_token_id=tokenizer.newline_id)
     config = config.replace(llm=config.llm.__class__(**{**config.llm.__dict__,
                                                         "tie_word_embeddings": False}))
     model = LongVILA(config, rngs=nnx.Rngs(4))

@@ -12,7 +12,8 @@ from lvr_jax.model.sampler import SamplingParams, filter_logits, generate, left_
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    config = PRESETS["tiny"](video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
+    config = PRESETS["tiny"](vocab_size=tokenizer.vocab_size, video_token_id=tokenizer.video_id,
+                             newline_token_id=tokenizer.newline_id)
     return LongVILA(config, rngs=nnx.Rngs(0))
 
 
