@@ -137,7 +137,8 @@ class GRPOLearner:
         self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
-        self.reference = self.state.trainable  # the frozen initial policy
+        # The frozen initial policy: a copy, since each update donates the trainable buffers.
+        self.reference = jax.tree.map(jnp.copy, self.state.trainable)
         frozen_encoder = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
         self.encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)),
                                           frozen_encoder, cache)
