@@ -26,10 +26,11 @@ def get_config(stage: str = "sft"):
     c.eval.update(records=f"{DATA}/test_eval.jsonl", max_new_tokens=96, batch_size=16)
     c.train.update(checkpoint_every=50, keep_checkpoints=2)
     if stage == "sft":
+        # Cosine from 1e-3 to 1e-4 over 1000 steps, then 1e-4 until the end.
         c.optim.update(lr=1e-3, warmup_steps=50, decay_steps=1000, weight_decay=0.0)
-        c.train.num_steps = 1000
+        c.train.num_steps = 2000
     else:
-        c.optim.update(lr=2e-5, schedule="constant", warmup_steps=0)
-        c.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=8, kl_coef=1e-3)
-        c.train.num_steps = 30
+        c.optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
+        c.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=4, kl_coef=1e-3)
+        c.train.num_steps = 40
     return c
