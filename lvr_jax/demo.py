@@ -12,6 +12,7 @@ Each stage resumes from its checkpoints if the demo is interrupted and run again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -67,8 +68,8 @@ def evaluate_export(config, model_dir: str, limit: int) -> dict:
         records = os.path.join(os.path.dirname(model_dir), "eval_subset.jsonl")
         with open(records, "w") as f:
             f.writelines(lines)
-    data = data.__class__(**{**data.__dict__, "records": records,
-                             "batch_size": config.eval.batch_size, "num_workers": 0})
+    data = dataclasses.replace(data, records=records, batch_size=config.eval.batch_size,
+                               num_workers=0)
     result = evaluate(model, load_tokenizer(model_dir), data, config.eval.max_new_tokens)
     return {"accuracy": result.accuracy, "per_category": result.per_category,
             "unparseable": result.unparseable, "questions": len(result.predictions)}

@@ -4,6 +4,7 @@ The reward is measured on the same training prompts with the same sampling seed 
 after GRPO, so only the parameters differ between the two measurements.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -20,7 +21,7 @@ def mean_training_reward(config, batches: int = 3, seed: int = 7) -> float:
     tokenizer, model = train.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     data = train.data_config(config, model)
-    data = data.__class__(**{**data.__dict__, "shuffle": False, "num_workers": 0})
+    data = dataclasses.replace(data, shuffle=False, num_workers=0)
     rewards = []
     for i, batch in zip(range(batches), rl_dataset(data, tokenizer)):
         rewards.append(learner.rollout(batch, jax.random.key(seed + i))[1]["reward"])

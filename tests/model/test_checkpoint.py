@@ -1,5 +1,6 @@
 """VILA directories: exact round trips, transformers compatibility, clear errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -62,8 +63,7 @@ def test_sharded_save_writes_an_index_and_loads(tmp_path, tokenizer):
 def test_saved_directory_loads_in_transformers_with_the_same_outputs(tmp_path, tokenizer):
     config = PRESETS["tiny"](vocab_size=tokenizer.vocab_size, video_token_id=tokenizer.video_id,
                              newline_token_id=tokenizer.newline_id)
-    config = config.replace(llm=config.llm.__class__(**{**config.llm.__dict__,
-                                                        "tie_word_embeddings": False}))
+    config = config.replace(llm=dataclasses.replace(config.llm, tie_word_embeddings=False))
     model = LongVILA(config, rngs=nnx.Rngs(4))
     save_pretrained(model, str(tmp_path), tokenizer=tokenizer)
     hf_llm = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "llm").eval()
