@@ -104,11 +104,11 @@ def longvila_r1_7b(**kw) -> LongVILAConfig:
 def tiny(vocab_size: int = 1024, **kw) -> LongVILAConfig:
     """A model of a few hundred thousand parameters for tests and the CPU demo."""
     vision = SiglipConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                                num_attention_heads=2, image_size=56, patch_size=14)
+                          num_attention_heads=2, image_size=56, patch_size=14)
     llm = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=8192,
-                                        bos_token_id=0, eos_token_id=2)
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+                      bos_token_id=0, eos_token_id=2)
     return LongVILAConfig(vision=vision, llm=llm, **kw)
 
 
