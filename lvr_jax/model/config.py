@@ -134,19 +134,19 @@ def qwen2_from_hf(d: dict[str, Any]) -> Qwen2Config:
 def qwen2_to_hf(c: Qwen2Config) -> dict[str, Any]:
     d = {k: getattr(c, k) for k in _QWEN2_FIELDS}
     d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
-                      rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                      attention_dropout=0.0, use_sliding_window=False, torch_dtype="float32")
+             rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+             attention_dropout=0.0, use_sliding_window=False, torch_dtype="float32")
     return d
 
 
 def siglip_from_hf(d: dict[str, Any], select_layer: int = -2) -> SiglipConfig:
     d = d.get("vision_config", d)  # a full SiglipConfig nests the vision part
-    return SiglipConfig(select_layer=select_layer,
-                                            **{k: d[k] for k in _SIGLIP_FIELDS if k in d and d[k] is not None})
+    fields = {k: d[k] for k in _SIGLIP_FIELDS if k in d and d[k] is not None}
+    return SiglipConfig(select_layer=select_layer, **fields)
 
 
 def siglip_to_hf(c: SiglipConfig) -> dict[str, Any]:
     d = {k: getattr(c, k) for k in _SIGLIP_FIELDS}
     d.update(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
-                      attention_dropout=0.0, torch_dtype="float32")
+             attention_dropout=0.0, torch_dtype="float32")
     return d
