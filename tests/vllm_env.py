@@ -22,6 +22,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.error
@@ -160,7 +161,7 @@ def vllm_server(model_dir: str, *, args: Sequence[str] = (), log_path: str | Non
     Defaults suit a tiny model on CPU: eager mode (no compile warm-up), 1 GiB of KV cache."""
     python = ensure_vllm_venv()
     port = free_port()
-    log = pathlib.Path(log_path or f"/tmp/vllm-server-{port}.log")
+    log = pathlib.Path(log_path or os.path.join(tempfile.gettempdir(), f"vllm-server-{port}.log"))
     command = serve_command(python, model_dir, port) + ["--enforce-eager", *args]
     environ = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
