@@ -29,9 +29,13 @@ def test_entrypoint_answers_help(module):
 
 
 def test_demo_runs_end_to_end(tmp_path):
+    """The README's main command, shortened: data, SFT, evaluation, GRPO, evaluation, plots."""
     out = subprocess.run([sys.executable, "-m", "lvr_jax.demo", "--workdir", str(tmp_path),
-                          "--frames", "8", "--samples", "2", "--max_new_tokens", "8"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--videos", "12", "--sft_steps", "3", "--grpo_steps", "2",
+                          "--eval_limit", "4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "reloaded it: same greedy answer" in out.stdout
-    assert (tmp_path / "checkpoint" / "llm" / "model.safetensors").exists()
+    assert "after GRPO" in out.stdout and "chance is 25%" in out.stdout
+    for produced in ("results.json", "accuracy.png", "sft/sft_curves.png", "grpo/grpo_curves.png",
+                     "grpo/model/llm/model.safetensors"):
+        assert (tmp_path / produced).exists(), produced
