@@ -93,7 +93,7 @@ def _usable(venv: pathlib.Path) -> bool:
 def ensure_vllm_venv(venv: pathlib.Path = VENV) -> pathlib.Path:
     """Path of the python of a ready vLLM environment, installing it first when missing."""
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one installer; the others wait and reuse its work
         if (venv / _MARKER).exists():
             return venv_python(venv)
