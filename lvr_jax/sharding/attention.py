@@ -42,8 +42,11 @@ def _blocks(length: int, block: int) -> int:
     return min(block, length)
 
 
-def local_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
-    """Causal attention on one device in blocks; same contract as `dot_product_attention`."""
+def _blocked(kernel, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int):
+    """Pads to whole blocks, groups query heads by KV head, runs `kernel`, unpads.
+
+    kernel(q_btkgd, k, v, q_pos, kv_pos, q_block, kv_block) -> [B, T, K, G, D].
+    """
     b, t, h, d = q_bthd.shape
     s, kvh = k_bskd.shape[1], k_bskd.shape[2]
     qb, kb = _blocks(t, block), _blocks(s, block)
@@ -51,8 +54,14 @@ def local_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 51
     k, v = _pad_to(k_bskd, kb, 1, 0), _pad_to(v_bskd, kb, 1, 0)
     q_pos = _pad_to(q_pos_bt, qb, 1, 0)
     kv_pos = _pad_to(kv_pos_bs, kb, 1, layers.MASKED_POSITION)
-    out = blockwise.grouped_attention(q, k, v, q_pos, kv_pos, qb, kb)
+    out = kernel(q, k, v, q_pos, kv_pos, qb, kb)
     return out.reshape(b, -1, h, d)[:, :t]
+
+
+def local_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
+    """Causal attention on one device in blocks; same contract as `dot_product_attention`."""
+    return _blocked(blockwise.grouped_attention, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs,
+                    block)
 
 
 # ---- strategies: pure functions of the local blocks, run inside shard_map over "sp" ------
@@ -146,14 +155,7 @@ _ring_core.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
     """Local queries against K/V blocks passed round the sp ring (online softmax)."""
-    b, t, h, d = q_bthd.shape
-    s, kvh = k_bskd.shape[1], k_bskd.shape[2]
-    qb, kb = _blocks(t, block), _blocks(s, block)
-    q = _pad_to(q_bthd, qb, 1, 0).reshape(b, -1, kvh, h // kvh, d)
-    k, v = _pad_to(k_bskd, kb, 1, 0), _pad_to(v_bskd, kb, 1, 0)
-    kv_pos = _pad_to(kv_pos_bs, kb, 1, layers.MASKED_POSITION)
-    out = _ring_core(q, k, v, _pad_to(q_pos_bt, qb, 1, 0), kv_pos, qb, kb)
-    return out.reshape(b, -1, h, d)[:, :t]
+    return _blocked(_ring_core, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block)
 
 
 LOCAL_STRATEGIES = {"all_gather": all_gather_attention, "ulysses": ulysses_attention,
