@@ -12,7 +12,6 @@ Each stage resumes from its checkpoints if the demo is interrupted and run again
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -27,9 +26,8 @@ from absl import logging as absl_logging  # noqa: E402
 
 from lvr_jax import train  # noqa: E402
 from lvr_jax.data import synthetic  # noqa: E402
-from lvr_jax.eval.evaluate import evaluate  # noqa: E402
-from lvr_jax.model import load_pretrained  # noqa: E402
-from lvr_jax.tokenizer import load_tokenizer  # noqa: E402
+from lvr_jax.data.schema import load_eval_records  # noqa: E402
+from lvr_jax.eval import report, runner  # noqa: E402
 
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -57,22 +55,13 @@ def stage_config(stage: str, data: str, steps: int | None = None):
     return config
 
 
-def evaluate_export(config, model_dir: str, limit: int) -> dict:
-    """Accuracy of an exported model on the test questions."""
-    model = load_pretrained(model_dir)
-    data = train.data_config(config, model)
-    records = config.eval.records
-    if limit:
-        with open(records) as f:
-            lines = f.readlines()[:limit]
-        records = os.path.join(os.path.dirname(model_dir), "eval_subset.jsonl")
-        with open(records, "w") as f:
-            f.writelines(lines)
-    data = dataclasses.replace(data, records=records, batch_size=config.eval.batch_size,
-                               num_workers=0)
-    result = evaluate(model, load_tokenizer(model_dir), data, config.eval.max_new_tokens)
-    return {"accuracy": result.accuracy, "per_category": result.per_category,
-            "unparseable": result.unparseable, "questions": len(result.predictions)}
+def evaluate_stage(config, workdir: str, out_dir: str, limit: int) -> dict:
+    """Accuracy of a stage's exported model on the test questions (reasoning on)."""
+    records = load_eval_records(config.eval.records)
+    records = records[:limit] if limit else records
+    [row] = runner.evaluate_checkpoint(config, workdir, [config.data.num_frames], [True], records,
+                                       out_dir)
+    return row
 
 
 def plot_accuracy(results: dict, out_png: str) -> None:
@@ -102,16 +91,18 @@ def main(argv=None) -> dict:
     data = os.path.join(args.workdir, "data")
     if not os.path.exists(os.path.join(data, "test_eval.jsonl")):
         synthetic.generate(data, num_videos=args.videos, frames=64, size=96)
-    results = {}
+    results, eval_dir = {}, os.path.join(args.workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
     sft = stage_config("sft", data, args.sft_steps)
     train.run(sft, os.path.join(args.workdir, "sft"))
-    results["after SFT"] = evaluate_export(sft, os.path.join(args.workdir, "sft", "model"),
-                                           args.eval_limit)
+    results["after SFT"] = evaluate_stage(sft, os.path.join(args.workdir, "sft"), eval_dir,
+                                          args.eval_limit)
     grpo = stage_config("grpo", data, args.grpo_steps)
     grpo.model.init = os.path.join(args.workdir, "sft", "model")
     train.run(grpo, os.path.join(args.workdir, "grpo"))
-    results["after GRPO"] = evaluate_export(grpo, os.path.join(args.workdir, "grpo", "model"),
-                                            args.eval_limit)
+    results["after GRPO"] = evaluate_stage(grpo, os.path.join(args.workdir, "grpo"), eval_dir,
+                                           args.eval_limit)
+    report.write_comparison(eval_dir, list(results.values()))
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_accuracy(results, os.path.join(args.workdir, "accuracy.png"))

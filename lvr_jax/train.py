@@ -244,11 +244,13 @@ def run(config, workdir: str) -> dict:
     return Run(config, workdir).run()
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a recipe in configs/, e.g. "
-                                          "configs/demo.py:sft", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics, plots and the export")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile one step of the recipe on this "
-                                  "machine's devices from shapes alone and print its memory")
+def define_flags() -> None:
+    """The entrypoint's flags; defined only when run, so that other entrypoints import this module."""
+    config_flags.DEFINE_config_file("config", None, "a recipe in configs/, e.g. "
+                                    "configs/demo.py:sft", lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics, plots and the export")
+    flags.DEFINE_bool("compile_only", False, "compile one step of the recipe on this "
+                      "machine's devices from shapes alone and print its memory")
 
 
 def report_compiled_memory(config) -> None:
@@ -263,14 +265,16 @@ def report_compiled_memory(config) -> None:
 
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is not None and _COMPILE_ONLY.value:
-        return report_compiled_memory(_CONFIG.value)
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config is not None and flags.FLAGS.compile_only:
+        return report_compiled_memory(config)
+    if config is None or workdir is None:
         raise app.UsageError("--config and --workdir are required")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, workdir)
 
 
 if __name__ == "__main__":
+    define_flags()
     run_app(main)

@@ -54,6 +54,7 @@ class DataConfig:
     worker_buffer_size: int = 2
     shard_index: int = 0  # this host's share of the data
     shard_count: int = 1
+    think: bool = True  # evaluation prompts: ask for reasoning, or for the letter alone
 
     def __post_init__(self):
         if self.on_bad_video not in ("skip", "error"):
@@ -122,7 +123,8 @@ class _MakeExample:
             return {"input_ids": input_ids, "loss_mask": loss_mask}
         question = (record.problem if self.kind == "rl"
                     else templates.format_question(record.question, record.options))
-        return {"prompt_ids": templates.encode_prompt(self.tokenizer, question)}
+        think = self.config.think or self.kind == "rl"
+        return {"prompt_ids": templates.encode_prompt(self.tokenizer, question, think)}
 
     def _metadata(self, record) -> dict[str, Any]:
         if self.kind == "sft":

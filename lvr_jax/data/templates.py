@@ -22,6 +22,9 @@ INSTRUCTION = (
     "the final answer. The reasoning process and answer are enclosed within <think> </think> "
     "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> the letter of your choice (A, B, C, or D) </answer>.\n\n Question: {question}")
+# Reasoning off (VideoMME-style direct answers): the reply is the letter alone.
+DIRECT_INSTRUCTION = ("Answer the question about the given video with the letter of the correct "
+                      "option (A, B, C, or D) only.\n\n Question: {question}")
 # Placeholders that may appear in third-party question text; the prompt adds its own, once.
 _MEDIA_PLACEHOLDERS = re.compile(r"<vila/video>|<video>|<image>")
 
@@ -32,16 +35,16 @@ def format_question(question: str, options: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def user_text(question: str) -> str:
+def user_text(question: str, think: bool = True) -> str:
     """The user turn: the video placeholder, then the instruction holding the question."""
     clean = _MEDIA_PLACEHOLDERS.sub("", question).strip()
-    return VIDEO_TOKEN + INSTRUCTION.format(question=clean)
+    return VIDEO_TOKEN + (INSTRUCTION if think else DIRECT_INSTRUCTION).format(question=clean)
 
 
-def chat_prompt(question: str) -> str:
+def chat_prompt(question: str, think: bool = True) -> str:
     """The full prompt text, ending where the assistant starts to answer."""
     return (f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
-            f"{IM_START}user\n{user_text(question)}{IM_END}\n"
+            f"{IM_START}user\n{user_text(question, think)}{IM_END}\n"
             f"{IM_START}assistant\n")
 
 
@@ -53,9 +56,9 @@ def sft_target(answer: str, reasoning: str | None = None) -> str:
     return f"<think>{reasoning.strip()}</think>{final}" if reasoning else final
 
 
-def encode_prompt(tokenizer: Tokenizer, question: str) -> np.ndarray:
+def encode_prompt(tokenizer: Tokenizer, question: str, think: bool = True) -> np.ndarray:
     """Prompt token ids (int32); checks that the video placeholder is there exactly once."""
-    ids = np.asarray(tokenizer.encode(chat_prompt(question)), dtype=np.int32)
+    ids = np.asarray(tokenizer.encode(chat_prompt(question, think)), dtype=np.int32)
     count = int((ids == tokenizer.video_id).sum())
     if count != 1:
         raise ValueError(f"prompt holds {count} video placeholders; exactly one is required")

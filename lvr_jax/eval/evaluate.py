@@ -33,12 +33,22 @@ class EvalResult:
     def accuracy(self) -> float:
         return float(np.mean([p["correct"] for p in self.predictions])) if self.predictions else 0.0
 
-    @property
-    def per_category(self) -> dict[str, float]:
+    def accuracy_by(self, field: str) -> dict[str, float]:
+        """Accuracy per value of a prediction field ("category", "duration"); None values skipped."""
         groups = collections.defaultdict(list)
         for p in self.predictions:
-            groups[p["category"]].append(p["correct"])
+            if p.get(field) is not None:
+                groups[p[field]].append(p["correct"])
         return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
+    @property
+    def per_category(self) -> dict[str, float]:
+        return self.accuracy_by("category")
+
+    @property
+    def per_duration(self) -> dict[str, float]:
+        """VideoMME-style buckets (short / medium / long) when the records give a duration."""
+        return self.accuracy_by("duration")
 
     @property
     def unparseable(self) -> int:
@@ -47,8 +57,11 @@ class EvalResult:
 
 def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_tokens: int = 256,
              temperature: float = 0.0, cache: EmbeddingCache | None = None,
-             progress: bool = True) -> EvalResult:
-    """Answers every record of `data.records` once and grades it."""
+             progress: bool = True, engine=None, records=None) -> EvalResult:
+    """Answers every record of `data.records` (or of `records`) once and grades it.
+
+    `engine(llm_model, embeds, valid, params, rng) -> Generation` generates; default the
+    embedded sampler (a rollout_bridge `ServerRollout` generates on a rollout server)."""
     frozen = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
     encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)), frozen,
                                  cache or EmbeddingCache())
@@ -56,15 +69,18 @@ def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_to
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_token_ids=(tokenizer.eos_id,))
     predictions = []
-    for batch in tqdm(eval_dataset(data, tokenizer), desc="evaluate", disable=not progress):
+    batches = eval_dataset(data, tokenizer, records)
+    for batch in tqdm(batches, desc="evaluate", disable=not progress):
         video = encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
         embeds, valid = embed(jnp.asarray(batch["prompt_ids"]), video,
                               jnp.asarray(batch["prompt_mask"]).astype(bool))
-        gen = generate(model.llm, embeds, valid, params, jax.random.key(0), tokenizer.pad_id)
+        gen = (engine(model, embeds, valid, params, jax.random.key(0)) if engine else
+               generate(model.llm, embeds, valid, params, jax.random.key(0), tokenizer.pad_id))
         for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
             parsed = answer_text(text).upper()
             predictions.append({
                 "id": batch["id"][i], "category": batch["category"][i],
+                "duration": batch["duration"][i],
                 "answer": batch["answer"][i], "prediction": text, "parsed": parsed,
                 "parsed_ok": parsed in LETTERS,
                 "correct": bool(accuracy_reward(text, batch["answer"][i]))})

@@ -1,0 +1,130 @@
+"""What an evaluation writes: JSON per setting, a Markdown table, bar charts, comparisons.
+
+One *setting* is (checkpoint, number of frames, reasoning on/off). Each gets
+`<label>.json` (summary and every prediction) and `<label>_categories.png`; all settings
+together get `results.md` and, when frame counts differ, `accuracy_vs_frames.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lvr_jax.data.schema import CATEGORIES  # noqa: E402
+from lvr_jax.eval.evaluate import EvalResult  # noqa: E402
+
+DURATIONS = ("short", "medium", "long")
+CHANCE = 0.25
+
+
+def checkpoint_name(path: str) -> str:
+    """Short name of a checkpoint path: `runs/demo/sft/model` -> `sft`, `ckpts/7b` -> `7b`."""
+    parts = os.path.normpath(path).split(os.sep)
+    return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    checkpoint: str
+    num_frames: int
+    think: bool
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(self.checkpoint)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.num_frames}f-{'think' if self.think else 'direct'}"
+
+
+def summary(result: EvalResult) -> dict:
+    """Overall, per-category and per-duration accuracy, with the unparseable count."""
+    return {"accuracy": result.accuracy, "questions": len(result.predictions),
+            "correct": sum(p["correct"] for p in result.predictions),
+            "unparseable": result.unparseable, "per_category": result.per_category,
+            "per_duration": result.per_duration}
+
+
+def write_setting(out_dir: str, setting: Setting, result: EvalResult) -> dict:
+    """`<label>.json` and `<label>_categories.png`; returns the summary."""
+    row = {**dataclasses.asdict(setting), **summary(result)}
+    with open(os.path.join(out_dir, f"{setting.label}.json"), "w", encoding="utf-8") as f:
+        json.dump({**row, "predictions": result.predictions}, f, indent=1, ensure_ascii=False)
+    plot_categories(row, os.path.join(out_dir, f"{setting.label}_categories.png"), setting.label)
+    return row
+
+
+def _columns(rows: Sequence[dict], field: str, order: Sequence[str]) -> list[str]:
+    present = {k for r in rows for k in r[field]}
+    return [k for k in order if k in present] + sorted(present - set(order))
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """One line per setting: overall, per category, per duration bucket, unparseable."""
+    categories = _columns(rows, "per_category", CATEGORIES)
+    durations = _columns(rows, "per_duration", DURATIONS)
+    head = ["checkpoint", "frames", "reasoning", "overall", *categories, *durations,
+            "unparseable", "questions"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda d, k: f"{d[k]:.1%}" if k in d else "-"  # noqa: E731
+    for r in rows:
+        cells = [r["checkpoint"], str(r["num_frames"]), "on" if r["think"] else "off",
+                 f"**{r['accuracy']:.1%}**", *(pct(r["per_category"], c) for c in categories),
+                 *(pct(r["per_duration"], d) for d in durations), str(r["unparseable"]),
+                 str(r["questions"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_categories(row: dict, out_png: str, title: str) -> None:
+    """Bar chart of accuracy per category and overall, with chance marked."""
+    names = list(row["per_category"]) + ["overall"]
+    values = list(row["per_category"].values()) + [row["accuracy"]]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(names, values, color=["tab:blue"] * (len(names) - 1) + ["tab:orange"])
+    ax.axhline(CHANCE, color="gray", linestyle="--", label="chance")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_frames(rows: Sequence[dict], out_png: str) -> None:
+    """Overall accuracy against the number of frames, one line per checkpoint and reasoning mode."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lines = sorted({(r["checkpoint"], r["think"]) for r in rows})
+    for checkpoint, think in lines:
+        points = sorted((r["num_frames"], r["accuracy"]) for r in rows
+                        if (r["checkpoint"], r["think"]) == (checkpoint, think))
+        label = f"{checkpoint_name(checkpoint)} ({'think' if think else 'direct'})"
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.axhline(CHANCE, color="gray", linestyle="--", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(out_dir: str, rows: Sequence[dict]) -> None:
+    """`results.md` for all settings, and the frames plot when frame counts differ."""
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(markdown_table(rows))
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(list(rows), f, indent=1)
+    if len({r["num_frames"] for r in rows}) > 1:
+        plot_accuracy_vs_frames(rows, os.path.join(out_dir, "accuracy_vs_frames.png"))

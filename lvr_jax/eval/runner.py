@@ -1,0 +1,48 @@
+"""Evaluating checkpoints: each (frames, reasoning mode) setting, written by `report`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from lvr_jax import train
+from lvr_jax.eval import report
+from lvr_jax.eval.evaluate import evaluate
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+log = logging.getLogger("lvr_jax.eval")
+
+
+def model_dir(checkpoint: str) -> str:
+    """A VILA directory: `checkpoint` itself, or the `model/` export of a training workdir."""
+    for candidate in (checkpoint, os.path.join(checkpoint, "model")):
+        if os.path.exists(os.path.join(candidate, "config.json")):
+            return candidate
+    raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither a VILA directory (config.json) "
+                            "nor a training workdir with a model/ export")
+
+
+def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks: list[bool],
+                        records, out_dir: str) -> list[dict]:
+    """Every (frames, mode) setting of one checkpoint; the video embeddings are shared by modes."""
+    config = config.copy_and_resolve_references()
+    config.model.init = model_dir(checkpoint)
+    tokenizer, model = train.build_model(config, train.make_run_mesh(config))
+    engine = train.make_rollout_engine(config.rl.rollout, tokenizer)
+    if engine is not None:
+        engine.sync_weights(model, 0)
+    cache = EmbeddingCache(config.cache.budget_mb << 20, config.cache.disk_dir or None)
+    rows = []
+    for frames in frame_counts:
+        for think in thinks:
+            setting = report.Setting(checkpoint, frames, think)
+            data = dataclasses.replace(
+                train.data_config(config, model), num_frames=frames, think=think,
+                batch_size=config.eval.batch_size)
+            result = evaluate(model, tokenizer, data, config.eval.max_new_tokens, cache=cache,
+                              engine=engine, records=records)
+            rows.append(report.write_setting(out_dir, setting, result))
+            log.warning("%s: %.1f%% of %d (%d unparseable)", setting.label,
+                        100 * result.accuracy, len(result.predictions), result.unparseable)
+    return rows
