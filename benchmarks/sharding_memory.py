@@ -90,12 +90,12 @@ def step_memory(llm_config, frames, sp, strategy, block=512, rules=mesh_lib.DEFA
         - m.alias_size_in_bytes
 
 
-def small_table():
+def small_table(frame_counts, strategies):
     print("small config (Qwen2 4 layers, hidden 256, 8/2 heads), GiB per device, "
           "ratio to sp=1")
     print(f"{'frames':>6} {'strategy':>10} " + " ".join(f"{'sp=' + str(s):>14}" for s in (1, 2, 4, 8)))
-    for frames in (64, 256):
-        for strategy in mesh_lib.STRATEGIES:
+    for frames in frame_counts:
+        for strategy in strategies:
             row = [step_memory(small_llm(), frames, sp, strategy) for sp in (1, 2, 4, 8)]
             cells = " ".join(f"{b / 2**30:7.3f} ({b / row[0]:.2f})" for b in row)
             print(f"{frames:>6} {strategy:>10} {cells}", flush=True)
@@ -121,10 +121,14 @@ def big_table(frame_counts, strategies):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("small", "7b"), default="small")
-    parser.add_argument("--frames", type=int, nargs="*", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--frames", type=int, nargs="*",
+                        help="default: 64 256 (small), 512 1024 2048 4096 (7b)")
     parser.add_argument("--strategies", nargs="*", default=list(mesh_lib.STRATEGIES))
     args = parser.parse_args()
-    small_table() if args.model == "small" else big_table(args.frames, args.strategies)
+    if args.model == "small":
+        small_table(args.frames or [64, 256], args.strategies)
+    else:
+        big_table(args.frames or [512, 1024, 2048, 4096], args.strategies)
 
 
 if __name__ == "__main__":
