@@ -35,7 +35,7 @@ CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo", help="data, checkpoints, plots")
-    parser.add_argument("--videos", type=int, default=200, help="synthetic videos to generate")
+    parser.add_argument("--videos", type=int, default=2000, help="synthetic videos to generate")
     parser.add_argument("--sft_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--grpo_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N only")
