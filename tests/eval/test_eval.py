@@ -65,3 +65,30 @@ def test_checkpoint_that_is_not_a_model_is_named(tmp_path):
                           f"--checkpoint={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode != 0 and f"--checkpoint {str(tmp_path)!r} is neither" in run.stderr
+
+
+def test_evaluation_on_a_rollout_server_gives_the_embedded_samplers_answers(tokenizer,
+                                                                            synthetic_set,
+                                                                            tmp_path):
+    from lvr_jax.data.pipeline import DataConfig
+    from lvr_jax.data.schema import load_eval_records
+    from lvr_jax.eval.evaluate import evaluate
+    from rollout_bridge import export
+    from rollout_bridge.client import RolloutClient, ServerRollout
+    from tests.rollout_bridge.servers import running_server, tiny_model
+
+    model = tiny_model(tokenizer)
+    llm_dir = export.export_dir(model, str(tmp_path / "llm"), tokenizer)
+    data = DataConfig(records=f"{synthetic_set}/test_eval.jsonl", video_root=synthetic_set,
+                      num_frames=4, frame_size=model.config.vision.image_size, batch_size=3,
+                      num_workers=0)
+    records = load_eval_records(data.records)[:3]
+    local = evaluate(model, tokenizer, data, 10, records=records, progress=False)
+    with running_server(llm_dir, "transformers", log_dir=str(tmp_path)) as server:
+        engine = ServerRollout(RolloutClient([server.url]), pad_id=tokenizer.pad_id)
+        engine.sync_weights(model, 0)
+        remote = evaluate(model, tokenizer, data, 10, records=records, progress=False,
+                          engine=engine)
+    assert [p["prediction"] for p in remote.predictions] == \
+        [p["prediction"] for p in local.predictions]
+    assert all(p["prediction"] for p in local.predictions)
