@@ -36,7 +36,7 @@ def test_grpo_increases_the_mean_reward_after_sft(tmp_path, tiny_train_config):
     grpo = tiny_train_config("grpo", 12)
     grpo.model.init = str(tmp_path / "sft" / "model")
     grpo.optim.update(lr=2e-4)
-    grpo.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=4)
+    grpo.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=4, kl_coef=1e-3)
     before = mean_training_reward(grpo)
     train.run(grpo, str(tmp_path / "grpo"))
     grpo.model.init = str(tmp_path / "grpo" / "model")
