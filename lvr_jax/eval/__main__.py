@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from lvr_jax.cli import run_app
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.eval import report
-from lvr_jax.eval.runner import evaluate_checkpoint
+from lvr_jax.eval.runner import evaluate_checkpoint, model_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a recipe in configs/, e.g. "
                                           "configs/demo.py:sft (its eval, data and rl.rollout)")
@@ -49,6 +49,8 @@ def main(argv) -> None:
         raise app.UsageError("the config has no eval.records; set --config.eval.records=FILE")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)
+    for checkpoint in _CHECKPOINTS.value:  # fail before any record or video is read
+        model_dir(checkpoint)
     records = load_eval_records(config.eval.records)
     records = records[:_LIMIT.value] if _LIMIT.value else records
     frame_counts = [int(f) for f in _FRAMES.value] or [config.data.num_frames]
