@@ -18,16 +18,12 @@ import logging
 import os
 import pathlib
 
-import matplotlib
+from absl import logging as absl_logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
-
-from lvr_jax import train  # noqa: E402
-from lvr_jax.data import synthetic  # noqa: E402
-from lvr_jax.data.schema import load_eval_records  # noqa: E402
-from lvr_jax.eval import report, runner  # noqa: E402
+from lvr_jax import train
+from lvr_jax.data import synthetic
+from lvr_jax.data.schema import load_eval_records
+from lvr_jax.eval import report, runner
 
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -64,26 +60,6 @@ def evaluate_stage(config, workdir: str, out_dir: str, limit: int) -> dict:
     return row
 
 
-def plot_accuracy(results: dict, out_png: str) -> None:
-    """Accuracy per category after each stage, with chance at 25%."""
-    stages = list(results)
-    categories = list(results[stages[0]]["per_category"]) + ["overall"]
-    width = 0.8 / len(stages)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for i, stage in enumerate(stages):
-        values = [results[stage]["per_category"].get(c, 0) for c in categories[:-1]]
-        values.append(results[stage]["accuracy"])
-        ax.bar([x + i * width for x in range(len(categories))], values, width, label=stage)
-    ax.axhline(0.25, color="gray", linestyle="--", label="chance")
-    ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(categories))], categories)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -105,7 +81,7 @@ def main(argv=None) -> dict:
     report.write_comparison(eval_dir, list(results.values()))
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot_accuracy(results, os.path.join(args.workdir, "accuracy.png"))
+    report.plot_categories(results, os.path.join(args.workdir, "accuracy.png"))
     print(f"\n{'stage':<12} {'accuracy':>9} {'unparseable':>12}  per category")
     for stage, r in results.items():
         cats = ", ".join(f"{k} {v:.0%}" for k, v in r["per_category"].items())

@@ -68,14 +68,14 @@ def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_to
     embed = jax.jit(lambda ids, video, valid: model.embed_inputs(ids, video, valid))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_token_ids=(tokenizer.eos_id,))
+    engine = engine or (lambda m, *args: generate(m.llm, *args, pad_id=tokenizer.pad_id))
     predictions = []
     batches = eval_dataset(data, tokenizer, records)
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
         video = encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
         embeds, valid = embed(jnp.asarray(batch["prompt_ids"]), video,
                               jnp.asarray(batch["prompt_mask"]).astype(bool))
-        gen = (engine(model, embeds, valid, params, jax.random.key(0)) if engine else
-               generate(model.llm, embeds, valid, params, jax.random.key(0), tokenizer.pad_id))
+        gen = engine(model, embeds, valid, params, jax.random.key(0))
         for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
             parsed = answer_text(text).upper()
             predictions.append({

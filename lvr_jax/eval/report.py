@@ -58,7 +58,7 @@ def write_setting(out_dir: str, setting: Setting, result: EvalResult) -> dict:
     row = {**dataclasses.asdict(setting), **summary(result)}
     with open(os.path.join(out_dir, f"{setting.label}.json"), "w", encoding="utf-8") as f:
         json.dump({**row, "predictions": result.predictions}, f, indent=1, ensure_ascii=False)
-    plot_categories(row, os.path.join(out_dir, f"{setting.label}_categories.png"), setting.label)
+    plot_categories({setting.label: row}, os.path.join(out_dir, f"{setting.label}_categories.png"))
     return row
 
 
@@ -84,15 +84,20 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_categories(row: dict, out_png: str, title: str) -> None:
-    """Bar chart of accuracy per category and overall, with chance marked."""
-    names = list(row["per_category"]) + ["overall"]
-    values = list(row["per_category"].values()) + [row["accuracy"]]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(names, values, color=["tab:blue"] * (len(names) - 1) + ["tab:orange"])
+def plot_categories(rows: dict[str, dict], out_png: str, title: str = "") -> None:
+    """Accuracy per category and overall, one group of bars per label, chance marked."""
+    labels = list(rows)
+    categories = list(rows[labels[0]]["per_category"]) + ["overall"]
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, label in enumerate(labels):
+        values = [rows[label]["per_category"].get(c, 0) for c in categories[:-1]]
+        values.append(rows[label]["accuracy"])
+        ax.bar([x + i * width for x in range(len(categories))], values, width, label=label)
     ax.axhline(CHANCE, color="gray", linestyle="--", label="chance")
-    ax.set_ylim(0, 1)
+    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(categories))], categories)
     ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
