@@ -23,7 +23,9 @@ from lvr_jax.model.qwen2 import Qwen2
 from lvr_jax.model.sampler import Generation, SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rewards
+from lvr_jax.sharding import sequence
 from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.tokenizer import Tokenizer
 
 
@@ -41,19 +43,33 @@ class LossConfig:
     kl_kind: str = "k3"
 
 
-def response_logprobs(llm: Qwen2, prompt_embeds, prompt_valid, tokens, response_mask,
-                      temperature: float, hidden_fn=training.hidden_fn()):
-    """Log-probs and entropies [N, M] of response tokens under logits / temperature."""
-    t, m = prompt_embeds.shape[1], tokens.shape[1]
-    x = jnp.concatenate([jax.lax.stop_gradient(prompt_embeds), llm.embed(tokens)], axis=1)
-    valid = jnp.concatenate([prompt_valid, response_mask.astype(bool)], axis=1)
-    hidden = hidden_fn(llm, x, valid)
-    # Only the positions that predict response tokens reach the vocabulary projection.
-    logits = llm.logits(hidden[:, t - 1:t - 1 + m]) / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
+def _score(llm: Qwen2, hidden_bmd, tokens, temperature: float):
+    """Log-probs and entropies [N, M] of `tokens` predicted by hidden states [N, M, D]."""
+    logp_all = jax.nn.log_softmax(llm.logits(hidden_bmd) / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
+    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+def make_response_logprobs(mesh=None, mesh_config=None):
+    """(llm, prompt_embeds, prompt_valid, tokens, response_mask, temperature) -> log-probs and
+    entropies [N, M] of the response tokens under logits / temperature.
+
+    Without a mesh a plain forward; with one the sequence runs sharded over `sp` and only the
+    response window reaches the vocabulary projection, vocabulary-parallel and in chunks
+    (`sharding.sequence.response_logprobs`), so no device holds [T, vocab] logits.
+    """
+    hidden_fn = training.hidden_fn(mesh, mesh_config)
+
+    def response_logprobs(llm, prompt_embeds, prompt_valid, tokens, response_mask, temperature):
+        t, m = prompt_embeds.shape[1], tokens.shape[1]
+        x = jnp.concatenate([jax.lax.stop_gradient(prompt_embeds), llm.embed(tokens)], axis=1)
+        valid = jnp.concatenate([prompt_valid, response_mask.astype(bool)], axis=1)
+        hidden = hidden_fn(llm, x, valid)
+        if mesh is None:
+            return _score(llm, hidden[:, t - 1:t - 1 + m], tokens, temperature)
+        return sequence.response_logprobs(llm, hidden, t - 1, tokens, mesh,
+                                          rules_of(mesh_config), temperature)
+    return response_logprobs
 
 
 def gather_prompts(batch):
@@ -61,11 +77,11 @@ def gather_prompts(batch):
     return batch["prompt_embeds"][batch["prompt_index"]], batch["prompt_valid"][batch["prompt_index"]]
 
 
-def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, hidden_fn):
+def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, logprobs_fn):
     """Clipped surrogate plus k3 KL to the reference, over the valid response tokens."""
     embeds, valid = gather_prompts(batch)
-    logp, entropy = response_logprobs(model.llm, embeds, valid, batch["tokens"],
-                                      batch["response_mask"], cfg.temperature, hidden_fn)
+    logp, entropy = logprobs_fn(model.llm, embeds, valid, batch["tokens"],
+                                batch["response_mask"], cfg.temperature)
     mask = batch["loss_mask"]
     terms, clipped = grpo.policy_loss_terms(logp, batch["old_logp"], batch["advantages"],
                                             cfg.clip_low, cfg.clip_high, cfg.dual_clip)
@@ -113,7 +129,7 @@ def loss_config(rl) -> LossConfig:
 
 def make_loss_fn(config, mesh=None):
     return functools.partial(grpo_loss, cfg=loss_config(config.rl),
-                             hidden_fn=training.hidden_fn(mesh, config.mesh))
+                             logprobs_fn=make_response_logprobs(mesh, config.mesh))
 
 
 def abstract_batch(config, model_config) -> dict:
@@ -143,7 +159,7 @@ class GRPOLearner:
         self.encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)),
                                           frozen_encoder, cache)
         self.loss_cfg = loss_config(self.rl)
-        self.hidden_fn = training.hidden_fn(mesh, config.mesh)
+        self.response_logprobs = make_response_logprobs(mesh, config.mesh)
         self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
                                                  make_loss_fn(config, mesh)),
                                static_argnames="graphdef", donate_argnums=(0, 2))
@@ -165,8 +181,8 @@ class GRPOLearner:
     def _logprobs_fn(self, trainable, frozen, graphdef, batch):
         llm = nnx.merge(graphdef, trainable, frozen).llm
         embeds, valid = gather_prompts(batch)
-        return response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
-                                 self.loss_cfg.temperature, self.hidden_fn)[0]
+        return self.response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
+                                      self.loss_cfg.temperature)[0]
 
     def _encode_each(self, frames_bfhwc) -> jax.Array:
         """Each video through the frozen encoder, bypassing the embedding cache."""

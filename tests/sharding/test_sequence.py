@@ -1,11 +1,16 @@
 """MR-SP stage 2 helpers: chunked token-wise work and response log-probs under SP."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from lvr_jax.config import base_config
 from lvr_jax.model import layers
+from lvr_jax.rl.learner import LossConfig, grpo_loss, make_response_logprobs
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.sequence import response_logprobs, response_window, token_chunk_count
 from tests.sharding.helpers import make_model, mesh_of, rel_err
@@ -58,3 +63,40 @@ def test_response_window_is_the_slice_of_sharded_rows():
     x = jnp.arange(2 * 64 * 3, dtype=jnp.float32).reshape(2, 64, 3)
     got = jax.jit(lambda x: response_window(x, 5, 20, mesh))(x)
     np.testing.assert_array_equal(got, x[:, 5:25])
+
+
+def grpo_batch(hidden_size: int, vocab: int, prompts=2, group=2, t=37, m=11):
+    """A random GRPO update batch: T and M that do not divide by sp."""
+    keys = jax.random.split(jax.random.key(4), 5)
+    n = prompts * group
+    valid = jnp.arange(t)[None, :] >= jnp.array([[0], [5]])  # the second prompt left-padded
+    response_mask = (jnp.arange(m)[None, :] < jnp.array([[m], [7], [m], [3]])).astype(jnp.float32)
+    old = -jax.random.uniform(keys[2], (n, m))
+    return {"prompt_embeds": jax.random.normal(keys[0], (prompts, t, hidden_size)),
+            "prompt_valid": valid, "prompt_index": jnp.repeat(jnp.arange(prompts), group),
+            "tokens": jax.random.randint(keys[1], (n, m), 0, vocab),
+            "response_mask": response_mask, "loss_mask": response_mask, "old_logp": old,
+            "ref_logp": old - 0.1 * jax.random.normal(keys[3], (n, m)),
+            "advantages": jax.random.normal(keys[4], (n,))}
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
+def test_grpo_loss_and_grads_under_sp_equal_single_device(strategy):
+    model = make_model()
+    batch = grpo_batch(model.config.llm.hidden_size, model.config.llm.vocab_size)
+    mesh_config = base_config().mesh
+    mesh_config.update(attention=strategy, block_size=8)
+    mesh = mesh_of(sp=8)
+
+    def loss_and_grads(model, mesh):
+        loss_fn = functools.partial(grpo_loss, cfg=LossConfig(),
+                                    logprobs_fn=make_response_logprobs(mesh, mesh_config))
+        (loss, _), grads = nnx.jit(nnx.value_and_grad(lambda m: loss_fn(m, batch),
+                                                      has_aux=True))(model)
+        return loss, nnx.state(grads, nnx.Param)
+
+    want_loss, want_grads = loss_and_grads(model, None)
+    got_loss, got_grads = loss_and_grads(mesh_lib.shard_model(make_model(), mesh), mesh)
+    assert rel_err(got_loss, want_loss) < 1e-5
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert rel_err(got, want) < 1e-5
