@@ -56,6 +56,7 @@ def summary(result: EvalResult) -> dict:
 def write_setting(out_dir: str, setting: Setting, result: EvalResult) -> dict:
     """`<label>.json` and `<label>_categories.png`; returns the summary."""
     row = {**dataclasses.asdict(setting), **summary(result)}
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{setting.label}.json"), "w", encoding="utf-8") as f:
         json.dump({**row, "predictions": result.predictions}, f, indent=1, ensure_ascii=False)
     plot_categories({setting.label: row}, os.path.join(out_dir, f"{setting.label}_categories.png"))
