@@ -5,8 +5,7 @@
 writes DIR/videos/*.mp4, DIR/scripts/*.json (each video's event script, the ground truth),
 DIR/{train,val,test}.jsonl in the LongVideo-Reason training format (answers are
 `<think>...</think><answer>X</answer>`) and DIR/test_eval.jsonl in the evaluation format.
-Splits hold disjoint videos; train.jsonl also holds one option-letter drill per video
-(`synthetic_script.option_drill`). Everything is a function of the seed.
+Splits hold disjoint videos. Everything is a function of the seed.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lvr_jax.data.synthetic_render import render, write_video
-from lvr_jax.data.synthetic_script import make_questions, make_script, option_drill
+from lvr_jax.data.synthetic_script import make_questions, make_script
 from lvr_jax.data.templates import format_question
 
 SPLITS = ("train", "val", "test")
@@ -44,12 +43,10 @@ def duration_bucket(seconds: float) -> str:
 def train_row(video_name: str, question: dict[str, Any], number: int) -> dict[str, Any]:
     """A question in the LongVideo-Reason training format."""
     answer = f"<think>{question['reasoning']}</think><answer>{question['answer']}</answer>"
-    row = {"problem_id": f"{video_name}-{number}",
-           "problem": format_question(question["question"], question["options"]),
-           "answer": answer, "videos": f"videos/{video_name}.mp4", "data_type": "video"}
-    if question["category"]:
-        row["problem_type"] = _PROBLEM_TYPES[question["category"]]
-    return row
+    return {"problem_id": f"{video_name}-{number}",
+            "problem": format_question(question["question"], question["options"]),
+            "answer": answer, "videos": f"videos/{video_name}.mp4",
+            "problem_type": _PROBLEM_TYPES[question["category"]], "data_type": "video"}
 
 
 def eval_row(video_name: str, question: dict[str, Any], number: int, seconds: float) -> dict:
@@ -61,18 +58,16 @@ def eval_row(video_name: str, question: dict[str, Any], number: int, seconds: fl
 
 
 def make_video(out: str, index: int, frames: int, size: int, fps: int, seed: int) -> tuple:
-    """Renders and writes one video and its script; returns (name, script, questions, drill):
-    one question per category, then an option-letter drill for the training split."""
+    """Renders and writes one video and its script; returns (name, script, questions)."""
     rng = np.random.default_rng([seed, 0, index])
     script = make_script(rng, frames, fps)
     questions = make_questions(script, rng)
-    drill = option_drill(questions[int(rng.integers(len(questions)))], rng)
     name = f"synth_{index:05d}"
     write_video(os.path.join(out, "videos", f"{name}.mp4"), render(script["objects"], frames, size),
                 fps)
     with open(os.path.join(out, "scripts", f"{name}.json"), "w") as f:
         json.dump({**script, "questions": questions}, f, indent=1)
-    return name, script, questions, drill
+    return name, script, questions
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -90,14 +85,12 @@ def generate(out: str, num_videos: int, frames: int = 64, size: int = 96, fps: i
     rows = {split: [] for split in (*SPLITS, "test_eval")}
     split_by_video = {i: s for s, ids in split_of_videos(num_videos, seed).items() for i in ids}
     for index in tqdm(range(num_videos), desc="synthetic videos", disable=not progress):
-        name, _, questions, drill = make_video(out, index, frames, size, fps, seed)
+        name, _, questions = make_video(out, index, frames, size, fps, seed)
         split = split_by_video[index]
         for number, question in enumerate(questions):
             rows[split].append(train_row(name, question, number))
             if split == "test":
                 rows["test_eval"].append(eval_row(name, question, number, frames / fps))
-        if split == "train":
-            rows[split].append(train_row(name, drill, len(questions)))
     for split, split_rows in rows.items():
         _write_jsonl(os.path.join(out, f"{split}.jsonl"), split_rows)
     return {split: len(split_rows) for split, split_rows in rows.items()}

@@ -96,10 +96,6 @@ def _uncap(option: str) -> str:
     return option[0].lower() + option[1:]
 
 
-def _cap_first(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
 def temporal_question(script: dict, rng: np.random.Generator) -> dict[str, Any]:
     """Which object appeared first (or last)? Needs the whole first third of the video."""
     ordered = sorted(script["objects"], key=lambda o: o["appear"])
@@ -179,23 +175,6 @@ def plot_question(script: dict, rng: np.random.Generator) -> dict[str, Any]:
 
 
 QUESTION_MAKERS = (temporal_question, goal_question, plot_question, spatial_question)
-
-
-def option_drill(question: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """A training-only drill on the last step of every chain of thought: the letter of a named
-    option. The options of `question` are named in a random order and each is given its letter.
-
-    A small model learns to read the video long before it learns to find a named option's
-    letter (one token in each chain of thought); these drills give that step four tokens each.
-    """
-    named = [int(i) for i in rng.permutation(len(question["options"]))]
-    texts = [_uncap(question["options"][i]) for i in named]
-    bindings = [f"{text} is option {LETTERS[i]}" for text, i in zip(texts, named)]
-    reasoning = (f"{_cap_first('; '.join(bindings))}. "
-                 f"So the answer is {texts[0]}, option {LETTERS[named[0]]}.")
-    return {"category": None, "question": f"Which letters do {', '.join(texts[:-1])} and "
-            f"{texts[-1]} have? Answer with the letter of {texts[0]}.",
-            "options": question["options"], "answer": LETTERS[named[0]], "reasoning": reasoning}
 
 
 def make_questions(script: dict, rng: np.random.Generator) -> list[dict[str, Any]]:
