@@ -4,7 +4,9 @@
 
 Runs the RL step of `sharding_memory` (forward + backward of the policy loss) for real on
 the small config. Simulated devices share the host's cores, so the ratio shows the
-overhead of each strategy's communication and bookkeeping, not a speed-up.
+overhead of each strategy's communication and bookkeeping, not a speed-up. At 8 frames the
+sequence is 4.4K tokens (2K of them response) through 4 remat layers, so a step takes seconds
+on a CPU; compute is f32 by default, since CPUs run bf16 matmuls several times slower.
 """
 
 from __future__ import annotations
@@ -26,18 +28,18 @@ from lvr_jax.model.qwen2 import Qwen2  # noqa: E402
 from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
 
 
-def seconds_per_step(frames: int, sp: int, strategy: str, repeats: int = 3) -> float:
+def seconds_per_step(frames: int, sp: int, strategy: str, dtype=jnp.float32,
+                     repeats: int = 3) -> float:
     """Median wall time of the compiled step on a mesh of `sp` devices."""
     mesh = mesh_lib.make_mesh({"shape": dict(data=1, fsdp=1, sp=sp, tp=1)},
                               devices=jax.devices()[:sp])
     config = small_llm()
-    llm = mesh_lib.shard_model(Qwen2(config, dtype=jnp.bfloat16, remat=True, rngs=nnx.Rngs(0)),
-                               mesh)
+    llm = mesh_lib.shard_model(Qwen2(config, dtype=dtype, remat=True, rngs=nnx.Rngs(0)), mesh)
     t = frames * TOKENS_PER_FRAME + PROMPT + RESPONSE
     t -= t % (2 * sp)  # keep the toy batch divisible; padding is tested elsewhere
     rng = np.random.default_rng(0)
     seq = NamedSharding(mesh, P(None, "sp"))
-    embeds = jax.device_put(rng.normal(size=(1, t, config.hidden_size)).astype(jnp.bfloat16),
+    embeds = jax.device_put(rng.normal(size=(1, t, config.hidden_size)).astype(dtype),
                             NamedSharding(mesh, P(None, "sp", None)))
     valid = jax.device_put(np.ones((1, t), bool), seq)
     positions = jax.device_put(np.arange(t, dtype=np.int32)[None], seq)
@@ -58,12 +60,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--strategies", nargs="*", default=list(mesh_lib.STRATEGIES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    base = seconds_per_step(args.frames, 1, "all_gather")
-    print(f"small config, {args.frames} frames; sp=1 step {base:.2f} s (CPU, simulated devices)")
+    dtype = jnp.dtype(args.dtype)
+    base = seconds_per_step(args.frames, 1, "all_gather", dtype)
+    print(f"small config, {args.frames} frames, {args.dtype}; sp=1 step {base:.2f} s "
+          f"({jax.devices()[0].platform}, {jax.device_count()} devices)")
     print(f"{'strategy':>10} {'sp=8 s/step':>12} {'ratio to sp=1':>14}")
     for strategy in args.strategies:
-        sec = seconds_per_step(args.frames, 8, strategy)
+        sec = seconds_per_step(args.frames, 8, strategy, dtype)
         print(f"{strategy:>10} {sec:12.2f} {sec / base:14.2f}", flush=True)
 
 
