@@ -19,7 +19,6 @@ from flax import nnx
 
 from lvr_jax import training
 from lvr_jax.data.video import normalize_frames
-from lvr_jax.model.qwen2 import Qwen2
 from lvr_jax.model.sampler import Generation, SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rewards
@@ -43,13 +42,6 @@ class LossConfig:
     kl_kind: str = "k3"
 
 
-def _score(llm: Qwen2, hidden_bmd, tokens, temperature: float):
-    """Log-probs and entropies [N, M] of `tokens` predicted by hidden states [N, M, D]."""
-    logp_all = jax.nn.log_softmax(llm.logits(hidden_bmd) / temperature, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
-    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-
-
 def make_response_logprobs(mesh=None, mesh_config=None):
     """(llm, prompt_embeds, prompt_valid, tokens, response_mask, temperature) -> log-probs and
     entropies [N, M] of the response tokens under logits / temperature.
@@ -66,7 +58,8 @@ def make_response_logprobs(mesh=None, mesh_config=None):
         valid = jnp.concatenate([prompt_valid, response_mask.astype(bool)], axis=1)
         hidden = hidden_fn(llm, x, valid)
         if mesh is None:
-            return _score(llm, hidden[:, t - 1:t - 1 + m], tokens, temperature)
+            logits = llm.logits(hidden[:, t - 1:t - 1 + m]) / temperature
+            return sequence.logprobs_and_entropy(logits, tokens)
         return sequence.response_logprobs(llm, hidden, t - 1, tokens, mesh,
                                           rules_of(mesh_config), temperature)
     return response_logprobs

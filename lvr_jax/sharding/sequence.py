@@ -97,6 +97,13 @@ def response_window(hidden_btd, start: int, length: int, mesh: Mesh):
                          out_specs=P(batch, None, None))(hidden_btd)
 
 
+def logprobs_and_entropy(logits_btv, targets_bt):
+    """Log-prob of each target and the entropy of its distribution, [B, T] each."""
+    logp_all = jax.nn.log_softmax(logits_btv, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets_bt[..., None], axis=-1)[..., 0]
+    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
 def response_logprobs(llm, hidden_btd, start: int, targets_bm, mesh: Mesh,
                       rules=DEFAULT_RULES, temperature: float = 1.0, chunk_tokens: int = 512):
     """Log-probs and entropies [B, M] of `targets_bm` predicted by hidden[:, start:start+M].
@@ -110,10 +117,8 @@ def response_logprobs(llm, hidden_btd, start: int, targets_bm, mesh: Mesh,
     m = targets_bm.shape[1]
 
     def one_chunk(h_btd, t_bt):
-        logits = layers.constrain_activation(llm.logits(h_btd), axes) / temperature
-        logp_all = jax.nn.log_softmax(logits, axis=-1)
-        logp = jnp.take_along_axis(logp_all, t_bt[..., None], axis=-1)[..., 0]
-        return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        logits = layers.constrain_activation(llm.logits(h_btd), axes)
+        return logprobs_and_entropy(logits / temperature, t_bt)
 
     window = response_window(hidden_btd, start, m, mesh)
     with activation_rules(mesh, rules):
