@@ -29,11 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
         num_workers=2, cache_dir="", on_bad_video="skip", video_backend="auto",
         num_epochs=-1)  # -1: repeat forever
 
-    # Axis sizes (-1: the remaining devices), MR-SP attention strategy and the logical-axis
-    # rules (lvr_jax.sharding.mesh.DEFAULT_RULES). Multi-host reads JAX_COORDINATOR_ADDRESS,
-    # JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    # Axis sizes (-1: the remaining devices), MR-SP attention strategy, the per-device
+    # attention kernel ("blockwise" anywhere, "cudnn" on NVIDIA GPUs with sp = 1 or ulysses)
+    # and the logical-axis rules (lvr_jax.sharding.mesh.DEFAULT_RULES). Multi-host reads
+    # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     c.mesh = dict(shape=dict(data=1, fsdp=-1, sp=1, tp=1), attention="ring", block_size=512,
-                  rules=DEFAULT_RULES)
+                  kernel="blockwise", rules=DEFAULT_RULES)
 
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=10, decay_steps=1000,
                    end_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,

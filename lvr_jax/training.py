@@ -123,5 +123,6 @@ def hidden_fn(mesh: Mesh | None = None, mesh_config=None) -> Callable:
     def sharded(llm, embeds, valid):
         return sp_hidden_states(llm, embeds, valid, positions_from_valid(valid), mesh,
                                 mesh_config.attention, mesh_config.get("block_size", 512),
-                                rules_of(mesh_config))
+                                rules_of(mesh_config),
+                                kernel=mesh_config.get("kernel", "blockwise"))
     return sharded

@@ -58,19 +58,59 @@ def _blocked(kernel, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int):
     return out.reshape(b, -1, h, d)[:, :t]
 
 
-def local_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
+def blockwise_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
     """Causal attention on one device in blocks; same contract as `dot_product_attention`."""
     return _blocked(blockwise.grouped_attention, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs,
                     block)
 
 
+def _rotate(x_bt, shift_b):
+    """Row b of x [B, T, ...] rotated left by shift_b[b] along T."""
+    t = x_bt.shape[1]
+    index = (jnp.arange(t)[None] + shift_b[:, None]) % t
+    return jnp.take_along_axis(x_bt, index.reshape(index.shape + (1,) * (x_bt.ndim - 2)), 1)
+
+
+def cudnn_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
+                    implementation: str = "cudnn"):
+    """cuDNN's fused flash attention (bf16/fp16 on NVIDIA GPUs); `block` is unused.
+
+    cuDNN masks by index, not by position, so each row is rotated until its valid tokens
+    start at index 0; `is_causal` with the valid length then is the position mask exactly.
+    Contract: queries and keys are the same sequence (sp = 1, or ulysses) and each row's
+    valid tokens are contiguous (left and/or right padding), as every trainer batch is.
+    """
+    del block, q_pos_bt  # the positions of a contiguous row follow its index
+    t = q_bthd.shape[1]
+    if k_bskd.shape[1] != t:
+        raise ValueError(f"cudnn attention needs queries and keys of one sequence, got {t} "
+                         f"queries and {k_bskd.shape[1]} keys; use kernel='blockwise'")
+    valid = kv_pos_bs != layers.MASKED_POSITION
+    first, count = jnp.argmax(valid, axis=1), jnp.sum(valid, axis=1, dtype=jnp.int32)
+    q, k, v = (_rotate(x, first) for x in (q_bthd, k_bskd, v_bskd))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=count,
+                                       key_value_seq_lengths=count,
+                                       implementation=implementation)
+    return _rotate(out, t - first)
+
+
+KERNELS = {"blockwise": blockwise_attention, "cudnn": cudnn_attention}
+
+
+def local_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
+                    kernel: str = "blockwise"):
+    """Causal attention of one device's queries and keys with the chosen kernel."""
+    return KERNELS[kernel](q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block)
+
+
 # ---- strategies: pure functions of the local blocks, run inside shard_map over "sp" ------
 
-def all_gather_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
+def all_gather_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
+                         kernel: str = "blockwise"):
     """Local queries against keys/values gathered from every sp shard."""
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
     return local_attention(q_bthd, gather(k_bskd), gather(v_bskd), q_pos_bt, gather(kv_pos_bs),
-                           block)
+                           block, kernel)
 
 
 def replicate_kv_heads(k_bskd, num_heads: int, sp: int):
@@ -81,7 +121,8 @@ def replicate_kv_heads(k_bskd, num_heads: int, sp: int):
     return jnp.repeat(k_bskd, repeat, axis=2)
 
 
-def ulysses_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
+def ulysses_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
+                      kernel: str = "blockwise"):
     """all_to_all to [full sequence, heads/sp], attention, and back."""
     sp = jax.lax.axis_size(AXIS)
     h = q_bthd.shape[2]
@@ -93,7 +134,7 @@ def ulysses_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 
                                  concat_axis=1, tiled=True)
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
     out = local_attention(to_heads(q_bthd), to_heads(k), to_heads(v), gather(q_pos_bt),
-                          gather(kv_pos_bs), block)
+                          gather(kv_pos_bs), block, kernel)
     return jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -153,8 +194,11 @@ def _ring_bwd(qb, kb, res, do):
 _ring_core.defvjp(_ring_fwd, _ring_bwd)
 
 
-def ring_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
+def ring_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
+                   kernel: str = "blockwise"):
     """Local queries against K/V blocks passed round the sp ring (online softmax)."""
+    if kernel != "blockwise":
+        raise ValueError(f"ring attention runs the blockwise kernel only, not {kernel!r}")
     return _blocked(_ring_core, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block)
 
 
@@ -169,15 +213,24 @@ def _batch_axes(mesh: Mesh):
     return axes or None
 
 
-def make_attention_fn(mesh: Mesh, strategy: str = "ring", block_size: int = 512):
+def make_attention_fn(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
+                      kernel: str = "blockwise"):
     """An `attention_fn(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs)` sharded over `sp`.
 
     Batch goes over data+fsdp, the sequence over sp, heads over tp; T and S must divide
-    by sp (pad with `pad_sequence`). Training and prefill only (no KV cache).
+    by sp (pad with `pad_sequence`). Training and prefill only (no KV cache). `kernel` is
+    the per-device attention: "blockwise" (any backend) or "cudnn" (NVIDIA GPUs; sp = 1
+    or ulysses, where each device sees whole sequences).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"mesh.attention {strategy!r} is not one of {STRATEGIES}")
-    local = functools.partial(LOCAL_STRATEGIES[strategy], block=block_size)
+    if kernel not in KERNELS:
+        raise ValueError(f"mesh.kernel {kernel!r} is not one of {tuple(KERNELS)}")
+    if kernel == "cudnn" and mesh.shape[AXIS] > 1 and strategy != "ulysses":
+        raise ValueError(f"mesh.kernel 'cudnn' with sp={mesh.shape[AXIS]} needs "
+                         f"attention='ulysses', not {strategy!r}")
+    strategy = "all_gather" if mesh.shape[AXIS] == 1 else strategy  # sp = 1: no exchange
+    local = functools.partial(LOCAL_STRATEGIES[strategy], block=block_size, kernel=kernel)
     batch, heads = _batch_axes(mesh), ("tp" if mesh.shape["tp"] > 1 else None)
     seq_spec, pos_spec = P(batch, AXIS, heads, None), P(batch, AXIS)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq_spec,) * 3 + (pos_spec,) * 2,

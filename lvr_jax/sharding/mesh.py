@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
         attention="ring",
         rules=DEFAULT_RULES,
         block_size=512,
+        kernel="blockwise",
     ))
 
 

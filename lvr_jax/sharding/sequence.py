@@ -46,12 +46,12 @@ def token_chunk_count(length: int, sp: int, chunk_tokens: int) -> int:
 
 def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
                      strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES,
-                     chunk_tokens: int = 8192):
+                     chunk_tokens: int = 8192, kernel: str = "blockwise"):
     """Final hidden states [B, L, D] (L >= T padded length, original order), sharded on sp.
 
     Rows past T are padding. Call inside `jax.jit`; positions should come from the
     unpadded sequence (`qwen2.positions_from_valid`). The MLP runs `chunk_tokens` tokens
-    per device at a time.
+    per device at a time; `kernel` is the per-device attention (`attention.KERNELS`).
     """
     sp = mesh.shape["sp"]
     chunks = token_chunk_count(embeds_btd.shape[1], sp, chunk_tokens)
@@ -60,7 +60,7 @@ def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
     zigzag = strategy == "ring" and sp > 1
     if zigzag:
         embeds, valid, positions = (to_zigzag(x, sp) for x in (embeds, valid, positions))
-    attention_fn = make_attention_fn(mesh, strategy, block_size)
+    attention_fn = make_attention_fn(mesh, strategy, block_size, kernel)
     with activation_rules(mesh, rules), layers.token_chunks(chunks):
         hidden, _ = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn)
         hidden = from_zigzag(hidden, sp) if zigzag else hidden

@@ -1,5 +1,7 @@
 """Sequence-parallel attention: every strategy equals the unsharded model, forward and grads."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,27 @@ def test_local_blockwise_attention_matches_dense_on_ragged_blocks():
     got = jax.jit(attention.local_attention, static_argnames="block")(q, k, v, pos, kv_pos, block=8)
     want = layers.dot_product_attention(q, k, v, pos, kv_pos)
     assert rel_err(got, want) < 1e-6
+
+
+def test_cudnn_kernel_rotation_matches_dense_on_left_and_right_padding():
+    """The cudnn kernel's index-causal trick, run through XLA's implementation on CPU."""
+    q, k, v, _, _, _ = random_qkv(b=3, t=24)
+    valid = jnp.ones((3, 24), bool).at[0, :5].set(False).at[1, 17:].set(False)
+    valid = valid.at[2, :3].set(False).at[2, 20:].set(False)  # both, like a GRPO sequence
+    pos = positions_from_valid(valid)
+    kv_pos = jnp.where(valid, pos, layers.MASKED_POSITION)
+    xla = functools.partial(attention.cudnn_attention, implementation="xla")
+    grads = jax.value_and_grad(attention_loss, argnums=(1, 2, 3))
+    got = jax.jit(grads, static_argnums=0)(xla, q, k, v, pos, kv_pos, valid)
+    want = grads(layers.dot_product_attention, q, k, v, pos, kv_pos, valid)
+    assert rel_err(got[0], want[0]) < 1e-5
+    for g, w in zip(got[1], want[1]):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_cudnn_kernel_refuses_strategies_that_split_queries_from_keys():
+    with pytest.raises(ValueError, match="ulysses"):
+        attention.make_attention_fn(mesh_of(sp=8), "ring", kernel="cudnn")
 
 
 def test_zigzag_reshapes_match_the_documented_order_and_invert():
