@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lvr_jax.model.qwen2 import KVCache, Qwen2, positions_from_valid
+from lvr_jax.sharding.attention import blockwise_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +68,18 @@ def sample_token(logits_bv, rng, params: SamplingParams):
     return token, jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], 1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "pad_id"))
-def _generate(graphdef, state, embeds_btd, valid_bt, rng, params: SamplingParams, pad_id: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "pad_id", "prefill_attention"))
+def _generate(graphdef, state, embeds_btd, valid_bt, rng, params: SamplingParams, pad_id: int,
+              prefill_attention):
     llm: Qwen2 = nnx.merge(graphdef, state)
     b, t, _ = embeds_btd.shape
     g, m = params.num_samples, params.max_new_tokens
     positions = positions_from_valid(valid_bt)
     cache = KVCache.zeros(llm.config, b, t + m, llm.dtype)
-    logits, cache = llm(inputs_embeds=embeds_btd, positions=positions, valid=valid_bt, cache=cache)
+    hidden, cache = llm.hidden_states(embeds_btd.astype(llm.dtype), positions, valid_bt, cache,
+                                      prefill_attention)
     cache = cache.repeat(g)
-    last_logits = jnp.repeat(logits[:, -1], g, axis=0)
+    last_logits = jnp.repeat(llm.logits(hidden[:, -1:])[:, 0], g, axis=0)  # not [B, T, vocab]
     next_pos = jnp.repeat(positions[:, -1] + 1, g)
     stops = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     n = b * g
@@ -112,11 +115,18 @@ def generated_lengths(tokens_bm, stops, pad_id):
 
 
 def generate(llm: Qwen2, prompt_embeds_btd, prompt_valid_bt, params: SamplingParams,
-             rng=None, pad_id: int = 0) -> Generation:
-    """Samples `params.num_samples` continuations of each left-padded prompt."""
+             rng=None, pad_id: int = 0,
+             prefill_attention=blockwise_attention) -> Generation:
+    """Samples `params.num_samples` continuations of each left-padded prompt.
+
+    `prefill_attention` runs the prompt's attention against the KV cache; the blockwise
+    kernel never holds the [T, T] scores of a long video prompt. Decoding attends one
+    query at a time with the dense kernel.
+    """
     graphdef, state = nnx.split(llm)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(graphdef, state, prompt_embeds_btd, prompt_valid_bt, rng, params, pad_id)
+    return _generate(graphdef, state, prompt_embeds_btd, prompt_valid_bt, rng, params, pad_id,
+                     prefill_attention)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
