@@ -91,12 +91,13 @@ def step_memory(llm_config, frames, sp, strategy, block=512, rules=mesh_lib.DEFA
 
 
 def small_table(frame_counts, strategies):
-    print("small config (Qwen2 4 layers, hidden 256, 8/2 heads), GiB per device, "
-          "ratio to sp=1")
+    print("small config (Qwen2 4 layers, hidden 256, 8/2 heads), weights ZeRO-sharded over "
+          "sp, GiB per device, ratio to sp=1")
     print(f"{'frames':>6} {'strategy':>10} " + " ".join(f"{'sp=' + str(s):>14}" for s in (1, 2, 4, 8)))
     for frames in frame_counts:
         for strategy in strategies:
-            row = [step_memory(small_llm(), frames, sp, strategy) for sp in (1, 2, 4, 8)]
+            row = [step_memory(small_llm(), frames, sp, strategy, 512, SP_FSDP_RULES)
+                   for sp in (1, 2, 4, 8)]
             cells = " ".join(f"{b / 2**30:7.3f} ({b / row[0]:.2f})" for b in row)
             print(f"{frames:>6} {strategy:>10} {cells}", flush=True)
 

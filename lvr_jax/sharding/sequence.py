@@ -46,12 +46,13 @@ def token_chunk_count(length: int, sp: int, chunk_tokens: int) -> int:
 
 def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
                      strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES,
-                     chunk_tokens: int = 8192, kernel: str = "blockwise"):
+                     chunk_tokens: int = 2048, kernel: str = "blockwise"):
     """Final hidden states [B, L, D] (L >= T padded length, original order), sharded on sp.
 
     Rows past T are padding. Call inside `jax.jit`; positions should come from the
     unpadded sequence (`qwen2.positions_from_valid`). The MLP runs `chunk_tokens` tokens
-    per device at a time; `kernel` is the per-device attention (`attention.KERNELS`).
+    per device at a time (2048: its temporaries then stay under a fifth of a 256-frame
+    step's memory at sp = 8, where 8192 took half); `kernel` is the per-device attention (`attention.KERNELS`).
     """
     sp = mesh.shape["sp"]
     chunks = token_chunk_count(embeds_btd.shape[1], sp, chunk_tokens)
