@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lvr_jax.model.qwen2 import positions_from_valid
+from lvr_jax.model.sampler import local_prefill
 
 
 def learning_rate(optim) -> optax.Schedule:
@@ -106,6 +107,17 @@ class NonFiniteGuard:
     @property
     def exhausted(self) -> bool:
         return self.in_a_row >= self.limit
+
+
+def prefill_fn(mesh: Mesh | None = None, mesh_config=None) -> Callable:
+    """The sampler's prompt prefill: on one device, or with a mesh sequence-sharded over
+    `sp` with the configured attention (MR-SP for rollouts of long videos)."""
+    if mesh is None:
+        return local_prefill
+    from lvr_jax.sharding.mesh import rules_of
+    from lvr_jax.sharding.sequence import make_sp_prefill
+    return make_sp_prefill(mesh, mesh_config.attention, mesh_config.get("block_size", 512),
+                           rules_of(mesh_config), mesh_config.get("kernel", "blockwise"))
 
 
 def hidden_fn(mesh: Mesh | None = None, mesh_config=None) -> Callable:

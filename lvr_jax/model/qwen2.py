@@ -120,16 +120,18 @@ class Qwen2(nnx.Module):
         return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
 
     def hidden_states(self, x_btd, positions_bt, valid_bt, cache: Optional[KVCache] = None,
-                      attention_fn: AttentionFn = layers.dot_product_attention):
-        """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+                      attention_fn: AttentionFn = layers.dot_product_attention,
+                      return_kv: bool = False):
+        """Final-norm hidden states [B, T, D] and the updated cache when one is given, or
+        with `return_kv` (no cache) every layer's keys and values ([L, B, T, KVH, D] each)."""
         kv_pos = jnp.where(valid_bt, positions_bt, layers.MASKED_POSITION).astype(jnp.int32)
         x_btd = layers.constrain_activation(x_btd, HIDDEN_AXES)
         if cache is None:
             def body(layer, x, _):
-                x, _ = layer(x, positions_bt, kv_pos, attention_fn)
-                return layers.constrain_activation(x, HIDDEN_AXES), None
-            x, _ = layers.scan_layers(self.layers, body, x_btd, remat=self.remat)
-            return self.norm(x), None
+                x, kv = layer(x, positions_bt, kv_pos, attention_fn)
+                return layers.constrain_activation(x, HIDDEN_AXES), kv if return_kv else None
+            x, kv = layers.scan_layers(self.layers, body, x_btd, remat=self.remat)
+            return self.norm(x), kv
 
         cache_kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.kv_pos, kv_pos, cache.index, 1)
 

@@ -68,18 +68,27 @@ def sample_token(logits_bv, rng, params: SamplingParams):
     return token, jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], 1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "pad_id", "prefill_attention"))
+def local_prefill(llm: Qwen2, embeds_btd, valid_bt, positions_bt, cache_len: int):
+    """The prompt through every layer on one device into a fresh KV cache of `cache_len`
+    slots -> (last hidden state [B, D], cache). The blockwise kernel never holds a long
+    video prompt's [T, T] scores. `sharding.sequence.make_sp_prefill` splits it over sp."""
+    cache = KVCache.zeros(llm.config, embeds_btd.shape[0], cache_len, llm.dtype)
+    hidden, cache = llm.hidden_states(embeds_btd, positions_bt, valid_bt, cache,
+                                      blockwise_attention)
+    return hidden[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "pad_id", "prefill"))
 def _generate(graphdef, state, embeds_btd, valid_bt, rng, params: SamplingParams, pad_id: int,
-              prefill_attention):
+              prefill):
     llm: Qwen2 = nnx.merge(graphdef, state)
     b, t, _ = embeds_btd.shape
     g, m = params.num_samples, params.max_new_tokens
     positions = positions_from_valid(valid_bt)
-    cache = KVCache.zeros(llm.config, b, t + m, llm.dtype)
-    hidden, cache = llm.hidden_states(embeds_btd.astype(llm.dtype), positions, valid_bt, cache,
-                                      prefill_attention)
+    last_hidden, cache = prefill(llm, embeds_btd.astype(llm.dtype), valid_bt.astype(bool),
+                                 positions, t + m)
     cache = cache.repeat(g)
-    last_logits = jnp.repeat(llm.logits(hidden[:, -1:])[:, 0], g, axis=0)  # not [B, T, vocab]
+    last_logits = jnp.repeat(llm.logits(last_hidden[:, None])[:, 0], g, axis=0)  # not [B, T, V]
     next_pos = jnp.repeat(positions[:, -1] + 1, g)
     stops = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     n = b * g
@@ -115,18 +124,17 @@ def generated_lengths(tokens_bm, stops, pad_id):
 
 
 def generate(llm: Qwen2, prompt_embeds_btd, prompt_valid_bt, params: SamplingParams,
-             rng=None, pad_id: int = 0,
-             prefill_attention=blockwise_attention) -> Generation:
+             rng=None, pad_id: int = 0, prefill=local_prefill) -> Generation:
     """Samples `params.num_samples` continuations of each left-padded prompt.
 
-    `prefill_attention` runs the prompt's attention against the KV cache; the blockwise
-    kernel never holds the [T, T] scores of a long video prompt. Decoding attends one
-    query at a time with the dense kernel.
+    `prefill` fills the KV cache from the prompt (`local_prefill`, or a sequence-parallel
+    one made once by `training.prefill_fn`: a new function object recompiles). Decoding
+    attends one query at a time with the dense kernel.
     """
     graphdef, state = nnx.split(llm)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(graphdef, state, prompt_embeds_btd, prompt_valid_bt, rng, params, pad_id,
-                     prefill_attention)
+                     prefill)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):

@@ -153,6 +153,7 @@ class GRPOLearner:
                                           frozen_encoder, cache)
         self.loss_cfg = loss_config(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
+        self.prefill = training.prefill_fn(mesh, config.mesh)
         self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
                                                  make_loss_fn(config, mesh)),
                                static_argnames="graphdef", donate_argnums=(0, 2))
@@ -169,7 +170,7 @@ class GRPOLearner:
 
     def _jax_rollout(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
         return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
-                        pad_id=self.tokenizer.pad_id)
+                        pad_id=self.tokenizer.pad_id, prefill=self.prefill)
 
     def _logprobs_fn(self, trainable, frozen, graphdef, batch):
         llm = nnx.merge(graphdef, trainable, frozen).llm

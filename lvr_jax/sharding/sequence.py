@@ -10,15 +10,16 @@ with the video. Callers take log-probs only where they need them (the response) 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lvr_jax.model import layers
-from lvr_jax.model.qwen2 import HIDDEN_AXES
-from lvr_jax.sharding.attention import (_batch_axes, make_attention_fn, pad_sequence,
+from lvr_jax.model.qwen2 import HIDDEN_AXES, KVCache
+from lvr_jax.sharding.attention import (AXIS, _batch_axes, make_attention_fn, pad_sequence,
                                         padded_length)
 from lvr_jax.sharding.mesh import DEFAULT_RULES, activation_rules, rules_of
 
@@ -46,13 +47,15 @@ def token_chunk_count(length: int, sp: int, chunk_tokens: int) -> int:
 
 def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
                      strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES,
-                     chunk_tokens: int = 2048, kernel: str = "blockwise"):
+                     chunk_tokens: int = 2048, kernel: str = "blockwise", return_kv: bool = False):
     """Final hidden states [B, L, D] (L >= T padded length, original order), sharded on sp.
 
     Rows past T are padding. Call inside `jax.jit`; positions should come from the
     unpadded sequence (`qwen2.positions_from_valid`). The MLP runs `chunk_tokens` tokens
     per device at a time (2048: its temporaries then stay under a fifth of a 256-frame
-    step's memory at sp = 8, where 8192 took half); `kernel` is the per-device attention (`attention.KERNELS`).
+    step's memory at sp = 8, where 8192 took half); `kernel` is the per-device attention
+    (`attention.KERNELS`). With `return_kv`, also every layer's keys and values
+    ([layers, B, L, KVH, D] each, original order): a prefill's KV cache.
     """
     sp = mesh.shape["sp"]
     chunks = token_chunk_count(embeds_btd.shape[1], sp, chunk_tokens)
@@ -63,9 +66,35 @@ def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
         embeds, valid, positions = (to_zigzag(x, sp) for x in (embeds, valid, positions))
     attention_fn = make_attention_fn(mesh, strategy, block_size, kernel)
     with activation_rules(mesh, rules), layers.token_chunks(chunks):
-        hidden, _ = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn)
-        hidden = from_zigzag(hidden, sp) if zigzag else hidden
-        return layers.constrain_activation(hidden, HIDDEN_AXES)
+        hidden, kv = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn,
+                                       return_kv=return_kv)
+        if zigzag:
+            hidden = from_zigzag(hidden, sp)
+            kv = jax.tree.map(jax.vmap(functools.partial(from_zigzag, sp=sp)), kv)
+        hidden = layers.constrain_activation(hidden, HIDDEN_AXES)
+        return (hidden, kv) if return_kv else hidden
+
+
+def make_sp_prefill(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
+                    rules=DEFAULT_RULES, kernel: str = "blockwise"):
+    """The sampler's prompt prefill (`sampler.local_prefill`'s contract), sequence-sharded:
+    the prompt runs through `sp_hidden_states` with the strategy's attention, and the keys
+    and values it computed become the KV cache, left sharded along the sequence so that
+    decoding attends to each device's part of a long video where it lies."""
+    seq = NamedSharding(mesh, P(None, _batch_axes(mesh), AXIS, None, None))
+
+    def prefill(llm, embeds_btd, valid_bt, positions_bt, cache_len: int):
+        t, pad = embeds_btd.shape[1], cache_len - embeds_btd.shape[1]
+        hidden, (k, v) = sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh,
+                                          strategy, block_size, rules, kernel=kernel,
+                                          return_kv=True)
+        k, v = (jnp.pad(x[:, :, :t], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+        k, v = (jax.lax.with_sharding_constraint(x, seq) for x in (k, v))
+        kv_pos = jnp.where(valid_bt, positions_bt, layers.MASKED_POSITION).astype(jnp.int32)
+        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=layers.MASKED_POSITION)
+        return hidden[:, t - 1], KVCache(k, v, kv_pos, jnp.asarray(t, jnp.int32))
+
+    return prefill
 
 
 def sp_logits(llm, hidden_btd, rules=DEFAULT_RULES, mesh: Mesh | None = None):
