@@ -61,15 +61,16 @@ class Attention(nnx.Module):
         q = layers.rope(self.q_proj(x_btd), pos_bt, self.theta)
         k = layers.rope(self.k_proj(x_btd), pos_bt, self.theta)
         v = self.v_proj(x_btd)
-        if cache_kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype),
-                                                    cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype),
-                                                    cache_index, axis=1)
+        if cache_kv is not None:  # every layer's cache [L, B, S, KVH, D]: write ours in place
+            layer, slot = cache_index
+            cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype),
+                                                          (layer, 0, slot, 0, 0))
+                             for c, new in zip(cache_kv, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache_kv)
             kv_pos_bt = cache_kv_pos
         out = attention_fn(q, k, v, pos_bt, kv_pos_bt)
         b, t = out.shape[:2]
-        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.reshape(b, t, -1)), (k, v) if cache_kv is None else cache_kv
 
 
 class MLP(nnx.Module):
@@ -135,12 +136,15 @@ class Qwen2(nnx.Module):
 
         cache_kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.kv_pos, kv_pos, cache.index, 1)
 
-        def body(layer, x, kv):
-            x, kv = layer(x, positions_bt, None, attention_fn, cache_kv=kv,
-                          cache_index=cache.index, cache_kv_pos=cache_kv_pos)
-            return layers.constrain_activation(x, HIDDEN_AXES), kv
-        x, (k, v) = layers.scan_layers(self.layers, body, x_btd, (cache.k, cache.v),
-                                       remat=self.remat)
+        # The cache rides in the scan's carry, so each layer writes its new keys/values in
+        # place; as a scanned input/output it was copied whole at every decoding step.
+        def body(layer, carry, i):
+            x, kv = layer(carry[0], positions_bt, None, attention_fn, cache_kv=carry[1],
+                          cache_index=(i, cache.index), cache_kv_pos=cache_kv_pos)
+            return (layers.constrain_activation(x, HIDDEN_AXES), kv), None
+        (x, (k, v)), _ = layers.scan_layers(self.layers, body, (x_btd, (cache.k, cache.v)),
+                                            jnp.arange(self.config.num_hidden_layers),
+                                            remat=self.remat)
         new_cache = KVCache(k, v, cache_kv_pos, cache.index + x_btd.shape[1])
         return self.norm(x), new_cache
 
