@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
                    async_checkpoints=True, max_nonfinite_steps=5, export=True)
 
     c.sft = dict(train_vision_tower=False)
+    # Text-only multiple-choice drills before an SFT from scratch (lvr_jax.sft.option_drills):
+    # what a pretrained LLM already knows. 0 steps: none (a VILA/Qwen2 init needs none).
+    c.drills = dict(steps=0, batch_size=64, lr=1e-3)
 
     c.rl = dict(
         num_generations=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048,

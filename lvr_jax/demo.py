@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo", help="data, checkpoints, plots")
     parser.add_argument("--videos", type=int, default=2000, help="synthetic videos to generate")
+    parser.add_argument("--drill_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--sft_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--grpo_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N only")
@@ -70,6 +71,8 @@ def main(argv=None) -> dict:
     results, eval_dir = {}, os.path.join(args.workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     sft = stage_config("sft", data, args.sft_steps)
+    if args.drill_steps is not None:
+        sft.drills.steps = args.drill_steps
     train.run(sft, os.path.join(args.workdir, "sft"))
     results["after SFT"] = evaluate_stage(sft, os.path.join(args.workdir, "sft"), eval_dir,
                                           args.eval_limit)

@@ -32,6 +32,7 @@ from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.checkpoint import logical_axes
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
+from lvr_jax.sft import option_drills
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 from lvr_jax.training import NonFiniteGuard
 from rollout_bridge.client import RolloutServerUnavailable
@@ -239,8 +240,21 @@ class Run:
                             tokenizer=self.tokenizer)
 
 
+def drilled_init(config, workdir: str) -> str:
+    """The preset model after `drills.steps` option drills, exported once to
+    `workdir/drills/model` (an SFT stage from scratch starts there)."""
+    out = os.path.join(workdir, "drills", "model")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        tokenizer, model = build_model(config)
+        trained, _ = option_drills.train_drills(config, model, tokenizer)
+        save_pretrained(trained, out, tokenizer=tokenizer)
+    return out
+
+
 def run(config, workdir: str) -> dict:
     """Trains one stage in `workdir`; returns the last step's metrics."""
+    if config.stage == "sft" and config.drills.steps and not config.model.init:
+        config.model.init = drilled_init(config, workdir)
     return Run(config, workdir).run()
 
 

@@ -22,7 +22,8 @@ README = (ROOT / "README.md").read_text()
 # Extra arguments that shorten a command (argparse and absl keep the last value given).
 SHORTEN = {
     "lvr_jax.data.synthetic": "--num_videos 3 --frames 16 --size 32",
-    "lvr_jax.train --config=configs/demo.py:sft": "--config.train.num_steps=2",
+    "lvr_jax.train --config=configs/demo.py:sft": "--config.train.num_steps=2 "
+        "--config.drills.steps=2",
     "lvr_jax.train --config=configs/demo.py:grpo": "--config.train.num_steps=1 "
         "--config.data.batch_size=2 --config.rl.max_new_tokens=8",
     "lvr_jax.eval": "--limit=2 --config.eval.max_new_tokens=8",

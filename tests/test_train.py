@@ -25,7 +25,7 @@ def train_command(workdir, data, steps):
                  f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=1",
                  "--config.model.llm.hidden_size=64", "--config.model.llm.num_hidden_layers=2",
                  "--config.model.llm.intermediate_size=128", "--config.data.num_frames=8",
-                 "--config.data.batch_size=4"]
+                 "--config.data.batch_size=4", "--config.drills.steps=0"]
     return [sys.executable, "-m", "lvr_jax.train", "--config=configs/demo.py:sft",
             f"--workdir={workdir}", *overrides]
 

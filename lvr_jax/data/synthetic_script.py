@@ -180,3 +180,29 @@ QUESTION_MAKERS = (temporal_question, goal_question, plot_question, spatial_ques
 def make_questions(script: dict, rng: np.random.Generator) -> list[dict[str, Any]]:
     """One question per category, each with options, answer letter and a chain of thought."""
     return [make(script, rng) for make in QUESTION_MAKERS]
+
+
+def _option_texts(rng: np.random.Generator) -> list[str]:
+    """Four distinct options of one of the kinds the questions use."""
+    kind = rng.integers(3)
+    if kind == 2:
+        return [f"The {c} corner" for c in rng.permutation(list(CORNERS))]
+    names = set()
+    while len(names) < 4:
+        names.add(f"{rng.choice(list(COLOURS))} {rng.choice(SHAPES)}")
+    return [_cap(n) + (" touched it" if kind == 1 else "") for n in names]
+
+
+def option_drill(rng: np.random.Generator) -> dict[str, Any]:
+    """A text-only question: which letter does the named option carry?
+
+    The demo model learns to read multiple-choice options from these before the video
+    questions (what a pretrained LLM already knows): finding the letter of an option it
+    has named is a two-hop lookup that a from-scratch model does not pick up from one
+    answer letter per video question.
+    """
+    texts = _option_texts(rng)
+    correct = texts[0]
+    options, letter = _multiple_choice(rng, correct, texts[1:])
+    return {"question": f"Which option says {_uncap(correct)}?", "options": options,
+            "answer": letter, "reasoning": f"So the answer is {_uncap(correct)}, option {letter}."}

@@ -65,6 +65,15 @@ def encode_prompt(tokenizer: Tokenizer, question: str, think: bool = True) -> np
     return ids
 
 
+def encode_text_sft(tokenizer: Tokenizer, question: str, target: str):
+    """(input_ids, loss_mask) of a text-only exchange (no video, no instruction): the
+    demo's option drills."""
+    prompt = tokenizer.encode(f"{IM_START}user\nQuestion: {question}{IM_END}\n{IM_START}assistant\n")
+    target_ids = tokenizer.encode(target + IM_END)
+    return (np.asarray(prompt + target_ids, np.int32),
+            np.asarray([0] * len(prompt) + [1] * len(target_ids), np.int32))
+
+
 def encode_sft(tokenizer: Tokenizer, question: str, target: str) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, loss_mask) int32 [L]: prompt then target + <|im_end|>; mask 1 on the target."""
     prompt = encode_prompt(tokenizer, question)

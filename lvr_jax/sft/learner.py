@@ -56,6 +56,14 @@ def sft_loss(model: LongVILA, batch: dict, hidden_fn):
     return loss, {"target_tokens": count}
 
 
+def text_loss(model: LongVILA, batch: dict):
+    """Next-token loss on the `loss_mask` tokens of text-only sequences (no video)."""
+    ids, mask = batch["input_ids"], batch["loss_mask"].astype(jnp.float32)
+    logits = model.llm(ids, valid=batch["token_mask"])
+    loss, count = token_cross_entropy(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    return loss, {"target_tokens": count}
+
+
 def trainable_filter(config):
     """LLM and projector train; the vision tower only if `sft.train_vision_tower`."""
     return training.param_filter(["llm", "mm_projector"] +

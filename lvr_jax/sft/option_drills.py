@@ -1,0 +1,67 @@
+"""Text-only multiple-choice drills: the demo's stand-in for a pretrained LLM.
+
+LongVILA-R1 starts from Qwen2, which already reads "A. ... B. ..." option lists. The
+demo's LLM starts from random weights; taught only by video questions (one answer letter
+per question), it learns to name the right object but not to find that object's letter:
+in "D. The blue circle" the letter comes before the words it labels, a two-hop lookup.
+A few minutes of short drills ("Which option says the blue circle?") in large batches
+teach it before CoT-SFT on the videos.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from lvr_jax import training
+from lvr_jax.data.batching import pad_sequences
+from lvr_jax.data.synthetic_script import option_drill
+from lvr_jax.data.templates import encode_text_sft, format_question, sft_target
+from lvr_jax.sft.learner import text_loss
+from lvr_jax.tokenizer import Tokenizer
+
+
+def drill_batch(tokenizer: Tokenizer, rng: np.random.Generator, size: int) -> dict:
+    """`size` drills right-padded to a multiple of 16 (few shapes to compile):
+    input_ids, loss_mask, token_mask."""
+    pairs = []
+    for _ in range(size):
+        d = option_drill(rng)
+        target = sft_target(f"<think>{d['reasoning']}</think><answer>{d['answer']}</answer>")
+        pairs.append(encode_text_sft(tokenizer, format_question(d["question"], d["options"]),
+                                     target))
+    length = -(-max(len(ids) for ids, _ in pairs) // 16) * 16
+    ids = pad_sequences([p[0] for p in pairs], length, tokenizer.pad_id, "right")
+    mask = pad_sequences([p[1] for p in pairs], length, 0, "right")
+    valid = pad_sequences([np.ones_like(p[0]) for p in pairs], length, 0, "right")
+    return {"input_ids": ids, "loss_mask": mask, "token_mask": valid}
+
+
+def drill_optimizer(config):
+    """AdamW at `drills.lr` after a short warm-up, otherwise the recipe's optimizer."""
+    optim = ml_collections.ConfigDict(config.optim.to_dict())
+    optim.update(lr=config.drills.lr, schedule="constant", warmup_steps=20, weight_decay=0.0)
+    return training.make_optimizer(optim)
+
+
+def train_drills(config, model, tokenizer: Tokenizer):
+    """`drills.steps` steps of the LLM on fresh drills -> (trained model, loss per step)."""
+    tx = drill_optimizer(config)
+    state = training.TrainState.create(model, training.param_filter(["llm"]), tx)
+    update = jax.jit(functools.partial(training.guarded_update, tx, text_loss),
+                     static_argnames="graphdef", donate_argnums=(0, 2))
+    rng, losses = np.random.default_rng(config.seed), []
+    with tqdm(range(config.drills.steps), desc="option drills") as bar:
+        for _ in bar:
+            batch = drill_batch(tokenizer, rng, config.drills.batch_size)
+            state.trainable, state.opt_state, metrics = update(
+                state.trainable, state.frozen, state.opt_state, graphdef=state.graphdef,
+                batch=batch)
+            losses.append(float(metrics["loss"]))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return state.model(), losses
+
