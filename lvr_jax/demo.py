@@ -3,7 +3,8 @@
     python -m lvr_jax.demo --workdir runs/demo
 
 1. generates the synthetic event-video set (train / test splits with disjoint videos);
-2. CoT-SFT from scratch (`configs/demo.py:sft`), then evaluates on the test questions;
+2. text-only option drills, then CoT-SFT (`configs/demo.py:sft`), then evaluates on the
+   test questions;
 3. GRPO from the SFT model (`configs/demo.py:grpo`), then evaluates again;
 4. writes `results.json`, `accuracy.png` and the learning curves of both stages.
 Each stage resumes from its checkpoints if the demo is interrupted and run again.
