@@ -68,7 +68,8 @@ def encode_prompt(tokenizer: Tokenizer, question: str, think: bool = True) -> np
 def encode_text_sft(tokenizer: Tokenizer, question: str, target: str):
     """(input_ids, loss_mask) of a text-only exchange (no video, no instruction): the
     demo's option drills."""
-    prompt = tokenizer.encode(f"{IM_START}user\nQuestion: {question}{IM_END}\n{IM_START}assistant\n")
+    prompt = tokenizer.encode(f"{IM_START}user\nQuestion: {question}{IM_END}\n"
+                              f"{IM_START}assistant\n")
     target_ids = tokenizer.encode(target + IM_END)
     return (np.asarray(prompt + target_ids, np.int32),
             np.asarray([0] * len(prompt) + [1] * len(target_ids), np.int32))
