@@ -18,27 +18,29 @@ import numpy as np
 from tqdm import tqdm
 
 from lvr_jax import training
-from lvr_jax.data.batching import pad_sequences
+from lvr_jax.data.batching import PadBatch
 from lvr_jax.data.synthetic_script import option_drill
 from lvr_jax.data.templates import encode_text_sft, format_question, sft_target
 from lvr_jax.sft.learner import text_loss
 from lvr_jax.tokenizer import Tokenizer
 
 
+# Drills are 40-90 tokens: buckets of 16 keep the shapes to compile few.
+DRILL_BUCKETS = tuple(range(16, 257, 16))
+
+
 def drill_batch(tokenizer: Tokenizer, rng: np.random.Generator, size: int) -> dict:
-    """`size` drills right-padded to a multiple of 16 (few shapes to compile):
-    input_ids, loss_mask, token_mask."""
-    pairs = []
+    """`size` fresh drills, right-padded to a bucket: input_ids, loss_mask, token_mask."""
+    examples = []
     for _ in range(size):
         d = option_drill(rng)
         target = sft_target(f"<think>{d['reasoning']}</think><answer>{d['answer']}</answer>")
-        pairs.append(encode_text_sft(tokenizer, format_question(d["question"], d["options"]),
-                                     target))
-    length = -(-max(len(ids) for ids, _ in pairs) // 16) * 16
-    ids = pad_sequences([p[0] for p in pairs], length, tokenizer.pad_id, "right")
-    mask = pad_sequences([p[1] for p in pairs], length, 0, "right")
-    valid = pad_sequences([np.ones_like(p[0]) for p in pairs], length, 0, "right")
-    return {"input_ids": ids, "loss_mask": mask, "token_mask": valid}
+        ids, mask = encode_text_sft(tokenizer, format_question(d["question"], d["options"]),
+                                    target)
+        examples.append({"input_ids": ids, "loss_mask": mask})
+    pad = PadBatch({"input_ids": tokenizer.pad_id, "loss_mask": 0}, "token_mask",
+                   DRILL_BUCKETS, "right")
+    return pad(examples)
 
 
 def drill_optimizer(config):
