@@ -207,7 +207,7 @@ class GRPOLearner:
         embeds, valid = self._embed(model, jnp.asarray(batch["prompt_ids"]), video,
                                     jnp.asarray(batch["prompt_mask"]).astype(bool))
         start = time.perf_counter()
-        gen = self.rollout_engine(model, embeds, valid, self.sampling(), rng)
+        gen = jax.block_until_ready(self.rollout_engine(model, embeds, valid, self.sampling(), rng))
         seconds = time.perf_counter() - start
         lengths = np.asarray(gen.lengths)
         texts = response_texts(self.tokenizer, gen, self.stop_ids)
