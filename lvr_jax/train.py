@@ -246,7 +246,7 @@ def drilled_init(config, workdir: str) -> str:
     out = os.path.join(workdir, "drills", "model")
     if not os.path.exists(os.path.join(out, "config.json")):
         tokenizer, model = build_model(config)
-        trained, _ = option_drills.train_drills(config, model, tokenizer)
+        trained = option_drills.train_drills(config, model, tokenizer)
         save_pretrained(trained, out, tokenizer=tokenizer)
     return out
 

@@ -31,8 +31,8 @@ def test_entrypoint_answers_help(module):
 def test_demo_runs_end_to_end(tmp_path):
     """The README's main command, shortened: data, SFT, evaluation, GRPO, evaluation, plots."""
     out = subprocess.run([sys.executable, "-m", "lvr_jax.demo", "--workdir", str(tmp_path),
-                          "--videos", "12", "--drill_steps", "2", "--sft_steps", "3", "--grpo_steps", "2",
-                          "--eval_limit", "4"],
+                          "--videos", "12", "--drill_steps", "2", "--sft_steps", "3",
+                          "--grpo_steps", "2", "--eval_limit", "4"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "after GRPO" in out.stdout and "chance is 25%" in out.stdout

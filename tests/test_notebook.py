@@ -12,8 +12,8 @@ NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 def shortened(notebook, workdir) -> None:
     """Overrides the parameters cell's values, the way papermill injects them."""
     [index] = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
-    overrides = (f"WORKDIR = {str(workdir)!r}\nVIDEOS = 12\nDRILL_STEPS = 2\nSFT_STEPS = 3\nGRPO_STEPS = 2\n"
-                 "EVAL_LIMIT = 4")
+    overrides = (f"WORKDIR = {str(workdir)!r}\nVIDEOS = 12\nDRILL_STEPS = 2\nSFT_STEPS = 3\n"
+                 "GRPO_STEPS = 2\nEVAL_LIMIT = 4")
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
 
 

@@ -70,14 +70,15 @@ def encode_text_sft(tokenizer: Tokenizer, question: str, target: str):
     demo's option drills."""
     prompt = tokenizer.encode(f"{IM_START}user\nQuestion: {question}{IM_END}\n"
                               f"{IM_START}assistant\n")
-    target_ids = tokenizer.encode(target + IM_END)
-    return (np.asarray(prompt + target_ids, np.int32),
-            np.asarray([0] * len(prompt) + [1] * len(target_ids), np.int32))
+    return _with_target(tokenizer, np.asarray(prompt, np.int32), target)
 
 
 def encode_sft(tokenizer: Tokenizer, question: str, target: str) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, loss_mask) int32 [L]: prompt then target + <|im_end|>; mask 1 on the target."""
-    prompt = encode_prompt(tokenizer, question)
+    return _with_target(tokenizer, encode_prompt(tokenizer, question), target)
+
+
+def _with_target(tokenizer: Tokenizer, prompt: np.ndarray, target: str):
     target_ids = np.asarray(tokenizer.encode(target + IM_END), dtype=np.int32)
     input_ids = np.concatenate([prompt, target_ids])
     loss_mask = np.concatenate([np.zeros_like(prompt), np.ones_like(target_ids)])

@@ -51,19 +51,17 @@ def drill_optimizer(config):
 
 
 def train_drills(config, model, tokenizer: Tokenizer):
-    """`drills.steps` steps of the LLM on fresh drills -> (trained model, loss per step)."""
+    """`drills.steps` steps of the LLM on fresh drills -> the trained model."""
     tx = drill_optimizer(config)
     state = training.TrainState.create(model, training.param_filter(["llm"]), tx)
     update = jax.jit(functools.partial(training.guarded_update, tx, text_loss),
                      static_argnames="graphdef", donate_argnums=(0, 2))
-    rng, losses = np.random.default_rng(config.seed), []
+    rng = np.random.default_rng(config.seed)
     with tqdm(range(config.drills.steps), desc="option drills") as bar:
         for _ in bar:
             batch = drill_batch(tokenizer, rng, config.drills.batch_size)
             state.trainable, state.opt_state, metrics = update(
                 state.trainable, state.frozen, state.opt_state, graphdef=state.graphdef,
                 batch=batch)
-            losses.append(float(metrics["loss"]))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return state.model(), losses
-
+            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    return state.model()

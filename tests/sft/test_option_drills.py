@@ -1,4 +1,5 @@
-"""Option drills: well-formed text-only questions, and an SFT from scratch that starts after them."""
+"""Option drills: well-formed text-only questions, and an SFT from scratch that starts
+after them."""
 
 import os
 
@@ -19,7 +20,8 @@ def test_drills_ask_for_the_letter_of_the_named_option_and_train_only_the_answer
         options = dict(line.split(". ", 1) for line in question.split("\n")
                        if line[:2] in {f"{x}." for x in LETTERS})
         letter = next(k for k, v in options.items() if v.lower() == named.lower())
-        assert target.startswith("<think>") and target.endswith(f"<answer>{letter}</answer><|im_end|>")
+        assert target.startswith("<think>")
+        assert target.endswith(f"<answer>{letter}</answer><|im_end|>")
         assert f"{named}, option {letter}." in target
         assert mask.sum() < valid.sum() and not mask[:5].any()
 
