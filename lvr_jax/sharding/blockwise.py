@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-NEG = -1e30  # finite "minus infinity": keeps exp() and max() free of NaNs
+from lvr_jax.model.layers import NEG_LOGIT as NEG
 
 
 def chunks(x, block: int):
