@@ -159,8 +159,9 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, q_pos_bt=None, kv_pos_bs=None)
     (the demo LLM's attention forward was 2.5x slower on CPU).
     """
     b, t, h, d = q_bthd.shape
-    s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
-    q = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    kv_heads = k_bskd.shape[2]
+    group = h // kv_heads
+    q = q_bthd.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b, kv_heads, -1, d)  # [B, KVH, G*T, D]
     k, v = jnp.swapaxes(k_bskd, 1, 2), jnp.swapaxes(v_bskd, 1, 2)  # [B, KVH, S, D]
     q = q * jnp.asarray(d ** -0.5, q.dtype)  # scaled here, the smaller operand
@@ -168,9 +169,9 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, q_pos_bt=None, kv_pos_bs=None)
     if q_pos_bt is not None:
         allowed = kv_pos_bs[:, None, :] <= q_pos_bt[:, :, None]  # [B, T, S]
         bias = jnp.where(allowed, 0.0, NEG_LOGIT)[:, None]
-        logits = logits + jnp.tile(bias, (1, 1, h // kv_heads, 1))  # [B, 1, G*T, S]
+        logits = logits + jnp.tile(bias, (1, 1, group, 1))  # [B, 1, G*T, S]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv_heads, -1, t, d)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv_heads, group, t, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
