@@ -83,3 +83,34 @@ def kl_penalty(logp, ref_logp, kind: str = "k3"):
         x = jnp.clip(ref_logp - logp, -20.0, 20.0)
         return jnp.clip(jnp.exp(x) - x - 1.0, -10.0, 10.0)
     raise ValueError(f"KL estimator {kind!r} is not one of 'k1', 'k2', 'k3'")
+
+
+def group_stats(scores, correct, group_size: int) -> dict:
+    """What a rollout batch offers the update, from scores [N] and answer correctness [N].
+
+    mixed_groups: share of groups whose G scores are not all equal (only those carry a
+    gradient); pass_at_g: share with at least one correct answer; reward_std: mean
+    within-group standard deviation of the scores.
+    """
+    groups = jnp.asarray(scores, jnp.float32).reshape(-1, group_size)
+    hits = jnp.asarray(correct, jnp.float32).reshape(-1, group_size)
+    spread = jnp.max(groups, axis=1) - jnp.min(groups, axis=1)
+    return {"mixed_groups": jnp.mean(spread > 0), "pass_at_g": jnp.mean(jnp.max(hits, axis=1) > 0),
+            "reward_std": jnp.mean(jnp.std(groups, axis=1))}
+
+
+def update_alignment(old_logp, new_logp, advantages, mask) -> dict:
+    """How an update moved the sampled responses: the mean per-token change of log-prob of
+    positive-advantage responses, of negative ones, and their difference (> 0 when the
+    update went the way the advantages ask)."""
+    m = mask.astype(jnp.float32)
+    per_seq = jnp.sum((new_logp - old_logp) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    counted = jnp.sum(m, axis=1) > 0
+
+    def mean_where(selected):
+        chosen = (selected & counted).astype(jnp.float32)
+        return jnp.sum(per_seq * chosen) / jnp.maximum(jnp.sum(chosen), 1.0)
+
+    positive, negative = mean_where(advantages > 0), mean_where(advantages < 0)
+    return {"logp_shift_pos": positive, "logp_shift_neg": negative,
+            "update_alignment": positive - negative}

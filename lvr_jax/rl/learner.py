@@ -216,6 +216,7 @@ class GRPOLearner:
         scores = parts["score"]
         advantages = np.asarray(grpo.group_advantages(jnp.asarray(scores), g,
                                                       scale_by_std=self.rl.scale_by_std))
+        groups = {k: float(v) for k, v in grpo.group_stats(scores, parts["accuracy"], g).items()}
         varied = scores.reshape(-1, g).std(axis=1) > 0
         keep = np.repeat(varied if self.rl.dynamic_sampling else np.ones_like(varied), g)
         response_mask = (np.arange(gen.tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
@@ -230,10 +231,17 @@ class GRPOLearner:
                          prompt_mask=np.asarray(batch["prompt_mask"]).astype(bool))
         metrics = {"reward": scores.mean(), "accuracy": parts["accuracy"].mean(),
                    "format": parts["format"].mean(), "response_length": lengths.mean(),
-                   "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0,
+                   "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0, **groups,
                    "tokens_per_second": lengths.sum() / seconds,
                    "cache_hit_rate": self.encoder.cache.stats.hit_rate}
         return train, {**metrics, "sample": texts[0]}
+
+    def sequence_logprobs(self, trainable, train: dict) -> jax.Array:
+        """Log-probs [N, M] of every sampled response under the LLM weights `trainable`."""
+        s = self.state  # under rl.reencode_video each call encodes the videos again
+        batch = {"tokens": train["tokens"], "response_mask": train["response_mask"],
+                 **self._prompts_of(train, train["prompt_index"])}
+        return self._logprobs(trainable, s.frozen, graphdef=s.graphdef, batch=batch)
 
     def add_logprobs(self, train: dict) -> tuple[dict, dict]:
         """Old-policy and reference log-probs, computed once per rollout batch.
@@ -241,20 +249,12 @@ class GRPOLearner:
         Also measures how far the rollout engine's log-probs are from the training
         forward's (a mismatch that grows means the engine and trainer disagree).
         """
-        s = self.state
-
-        def prompts():  # called per forward: under rl.reencode_video each one encodes again
-            return {"tokens": train["tokens"], "response_mask": train["response_mask"],
-                    **self._prompts_of(train, train["prompt_index"])}
-
-        train["old_logp"] = self._logprobs(s.trainable, s.frozen, graphdef=s.graphdef,
-                                           batch=prompts())
+        train["old_logp"] = self.sequence_logprobs(self.state.trainable, train)
         mask = train["response_mask"]
         gap = jnp.abs(train["old_logp"] - train["rollout_logp"])
         mismatch = float(jnp.sum(gap * mask) / jnp.maximum(jnp.sum(mask), 1.0))
         if self.loss_cfg.kl_coef > 0:
-            train["ref_logp"] = self._logprobs(self.reference, s.frozen, graphdef=s.graphdef,
-                                               batch=prompts())
+            train["ref_logp"] = self.sequence_logprobs(self.reference, train)
         else:
             train["ref_logp"] = train["old_logp"]
         return train, {"logprob_mismatch": mismatch}
@@ -277,7 +277,18 @@ class GRPOLearner:
                     s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=mini)
                 history.append(m)
         s.step += 1
-        return {k: np.mean([np.asarray(m[k]) for m in history]) for k in history[0]}
+        metrics = {k: np.mean([np.asarray(m[k]) for m in history]) for k in history[0]}
+        if self.rl.measure_update:
+            metrics.update(self.measure_update(train))
+        return metrics
+
+    def measure_update(self, train: dict) -> dict:
+        """One more forward after the updates: did the responses with positive advantage
+        gain log-prob and those with negative advantage lose it? (`grpo.update_alignment`)"""
+        new_logp = self.sequence_logprobs(self.state.trainable, train)
+        shift = grpo.update_alignment(train["old_logp"], new_logp, train["advantages"],
+                                      train["loss_mask"])
+        return {k: float(v) for k, v in shift.items()}
 
     def step(self, batch: dict) -> dict:
         rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)

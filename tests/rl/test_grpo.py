@@ -123,3 +123,24 @@ def test_token_mean_equals_trl_and_seq_mean_equals_grpo_normalisation(x64):
     np.testing.assert_allclose(
         float(grpo.aggregate(jnp.asarray(terms), jnp.asarray(mask), "seq-mean-token-mean")),
         ((terms * mask).sum(-1) / mask.sum(-1)).mean(), rtol=1e-12)
+
+
+def test_group_stats_count_mixed_groups_pass_at_g_and_spread():
+    # Three groups of G = 4: mixed with one right answer, all wrong, all right.
+    scores = [1.0, 0.1, 0.1, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 1.0, 1.0]
+    correct = [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    stats = grpo.group_stats(np.array(scores), np.array(correct), 4)
+    assert float(stats["mixed_groups"]) == pytest.approx(1 / 3)
+    assert float(stats["pass_at_g"]) == pytest.approx(2 / 3)
+    first = np.array(scores[:4])  # the only group with a spread; np.std is the population std
+    assert float(stats["reward_std"]) == pytest.approx(np.std(first) / 3)
+
+
+def test_update_alignment_is_the_positive_minus_the_negative_log_prob_shift():
+    old = jnp.zeros((3, 4))
+    new = jnp.array([[0.2, 0.4, 9.0, 9.0], [-0.1, -0.3, 9.0, 9.0], [5.0, 5.0, 5.0, 5.0]])
+    mask = jnp.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])  # masked tokens ignored
+    shift = grpo.update_alignment(old, new, jnp.array([1.0, -1.0, 0.0]), mask)
+    assert float(shift["logp_shift_pos"]) == pytest.approx(0.3)
+    assert float(shift["logp_shift_neg"]) == pytest.approx(-0.2)
+    assert float(shift["update_alignment"]) == pytest.approx(0.5)

@@ -47,8 +47,8 @@ def test_reencoding_learner_matches_the_cached_one_and_bypasses_the_cache(tiny_t
     prompts, g = len(batch["video_key"]), config.rl.num_generations
     sequences = prompts * g
     # Rollout: once per prompt (G samples share the prefill); then once per sequence for the
-    # old-policy, reference and (one epoch of) update forwards.
-    assert fresh_calls == prompts + 3 * sequences
+    # old-policy, reference, (one epoch of) update and update-measuring forwards.
+    assert fresh_calls == prompts + 4 * sequences
     stats = fresh.encoder.cache.stats
     assert stats.hits == stats.disk_hits == stats.misses == 0 and not fresh.encoder.cache.entries
     assert cached_calls == len(set(batch["video_key"]))
