@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
         kl_coef=1e-2, kl_kind="k3", format_weight=0.1, scale_by_std=True,
         dynamic_sampling=False, overlong_buffer=0,  # 0: no overlong shaping
         freeze_embeddings=True,
+        # One more forward per step to log how the update moved the sampled responses
+        # (logp_shift_pos / logp_shift_neg / update_alignment); its cost is one log-prob pass.
+        measure_update=True,
         reencode_video=False,  # True: the reference's baseline for benchmarks, no embedding cache
         # backend "jax": the embedded sampler; "server": rollout_bridge servers at `urls`
         # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
@@ -63,7 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.cache = dict(budget_mb=4096, disk_dir="")  # disk_dir: persist embeddings across runs
 
-    c.eval = dict(records="", every=0, max_new_tokens=256, batch_size=8)
+    # records: the test questions of `python -m lvr_jax.eval`. Every `every` training steps
+    # (0: never) the run also logs val_accuracy on the first `val_size` of `val_records`.
+    c.eval = dict(records="", every=0, val_records="", val_size=200, max_new_tokens=256,
+                  batch_size=8)
     return ml_collections.ConfigDict(c)
 
 

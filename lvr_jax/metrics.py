@@ -52,13 +52,17 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curves(path: str, keys: Sequence[str], out_png: str, title: str) -> str:
-    """One panel per metric against step; later rows of a resumed step replace earlier ones."""
+    """One panel per metric against step, four to a row; later rows of a resumed step replace
+    earlier ones."""
     rows = {r["step"]: r for r in read_metrics(path)}
     steps = sorted(rows)
     keys = [k for k in keys if any(k in rows[s] for s in steps)]
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.2),
-                             squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    cols = min(max(len(keys), 1), 4)
+    nrows = -(-max(len(keys), 1) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
         points = [(s, rows[s][key]) for s in steps if key in rows[s] and math.isfinite(rows[s][key])]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_title(key)

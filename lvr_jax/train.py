@@ -28,6 +28,8 @@ from lvr_jax import training
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
+from lvr_jax.data.schema import load_eval_records
+from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.checkpoint import logical_axes
 from lvr_jax.sharding import mesh as mesh_lib
@@ -39,8 +41,10 @@ from rollout_bridge.client import RolloutServerUnavailable
 
 log = logging.getLogger("lvr_jax.train")
 
-CURVES = {"sft": ("loss", "grad_norm", "cache_hit_rate"),
-          "grpo": ("reward", "accuracy", "format", "kl", "response_length", "entropy")}
+CURVES = {"sft": ("loss", "grad_norm", "cache_hit_rate", "val_accuracy"),
+          "grpo": ("val_accuracy", "reward", "accuracy", "pass_at_g", "mixed_groups",
+                   "reward_std", "update_alignment", "kl", "entropy", "clip_fraction",
+                   "response_length", "logprob_mismatch")}
 
 
 def preset_config(config, tokenizer=None):
@@ -172,6 +176,7 @@ class Run:
                                  config.train.keep_checkpoints, config.train.async_checkpoints)
         self.writer = metrics_lib.MetricsWriter(workdir, config.stage)
         self.guard = NonFiniteGuard(config.train.max_nonfinite_steps)
+        self.validation = Validation(config, model, self.tokenizer) if config.eval.every else None
 
     def train_state(self) -> dict:
         s = self.learner.state
@@ -204,6 +209,8 @@ class Run:
     def run(self) -> dict:
         self.resume()
         train = self.config.train
+        if self.validation and self.learner.state.step == 0:  # where the curve starts
+            self.writer.write(0, self.validation(self.learner.state.model()))
         bar = tqdm(total=train.num_steps, initial=self.learner.state.step, desc=self.config.stage)
         last = {}
         while self.learner.state.step < train.num_steps:
@@ -215,6 +222,8 @@ class Run:
                 raise SystemExit(f"{e}; stopped with a checkpoint in {self.workdir}/checkpoints;"
                                  " restart the server and rerun to resume") from e
             step = self.learner.state.step
+            if self.validation and (step % self.config.eval.every == 0 or step == train.num_steps):
+                last.update(self.validation(self.learner.state.model()))
             self.writer.write(step, last)
             bar.set_postfix(metrics_lib.short_summary(last))
             bar.update(1)
@@ -238,6 +247,23 @@ class Run:
         if self.config.train.export:
             save_pretrained(self.learner.state.model(), os.path.join(self.workdir, "model"),
                             tokenizer=self.tokenizer)
+
+
+class Validation:
+    """Greedy accuracy on a fixed slice of validation questions, every `eval.every` steps:
+    the first `eval.val_size` records of `eval.val_records` (else of `eval.records`)."""
+
+    def __init__(self, config, model: LongVILA, tokenizer):
+        e = config.eval
+        self.records = load_eval_records(e.val_records or e.records)[:e.val_size or None]
+        self.data = dataclasses.replace(data_config(config, model), batch_size=e.batch_size)
+        self.tokenizer, self.max_new_tokens = tokenizer, e.max_new_tokens
+        self.cache = EmbeddingCache(config.cache.budget_mb << 20)
+
+    def __call__(self, model: LongVILA) -> dict:
+        result = evaluate(model, self.tokenizer, self.data, self.max_new_tokens, cache=self.cache,
+                          progress=False, records=self.records)
+        return {"val_accuracy": result.accuracy, "val_unparseable": result.unparseable}
 
 
 def drilled_init(config, workdir: str) -> str:
