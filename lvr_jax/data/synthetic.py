@@ -5,6 +5,8 @@
 writes DIR/videos/*.mp4, DIR/scripts/*.json (each video's event script, the ground truth),
 DIR/{train,val,test}.jsonl in the LongVideo-Reason training format (answers are
 `<think>...</think><answer>X</answer>`) and DIR/test_eval.jsonl in the evaluation format.
+train.jsonl is also written in two parts, sft.jsonl (a third of its videos) and rl.jsonl
+(the other two thirds): the paper trains SFT and RL on different questions.
 Splits hold disjoint videos. Everything is a function of the seed.
 """
 
@@ -82,13 +84,17 @@ def generate(out: str, num_videos: int, frames: int = 64, size: int = 96, fps: i
     if size % 2:
         raise ValueError(f"--size must be even (H.264 with 4:2:0 chroma), got {size}")
     os.makedirs(os.path.join(out, "scripts"), exist_ok=True)
-    rows = {split: [] for split in (*SPLITS, "test_eval")}
-    split_by_video = {i: s for s, ids in split_of_videos(num_videos, seed).items() for i in ids}
+    rows = {split: [] for split in (*SPLITS, "sft", "rl", "test_eval")}
+    splits = split_of_videos(num_videos, seed)
+    split_by_video = {i: s for s, ids in splits.items() for i in ids}
+    sft_videos = set(splits["train"][::3])
     for index in tqdm(range(num_videos), desc="synthetic videos", disable=not progress):
         name, _, questions = make_video(out, index, frames, size, fps, seed)
         split = split_by_video[index]
         for number, question in enumerate(questions):
             rows[split].append(train_row(name, question, number))
+            if split == "train":
+                rows["sft" if index in sft_videos else "rl"].append(rows["train"][-1])
             if split == "test":
                 rows["test_eval"].append(eval_row(name, question, number, frames / fps))
     for split, split_rows in rows.items():
