@@ -158,6 +158,9 @@ def _ensure_flags_parsed() -> None:
 def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenizer,
            batch_fn: PadBatch, drop_remainder: bool,
            on_epoch_end: Callable[[EpochReport], None] | None) -> grain.IterDataset:
+    if drop_remainder and len(records) < config.batch_size:  # else no batch, ever
+        raise ValueError(f"{config.records}: {len(records)} records, fewer than one batch "
+                         f"(data.batch_size={config.batch_size})")
     ds = _records_dataset(records, config).map(_MakeExample(kind, config, tokenizer))
     ds = ds.to_iter_dataset()
     if config.num_workers > 0:

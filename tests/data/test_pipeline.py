@@ -160,6 +160,14 @@ def test_rl_batch_left_pads_prompts_and_keeps_the_ground_truth(synthetic_dir, to
         assert tokenizer.decode(ids[mask == 1]) == templates.chat_prompt(record.problem)
 
 
+def test_a_record_file_smaller_than_one_batch_is_refused(synthetic_dir, tokenizer):
+    # With drop_remainder every epoch would end before its first batch: a run that never ends.
+    path = os.path.join(synthetic_dir, "val.jsonl")
+    config = _config(path, synthetic_dir, batch_size=64, drop_remainder=True)
+    with pytest.raises(ValueError, match=r"val\.jsonl: \d records, fewer than one batch"):
+        rl_dataset(config, tokenizer)
+
+
 def test_eval_reads_every_record_once_in_file_order(synthetic_dir, tokenizer):
     config = _config(os.path.join(synthetic_dir, "test_eval.jsonl"), synthetic_dir, num_frames=4,
                      batch_size=3, drop_remainder=True, num_epochs=None)
