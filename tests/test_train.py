@@ -106,3 +106,25 @@ def test_grpo_rollout_logprobs_match_the_training_forward_and_only_the_llm_moves
     assert not any(v for k, v in moved.items() if "vision_tower" in k or "mm_projector" in k)
     assert not moved["['llm']['embed_tokens'].value"]
     assert any(v for k, v in moved.items() if "['llm']['layers']" in k)
+
+
+def test_grpo_logs_heldout_accuracy_every_eval_every_steps(tmp_path, tiny_train_config,
+                                                           synthetic_set):
+    from lvr_jax.data.schema import load_eval_records
+    from lvr_jax.eval.evaluate import evaluate
+    from lvr_jax.model import load_pretrained
+
+    config = tiny_train_config("grpo", 3)
+    config.eval.update(every=2, val_size=6, max_new_tokens=24, batch_size=4)
+    train.run(config, str(tmp_path / "run"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "grpo_metrics.jsonl")]
+    logged = {r["step"]: r["val_accuracy"] for r in rows if "val_accuracy" in r}
+    assert sorted(logged) == [0, 2, 3]  # before training, every 2 steps, and the last step
+    assert "update_alignment" in rows[-1] and "mixed_groups" in rows[-1]
+    # The last figure is the exported model's greedy accuracy on the first 6 val questions.
+    model = load_pretrained(str(tmp_path / "run" / "model"))
+    tokenizer, _ = train.build_model(config)
+    records = load_eval_records(os.path.join(synthetic_set, "val.jsonl"))[:6]
+    result = evaluate(model, tokenizer, train.data_config(config, model), 24, progress=False,
+                      records=records)
+    assert logged[3] == pytest.approx(result.accuracy)
