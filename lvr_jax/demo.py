@@ -2,12 +2,21 @@
 
     python -m lvr_jax.demo --workdir runs/demo
 
-1. generates the synthetic event-video set (train / test splits with disjoint videos);
-2. text-only option drills, then CoT-SFT (`configs/demo.py:sft`), then evaluates on the
-   test questions;
+1. generates the synthetic event-video set (train / validation / test splits with disjoint
+   videos; the training videos split again, a third for SFT and two thirds for GRPO);
+2. CoT-SFT (`configs/demo.py:sft`), then evaluates on the test questions;
 3. GRPO from the SFT model (`configs/demo.py:grpo`), then evaluates again;
-4. writes `results.json`, `accuracy.png` and the learning curves of both stages.
+4. writes `results.json`, `accuracy.png`, `heldout_during_grpo.png` (accuracy on a fixed
+   slice of validation questions against the GRPO step) and the learning curves of both
+   stages.
 Each stage resumes from its checkpoints if the demo is interrupted and run again.
+
+    python -m lvr_jax.demo --seed 1 --workdir runs/demo_seed1      # another training seed
+    python -m lvr_jax.demo --summarize runs/demo runs/demo_seed1 runs/demo_seed2
+
+`--seed` changes the model's initialisation, the data order and the sampling; the synthetic
+set (and so the test questions) is the same for every seed. `--summarize` prints the mean and
+spread of several finished runs and draws their held-out curves in one plot.
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ import pathlib
 
 from absl import logging as absl_logging
 
+import numpy as np
+
 from lvr_jax import train
 from lvr_jax.data import synthetic
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.eval import report, runner
+from lvr_jax.metrics import read_metrics
 
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -32,22 +44,33 @@ CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo", help="data, checkpoints, plots")
-    parser.add_argument("--videos", type=int, default=2000, help="synthetic videos to generate")
+    parser.add_argument("--videos", type=int, default=3000, help="synthetic videos to generate")
     parser.add_argument("--drill_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--sft_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--grpo_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N only")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed: initialisation, data order, sampling")
+    parser.add_argument("--summarize", nargs="+", metavar="WORKDIR",
+                        help="finished demo workdirs (one per seed): print mean and spread, "
+                             "plot their held-out curves; trains nothing")
     return parser.parse_args(argv)
 
 
-def stage_config(stage: str, data: str, steps: int | None = None):
+def stage_config(stage: str, data: str, steps: int | None = None, seed: int = 0):
     """configs/demo.py for a stage, reading the synthetic set in `data`."""
     spec = importlib.util.spec_from_file_location("demo_config", CONFIG_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(stage)
-    config.data.update(records=os.path.join(data, "train.jsonl"), video_root=data)
-    config.eval.records = os.path.join(data, "test_eval.jsonl")
+
+    def moved(path: str) -> str:  # the recipe's record file, in `data`
+        return os.path.join(data, os.path.basename(path))
+
+    config.data.update(records=moved(config.data.records), video_root=data)
+    config.eval.update(records=moved(config.eval.records),
+                       val_records=moved(config.eval.val_records))
+    config.seed = seed
     if steps is not None:
         config.train.num_steps = steps
     return config
@@ -62,8 +85,36 @@ def evaluate_stage(config, workdir: str, out_dir: str, limit: int) -> dict:
     return row
 
 
+def heldout_curve(workdir: str) -> list[tuple[int, float]]:
+    """(GRPO step, validation accuracy) of a demo run, step 0 being the SFT model."""
+    rows = read_metrics(os.path.join(workdir, "grpo", "grpo_metrics.jsonl"))
+    return sorted({r["step"]: r["val_accuracy"] for r in rows if "val_accuracy" in r}.items())
+
+
+def summarize(workdirs: list[str], out_png: str) -> dict:
+    """Mean and spread of the test accuracy after SFT, after GRPO and of the gain."""
+    runs = {}
+    for workdir in workdirs:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+        sft, grpo = results["after SFT"]["accuracy"], results["after GRPO"]["accuracy"]
+        runs[workdir] = {"after SFT": sft, "after GRPO": grpo, "gain": grpo - sft}
+    print(f"{'run':<28} {'after SFT':>10} {'after GRPO':>11} {'gain':>7}")
+    for workdir, r in runs.items():
+        print(f"{workdir:<28} {r['after SFT']:>10.1%} {r['after GRPO']:>11.1%} {r['gain']:>+7.1%}")
+    stats = {k: (float(np.mean([r[k] for r in runs.values()])),
+                 float(np.std([r[k] for r in runs.values()])))
+             for k in ("after SFT", "after GRPO", "gain")}
+    print(f"{'mean ± std':<28} " + " ".join(f"{m:>8.1%} ±{s:.1%}" for m, s in stats.values()))
+    report.plot_heldout_curves({w: heldout_curve(w) for w in workdirs}, out_png)
+    print(f"held-out accuracy during GRPO: {out_png}")
+    return {"runs": runs, "mean_std": stats}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, os.path.join(args.summarize[0], "seeds_heldout.png"))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)
     data = os.path.join(args.workdir, "data")
@@ -71,13 +122,13 @@ def main(argv=None) -> dict:
         synthetic.generate(data, num_videos=args.videos, frames=64, size=96)
     results, eval_dir = {}, os.path.join(args.workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    sft = stage_config("sft", data, args.sft_steps)
+    sft = stage_config("sft", data, args.sft_steps, args.seed)
     if args.drill_steps is not None:
         sft.drills.steps = args.drill_steps
     train.run(sft, os.path.join(args.workdir, "sft"))
     results["after SFT"] = evaluate_stage(sft, os.path.join(args.workdir, "sft"), eval_dir,
                                           args.eval_limit)
-    grpo = stage_config("grpo", data, args.grpo_steps)
+    grpo = stage_config("grpo", data, args.grpo_steps, args.seed)
     grpo.model.init = os.path.join(args.workdir, "sft", "model")
     train.run(grpo, os.path.join(args.workdir, "grpo"))
     results["after GRPO"] = evaluate_stage(grpo, os.path.join(args.workdir, "grpo"), eval_dir,
@@ -86,6 +137,8 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     report.plot_categories(results, os.path.join(args.workdir, "accuracy.png"))
+    report.plot_heldout_curves({f"seed {args.seed}": heldout_curve(args.workdir)},
+                               os.path.join(args.workdir, "heldout_during_grpo.png"))
     print(f"\n{'stage':<12} {'accuracy':>9} {'unparseable':>12}  per category")
     for stage, r in results.items():
         cats = ", ".join(f"{k} {v:.0%}" for k, v in r["per_category"].items())

@@ -1,5 +1,6 @@
 """Every `python -m` entrypoint answers --help, and the README's demo runs."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -31,11 +32,19 @@ def test_entrypoint_answers_help(module):
 def test_demo_runs_end_to_end(tmp_path):
     """The README's main command, shortened: data, SFT, evaluation, GRPO, evaluation, plots."""
     out = subprocess.run([sys.executable, "-m", "lvr_jax.demo", "--workdir", str(tmp_path),
-                          "--videos", "12", "--drill_steps", "2", "--sft_steps", "3",
-                          "--grpo_steps", "2", "--eval_limit", "4"],
+                          "--videos", "20", "--drill_steps", "2", "--sft_steps", "3",
+                          "--grpo_steps", "2", "--eval_limit", "4", "--seed", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "after GRPO" in out.stdout and "chance is 25%" in out.stdout
     for produced in ("results.json", "accuracy.png", "sft/sft_curves.png", "grpo/grpo_curves.png",
-                     "grpo/model/llm/model.safetensors"):
+                     "heldout_during_grpo.png", "grpo/model/llm/model.safetensors"):
         assert (tmp_path / produced).exists(), produced
+    # --summarize over finished runs (the same one twice: no spread)
+    summary = subprocess.run([sys.executable, "-m", "lvr_jax.demo", "--summarize", str(tmp_path),
+                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    after_sft = results["after SFT"]["accuracy"]
+    assert f"{after_sft:>8.1%} ±0.0%" in summary.stdout, summary.stdout
+    assert (tmp_path / "seeds_heldout.png").exists()

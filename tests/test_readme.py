@@ -45,6 +45,8 @@ SHORTEN = {
 ELSEWHERE = {
     "scripts/setup.sh && .venv/bin/python -m lvr_jax.demo":
         "tests/test_entrypoints.py::test_demo_runs_end_to_end",
+    "lvr_jax.demo --seed": "tests/test_entrypoints.py::test_demo_runs_end_to_end",
+    "lvr_jax.demo --summarize": "tests/test_entrypoints.py::test_demo_runs_end_to_end",
     "scripts/setup.sh && .venv/bin/python -m pytest": ".ci/run",
     "lvr_jax.datagen": "tests/datagen/test_vllm_e2e.py::test_structured_replies_from_vllm_become",
     "rollout_bridge.server": "tests/rollout_bridge/test_server.py::test_greedy_generation_matches",

@@ -70,10 +70,6 @@ def _add_paths(by_role: dict[str, dict], beats: dict[str, Any]) -> None:
     leaver["vanish"] = beats["gone"]
 
 
-def _seconds(script: dict, frame: int) -> str:
-    return f"{frame / script['fps']:.1f} s"
-
-
 # Every question offers the same four options in the same order: four of the six colours,
 # or the four corners. The letter of an answer is then fixed by what the model saw, as in a
 # benchmark whose options are categories; with options shuffled per question a from-scratch

@@ -134,3 +134,21 @@ def write_comparison(out_dir: str, rows: Sequence[dict]) -> None:
         json.dump(list(rows), f, indent=1)
     if len({r["num_frames"] for r in rows}) > 1:
         plot_accuracy_vs_frames(rows, os.path.join(out_dir, "accuracy_vs_frames.png"))
+
+
+def plot_heldout_curves(curves: dict[str, Sequence[tuple[int, float]]], out_png: str,
+                        title: str = "held-out accuracy during GRPO") -> None:
+    """Held-out accuracy against the training step, one line per run (seed), chance marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker=".", label=label)
+    ax.axhline(CHANCE, color="gray", linestyle="--", label="chance")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
