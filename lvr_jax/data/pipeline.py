@@ -1,9 +1,13 @@
 """grain pipelines for SFT, RL and evaluation: records -> (worker processes) frames + tokens -> batches.
 
     records -> shuffle(seed, per epoch) -> shard -> repeat -> tag epoch -> make example
-            -> mp_prefetch(num_workers)      # decoding happens in worker processes
+            -> read threads + read-ahead     # decoding: read_threads at once, read_buffer ahead
+            -> mp_prefetch(num_workers)      # ... in each of num_workers processes
             -> skip stage                    # bad videos: skip and count, or stop with the error
             -> batch (pad to length buckets)
+
+Host memory is bounded by configuration: at most `DataConfig.examples_in_flight` decoded
+examples exist at once (each `num_frames * frame_size**2 * 3` bytes), whatever the consumer does.
 
 Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-able dicts, or
 orbax through grain's checkpoint handler) restore a run at exactly the next record.
@@ -25,7 +29,7 @@ from lvr_jax.data.batching import PadBatch, default_buckets
 from lvr_jax.data.frame_cache import FrameCache
 from lvr_jax.data.schema import EvalRecord, TrainRecord, load_eval_records, load_train_records
 from lvr_jax.data.skipping import EpochReport, SkipBadRecords
-from lvr_jax.data.video import BACKENDS, BadVideoError, read_frames
+from lvr_jax.data.video import BACKENDS, DEFAULT_MAX_PIXELS, BadVideoError, read_frames
 from lvr_jax.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "EpochReport", "sft_dataset", "rl_dataset", "eval_dataset"]
@@ -50,8 +54,11 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = 1  # None: repeat forever
     drop_remainder: bool = True
+    max_video_pixels: int = DEFAULT_MAX_PIXELS  # per frame; larger videos are skipped (0: any)
     num_workers: int = 2  # decoding processes; 0 decodes in the calling process
-    worker_buffer_size: int = 2
+    worker_buffer_size: int = 2  # examples each worker process holds ready
+    read_threads: int = 0  # videos decoded at once per process; 0: sized from the batch
+    read_buffer: int = 0  # examples read ahead per process; 0: its share of one batch
     shard_index: int = 0  # this host's share of the data
     shard_count: int = 1
     think: bool = True  # evaluation prompts: ask for reasoning, or for the letter alone
@@ -67,6 +74,25 @@ class DataConfig:
     @property
     def buckets(self) -> tuple[int, ...]:
         return tuple(self.length_buckets) or default_buckets(self.max_length)
+
+    @property
+    def read_options(self) -> grain.ReadOptions:
+        """grain's read threads and read-ahead (its defaults, 16 and 500, are unbounded in practice)."""
+        threads = self.read_threads or (1 if self.num_workers else min(4, self.batch_size))
+        share = -(-self.batch_size // max(1, self.num_workers))
+        return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.read_buffer or share)
+
+    @property
+    def examples_in_flight(self) -> int:
+        """The most decoded examples the pipeline holds: read-ahead and decoding in every
+        process, each worker's buffer, and the batch being assembled."""
+        options, processes = self.read_options, max(1, self.num_workers)
+        reading = processes * (options.num_threads + options.prefetch_buffer_size)
+        return reading + self.num_workers * self.worker_buffer_size + self.batch_size
+
+    @property
+    def example_bytes(self) -> int:
+        return self.num_frames * self.frame_size ** 2 * 3
 
 
 def _skip(reason: str, message: str, epoch: int, error: BadVideoError | None = None) -> dict:
@@ -114,7 +140,8 @@ class _MakeExample:
     def _frames(self, record):
         config = self.config
         return read_frames(os.path.join(config.video_root, record.video), config.num_frames,
-                           config.frame_size, config.video_backend, self._cache)
+                           config.frame_size, config.video_backend, self._cache,
+                           config.max_video_pixels)
 
     def _tokens(self, record) -> dict[str, np.ndarray]:
         if self.kind == "sft":
@@ -162,13 +189,15 @@ def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenize
         raise ValueError(f"{config.records}: {len(records)} records, fewer than one batch "
                          f"(data.batch_size={config.batch_size})")
     ds = _records_dataset(records, config).map(_MakeExample(kind, config, tokenizer))
-    ds = ds.to_iter_dataset()
+    ds = ds.to_iter_dataset(config.read_options)
     if config.num_workers > 0:
         _ensure_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=config.num_workers,
                                                per_worker_buffer_size=config.worker_buffer_size)
         ds = ds.mp_prefetch(options)
-    ds = SkipBadRecords(ds, on_bad_video=config.on_bad_video, on_epoch_end=on_epoch_end)
+    source = f"{config.records or 'the records'} (video_root {config.video_root or '.'!r})"
+    ds = SkipBadRecords(ds, on_bad_video=config.on_bad_video, on_epoch_end=on_epoch_end,
+                        source=source)
     return ds.batch(config.batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
 
 

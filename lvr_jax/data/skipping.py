@@ -3,7 +3,8 @@
 Workers return a marker (`_skip`, `_message`) in place of a record they cannot use; this stage
 runs in the main process, so its counts are exact whatever the number of workers. The counts
 live in the iterator state, so a restored run reports the same totals. At the end of each epoch
-an `EpochReport` is logged and handed to `on_epoch_end`.
+an `EpochReport` is logged and handed to `on_epoch_end`. An epoch in which every record was
+skipped stops the run with `NoUsableRecordsError` (else it would read forever and never step).
 """
 
 from __future__ import annotations
@@ -41,16 +42,29 @@ class EpochReport:
         return f"{head} ({reasons}):\n  " + "\n  ".join(self.messages)
 
 
+class NoUsableRecordsError(RuntimeError):
+    """Every record of an epoch was skipped: the message names the source and the first reasons."""
+
+
+def _no_usable_records(report: EpochReport, source: str) -> NoUsableRecordsError:
+    reasons = "\n  ".join(report.messages[:5])
+    return NoUsableRecordsError(
+        f"epoch {report.epoch} of {source} yielded no usable record: all {report.records} were "
+        f"skipped. Check data.records and data.video_root. First reasons:\n  {reasons}")
+
+
 class SkipBadRecords(grain.IterDataset):
     """Drops skip markers (counting them) or raises BadVideoError when on_bad_video='error'."""
 
     def __init__(self, parent: grain.IterDataset, on_bad_video: str = "skip",
-                 on_epoch_end: Callable[[EpochReport], None] | None = None):
+                 on_epoch_end: Callable[[EpochReport], None] | None = None,
+                 source: str = "the records"):
         super().__init__(parent)
-        self.on_bad_video, self.on_epoch_end = on_bad_video, on_epoch_end
+        self.on_bad_video, self.on_epoch_end, self.source = on_bad_video, on_epoch_end, source
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _SkipIterator(self._parent.__iter__(), self.on_bad_video, self.on_epoch_end)
+        return _SkipIterator(self._parent.__iter__(), self.on_bad_video, self.on_epoch_end,
+                             self.source)
 
     def __str__(self) -> str:
         return f"SkipBadRecords(on_bad_video={self.on_bad_video!r})"
@@ -64,9 +78,9 @@ class _SkipIterator(grain.DatasetIterator):
     """Counts per epoch; reports an epoch when the next one starts or the data ends."""
 
     def __init__(self, parent: grain.DatasetIterator, on_bad_video: str,
-                 on_epoch_end: Callable[[EpochReport], None] | None):
+                 on_epoch_end: Callable[[EpochReport], None] | None, source: str):
         super().__init__(parent)
-        self._on_bad_video, self._on_epoch_end = on_bad_video, on_epoch_end
+        self._on_bad_video, self._on_epoch_end, self._source = on_bad_video, on_epoch_end, source
         self._tally = _fresh_tally(0)
 
     def __next__(self):
@@ -105,6 +119,8 @@ class _SkipIterator(grain.DatasetIterator):
         log.log(logging.WARNING if report.num_skipped else logging.INFO, "%s", report)
         if self._on_epoch_end is not None:
             self._on_epoch_end(report)
+        if report.num_skipped == report.records:
+            raise _no_usable_records(report, self._source)
 
     def get_state(self) -> dict[str, Any]:
         tally = {**self._tally, "skipped": dict(self._tally["skipped"]),

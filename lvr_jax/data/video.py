@@ -3,6 +3,10 @@
 Frames leave this module as uint8 `[F, S, S, 3]` (small to pass between processes);
 `normalize_frames` is the one place that turns them into the vision tower's float input.
 Every failure is a `BadVideoError` whose message names the file and says what is wrong.
+
+Memory: a video larger than `max_pixels` per frame is refused before decoding, and one larger
+than twice the tower's resolution is scaled by the decoder itself (to `2 * size`, then
+bicubic to `size`), so no frame is held at native resolution.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from lvr_jax.data.frame_cache import FrameCache
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "decord", "pyav")
-_CHUNK = 16  # frames decoded at native resolution at once, to bound memory
+_CHUNK = 16  # frames decoded at once, to bound memory
+DEFAULT_MAX_PIXELS = 4096 * 2160  # per frame: DCI 4K; larger videos are refused
 
 
 class BadVideoError(RuntimeError):
@@ -92,6 +97,31 @@ def check_file(path: str) -> None:
         raise BadVideoError(path, "is empty (0 bytes)")
 
 
+def probe_dimensions(path: str) -> tuple[int, int] | None:
+    """(width, height) from the container header, or None when PyAV cannot read it."""
+    try:
+        with av.open(path) as container:
+            context = container.streams.video[0].codec_context
+            return int(context.width), int(context.height)
+    except Exception:  # the decoders name what is wrong with the file
+        return None
+
+
+def check_pixels(path: str, dimensions: tuple[int, int] | None, max_pixels: int) -> None:
+    """Raises BadVideoError for frames above the pixel budget (0: no budget)."""
+    if max_pixels and dimensions and dimensions[0] * dimensions[1] > max_pixels:
+        width, height = dimensions
+        raise BadVideoError(path, f"is {width}x{height}, {width * height} pixels per frame, above "
+                                  f"the budget of {max_pixels} (data.max_video_pixels)")
+
+
+def decode_size(dimensions: tuple[int, int] | None, size: int) -> tuple[int, int] | None:
+    """The (width, height) the decoder scales to: None (native) unless a side exceeds 2 * size."""
+    if dimensions is None or max(dimensions) <= 2 * size:
+        return None
+    return 2 * size, 2 * size
+
+
 def _check_count(path: str, total_frames: int, num_frames: int) -> None:
     if total_frames <= 0:
         raise BadVideoError(path, "has 0 decodable frames")
@@ -106,12 +136,17 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}"
 
 
-def read_decord(path: str, num_frames: int, size: int) -> VideoFrames:
-    """Reads uniformly sampled frames with decord (raises ImportError when it is missing)."""
+def read_decord(path: str, num_frames: int, size: int,
+                scaled: tuple[int, int] | None = None) -> VideoFrames:
+    """Reads uniformly sampled frames with decord (raises ImportError when it is missing).
+
+    `scaled` (width, height): decord scales each frame while decoding.
+    """
     import decord  # optional dependency: no wheels on some platforms
 
+    width, height = scaled or (-1, -1)
     try:
-        reader = decord.VideoReader(path, num_threads=1)
+        reader = decord.VideoReader(path, num_threads=1, width=width, height=height)
         total = len(reader)
         _check_count(path, total, num_frames)
         indices = sample_indices(total, num_frames)
@@ -133,8 +168,10 @@ def _count_frames_pyav(path: str) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def _decode_wanted_pyav(path: str, indices: np.ndarray, total: int) -> list[np.ndarray]:
-    """Decodes frames in order and keeps those at `indices` (repeats allowed)."""
+def _decode_wanted_pyav(path: str, indices: np.ndarray, total: int,
+                        scaled: tuple[int, int] | None) -> list[np.ndarray]:
+    """Decodes frames in order and keeps those at `indices` (repeats allowed), scaled if asked."""
+    width, height = scaled or (None, None)
     wanted = np.bincount(indices, minlength=total)
     kept, decoded = [], 0
     with av.open(path) as container:
@@ -142,7 +179,8 @@ def _decode_wanted_pyav(path: str, indices: np.ndarray, total: int) -> list[np.n
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
             if decoded < total and wanted[decoded]:
-                kept.extend([frame.to_ndarray(format="rgb24")] * int(wanted[decoded]))
+                image = frame.to_ndarray(format="rgb24", width=width, height=height)
+                kept.extend([image] * int(wanted[decoded]))
             decoded += 1
             if len(kept) == len(indices):
                 break
@@ -152,13 +190,14 @@ def _decode_wanted_pyav(path: str, indices: np.ndarray, total: int) -> list[np.n
     return kept
 
 
-def read_pyav(path: str, num_frames: int, size: int) -> VideoFrames:
+def read_pyav(path: str, num_frames: int, size: int,
+              scaled: tuple[int, int] | None = None) -> VideoFrames:
     """Reads uniformly sampled frames with PyAV by decoding in order (slower, but robust)."""
     try:
         total = _count_frames_pyav(path)
         _check_count(path, total, num_frames)
         indices = sample_indices(total, num_frames)
-        kept = _decode_wanted_pyav(path, indices, total)
+        kept = _decode_wanted_pyav(path, indices, total, scaled)
     except BadVideoError:
         raise
     except IndexError as error:
@@ -170,29 +209,34 @@ def read_pyav(path: str, num_frames: int, size: int) -> VideoFrames:
     return VideoFrames(frames, indices, total, "pyav")
 
 
-def _decode_auto(path: str, num_frames: int, size: int) -> VideoFrames:
+def _decode_auto(path: str, num_frames: int, size: int,
+                 scaled: tuple[int, int] | None = None) -> VideoFrames:
     """decord when installed and able; PyAV otherwise, with both reasons when both fail."""
     try:
-        return read_decord(path, num_frames, size)
+        return read_decord(path, num_frames, size, scaled)
     except ImportError:
-        return read_pyav(path, num_frames, size)
+        return read_pyav(path, num_frames, size, scaled)
     except BadVideoError as decord_error:
         if "fewer than" in decord_error.reason:
             raise
         log.info("decord failed on %r (%s); trying PyAV", path, decord_error.reason)
         try:
-            return read_pyav(path, num_frames, size)
+            return read_pyav(path, num_frames, size, scaled)
         except BadVideoError as pyav_error:
             raise BadVideoError(path, f"{decord_error.reason}; PyAV: {pyav_error.reason}") from None
 
 
-_READERS: dict[str, Callable[[str, int, int], VideoFrames]] = {
+_READERS: dict[str, Callable[..., VideoFrames]] = {
     "auto": _decode_auto, "decord": read_decord, "pyav": read_pyav}
 
 
 def read_frames(path: str, num_frames: int, size: int, backend: str = "auto",
-                cache: FrameCache | None = None) -> VideoFrames:
-    """Uniformly sampled frames `[num_frames, size, size, 3]` uint8, through the cache when given."""
+                cache: FrameCache | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoFrames:
+    """Uniformly sampled frames `[num_frames, size, size, 3]` uint8, through the cache when given.
+
+    A video above `max_pixels` per frame (0: no budget) raises BadVideoError before decoding.
+    """
     if backend not in _READERS:
         raise ValueError(f"video backend {backend!r} is not one of {BACKENDS}")
     check_file(path)
@@ -202,7 +246,9 @@ def read_frames(path: str, num_frames: int, size: int, backend: str = "auto",
         if hit is not None:
             frames, indices, total = hit
             return VideoFrames(frames, indices, total, "cache")
-    video = _READERS[backend](path, num_frames, size)
+    dimensions = probe_dimensions(path)
+    check_pixels(path, dimensions, max_pixels)
+    video = _READERS[backend](path, num_frames, size, decode_size(dimensions, size))
     if cache is not None:
         cache.put(key, video.frames, video.indices, video.total_frames)
     return video

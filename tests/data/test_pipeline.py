@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from lvr_jax.data import templates
 from lvr_jax.data.frame_cache import FrameCache
 from lvr_jax.data.pipeline import DataConfig, eval_dataset, rl_dataset, sft_dataset
 from lvr_jax.data.schema import load_train_records
+from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.data.video import BadVideoError
-from tests.data.conftest import BAD_VIDEOS, train_row, write_jsonl
+from tests.data.conftest import BAD_VIDEOS, train_row, write_faststart_mp4, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -218,3 +220,81 @@ def test_config_rejects_unknown_policies():
         DataConfig(on_bad_video="ignore")
     with pytest.raises(ValueError, match="video_backend"):
         DataConfig(video_backend="opencv")
+
+
+def test_a_run_whose_records_are_all_bad_stops_naming_file_and_root(tmp_path, video_dir,
+                                                                     tokenizer):
+    records = write_jsonl(str(tmp_path / "t.jsonl"), [train_row("good.mp4")] * 4)
+    wrong_root = os.path.join(video_dir, "one_too_deep")
+    config = _config(records, wrong_root, num_epochs=None)  # forever: must not spin
+    with pytest.raises(NoUsableRecordsError) as error:
+        _run(sft_dataset(config, tokenizer))
+    message = str(error.value)
+    assert "epoch 0" in message and records in message and wrong_root in message
+    assert "all 4 were skipped" in message and "does not exist" in message
+
+
+def test_read_ahead_is_bounded_by_the_config(tmp_path, video_dir, tokenizer, monkeypatch):
+    from lvr_jax.data import pipeline
+
+    decoded = []
+    real_read = pipeline.read_frames
+    monkeypatch.setattr(pipeline, "read_frames",
+                        lambda *args: decoded.append(args[0]) or real_read(*args))
+    records = write_jsonl(str(tmp_path / "t.jsonl"), [train_row("good.mp4")] * 40)
+    config = _config(records, video_dir, num_epochs=None, batch_size=2)
+    iterator = iter(sft_dataset(config, tokenizer))
+    next(iterator)
+    time.sleep(2.0)  # a consumer that stops: the pipeline must not keep decoding
+    iterator.close()
+    assert 2 <= len(decoded) <= config.examples_in_flight == 2 + 2 + 2
+
+
+def test_memory_bound_scales_with_workers_and_batch():
+    config = DataConfig(batch_size=8, num_workers=4, worker_buffer_size=2, num_frames=256,
+                        frame_size=448)
+    assert (config.read_options.num_threads, config.read_options.prefetch_buffer_size) == (1, 2)
+    assert config.examples_in_flight == 4 * (1 + 2) + 4 * 2 + 8
+    assert config.example_bytes == 256 * 448 * 448 * 3
+    explicit = dataclasses.replace(config, read_threads=3, read_buffer=5)
+    assert explicit.examples_in_flight == 4 * (3 + 5) + 4 * 2 + 8
+
+
+@pytest.fixture(scope="module")
+def huge_video_set(tmp_path_factory, video_dir) -> str:
+    """Seven good records and, at line 4, one 4096 x 4096 video of 16 frames."""
+    root = tmp_path_factory.mktemp("huge")
+    frames = np.zeros((16, 4096, 4096, 3), np.uint8)
+    for i in range(16):
+        frames[i] = 13 * i
+    write_faststart_mp4(str(root / "huge.mp4"), frames)
+    os.symlink(os.path.join(video_dir, "good.mp4"), root / "good.mp4")
+    rows = [train_row(video) for video in ["good.mp4"] * 3 + ["huge.mp4"] + ["good.mp4"] * 4]
+    return write_jsonl(str(root / "t.jsonl"), rows)
+
+
+def _read_in_a_fresh_process(config: DataConfig, tmp_path) -> dict:
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    out = subprocess.run([sys.executable, "-m", "tests.data.read_under_memory",
+                          str(tmp_path / "config.json")], cwd=REPO, check=True, timeout=300,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("max_video_pixels", [4096 * 2160, 0])
+def test_a_4096_pixel_video_is_read_under_a_memory_cap(huge_video_set, tmp_path, tokenizer,
+                                                       max_video_pixels):
+    """Over the pixel budget it is skipped and counted; without a budget the decoder scales it
+    (native-resolution decoding peaked at 2.2 GB here)."""
+    config = _config(huge_video_set, os.path.dirname(huge_video_set), frame_size=448,
+                     shuffle=False, max_video_pixels=max_video_pixels)
+    out = _read_in_a_fresh_process(config, tmp_path)
+    assert out["peak_rss_mb"] < 1000
+    good = [f"line {k} of t.jsonl" for k in (1, 2, 3, 5, 6, 7, 8)]
+    if max_video_pixels:
+        assert out["kept"] == good and out["skipped"] == [{"bad_video": 1}]
+        (message,) = out["messages"][0]
+        assert "huge.mp4' is 4096x4096" in message and "data.max_video_pixels" in message
+    else:
+        assert sorted(out["kept"]) == sorted(good + ["line 4 of t.jsonl"])
+        assert out["frame_shapes"] == [[16, 448, 448, 3]]
