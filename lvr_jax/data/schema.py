@@ -28,6 +28,7 @@ _CATEGORY_ALIASES = {
 log = logging.getLogger(__name__)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPTION_LINE = re.compile(r"^\s*\(?([A-D])[.)]\s*(.+?)\s*$")
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 class RecordError(ValueError):
@@ -188,40 +189,72 @@ def parse_eval_record(row: Any, origin: str) -> EvalRecord:
 def read_rows(path: str) -> Iterator[tuple[str, Any]]:
     """Yields (origin, row) from a .jsonl, .json (a list) or .parquet file.
 
-    A JSONL line that is not JSON is yielded as a RecordError in place of the row."""
+    A JSONL line that is not UTF-8 JSON is yielded as a RecordError in place of the row;
+    a file without a single row is a RecordError."""
     name = os.path.basename(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"record file {path!r} does not exist")
-    if path.endswith(".jsonl"):
-        yield from _read_jsonl(path, name)
-    elif path.endswith(".json"):
-        yield from _read_json(path, name)
-    elif path.endswith(".parquet"):
-        yield from _read_parquet(path, name)
-    else:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    reader = readers.get(os.path.splitext(path)[1])
+    if reader is None:
         raise RecordError(f"{path!r}: unknown record format; use .jsonl, .json or .parquet")
+    rows = 0
+    for rows, origin_and_row in enumerate(reader(path, name), start=1):
+        yield origin_and_row
+    if rows == 0:
+        raise RecordError(f"record file {path!r} holds no records; write at least one, or "
+                          "leave the file out")
+
+
+def _not_utf8(where: str, data: bytes, error: UnicodeDecodeError) -> RecordError:
+    byte = data[error.start:error.start + 1]
+    return RecordError(f"{where}: byte {byte!r} is not UTF-8; record files must be UTF-8 "
+                       "(re-save the file as UTF-8)")
+
+
+def _decode_line(raw: bytes, number: int, origin: str) -> str | RecordError:
+    """One JSONL line as text; a UTF-8 byte order mark is allowed on the first line."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        return _not_utf8(f"{origin}, column {error.start + 1}", raw, error)
 
 
 def _read_jsonl(path: str, name: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # decoded line by line, so an undecodable byte names its line
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(_UTF16_BOMS):
+                raise RecordError(f"{name} is UTF-16; record files must be UTF-8 (re-save "
+                                  "the file as UTF-8)")
             origin = f"line {number} of {name}"
-            try:
-                yield origin, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield origin, RecordError(f"{origin}: not valid JSON ({error.msg} at column "
-                                          f"{error.colno}); fix or remove the line")
+            line = _decode_line(raw, number, origin)
+            if isinstance(line, RecordError):
+                yield origin, line
+            elif line.strip():
+                yield origin, _parse_json_line(line, origin)
+
+
+def _parse_json_line(line: str, origin: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        return RecordError(f"{origin}: not valid JSON ({error.msg} at column {error.colno}); "
+                           "fix or remove the line")
 
 
 def _read_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as error:
-            raise RecordError(f"{name}: not valid JSON ({error.msg} at line {error.lineno}, "
-                              f"column {error.colno})")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise _not_utf8(f"line {line} of {name}", data, error) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{name}: not valid JSON ({error.msg} at line {error.lineno}, "
+                          f"column {error.colno})") from None
     if not isinstance(rows, list):
         raise RecordError(f"{name}: expected a JSON list of records, got {type(rows).__name__}")
     for number, row in enumerate(rows):
@@ -239,7 +272,8 @@ def _load(paths: str | Sequence[str], parse, on_bad_record: str) -> list:
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     records, skipped = [], []
-    for path in [paths] if isinstance(paths, str) else paths:
+    path_list = [paths] if isinstance(paths, str) else list(paths)
+    for path in path_list:
         for origin, row in read_rows(path):
             try:
                 if isinstance(row, RecordError):
@@ -249,6 +283,10 @@ def _load(paths: str | Sequence[str], parse, on_bad_record: str) -> list:
                 if on_bad_record == "error":
                     raise
                 skipped.append(str(error))
+    if skipped and not records:
+        raise RecordError(f"no valid records in {', '.join(map(repr, path_list))}: all "
+                          f"{len(skipped)} were bad (on_bad_record='skip'); the first: "
+                          f"{skipped[0]}")
     if skipped:
         log.warning(
             "skipped %d bad records (on_bad_record='skip'):\n  %s", len(skipped),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from lvr_jax.model import config as cfg_lib
@@ -167,20 +167,14 @@ class SafetensorsDir:
     def __init__(self, directory: str, component: str):
         self.directory = directory
         index_path = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
-        if not files:
-            raise CheckpointError(f"no .safetensors files in {directory!r}")
+        files = _safetensors_files(directory, index_path)
         self.entries: dict[str, tuple[str, tuple]] = {}  # canonical name -> (file, shape)
         self.stored_names: dict[str, str] = {}  # canonical name -> name in the file
         for name in files:
             path = os.path.join(directory, name)
             if not os.path.exists(path):
                 raise CheckpointError(f"{index_path!r} lists {name!r}, which does not exist")
-            with safe_open(path, framework="numpy") as f:
+            with _open_safetensors(path) as f:
                 for key in f.keys():
                     canonical = canonical_name(component, key)
                     self.entries[canonical] = (path, tuple(f.get_slice(key).get_shape()))
@@ -189,8 +183,32 @@ class SafetensorsDir:
     def read(self, name: str) -> np.ndarray:
         # Opened per tensor so the mapping is released at once: file pages touched while
         # loading never accumulate in this process's resident memory.
-        with safe_open(self.entries[name][0], framework="numpy") as f:
+        with _open_safetensors(self.entries[name][0]) as f:
             return f.get_tensor(self.stored_names[name])
+
+
+def _safetensors_files(directory: str, index_path: str) -> list[str]:
+    """The weight files of a component folder: those its index lists, else every one there."""
+    if not os.path.exists(index_path):
+        files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    else:
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"field 'weight_map' of {index_path!r} is missing or not an "
+                                  "object mapping tensor names to files")
+        files = sorted(set(weight_map.values()))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {directory!r}")
+    return files
+
+
+def _open_safetensors(path: str):
+    """`safe_open` of one file; a truncated or corrupt file is a CheckpointError naming it."""
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as error:
+        raise CheckpointError(f"{path!r} is not a readable safetensors file ({error}); it is "
+                              "probably truncated or corrupt: download or copy it again") from None
 
 
 def _check(specs: list[TensorSpec], dirs: dict[str, SafetensorsDir]) -> None:
@@ -266,11 +284,17 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Opti
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from `path`; a missing, undecodable or non-object file names the file."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path!r} is missing; a VILA checkpoint directory needs it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:  # the message holds the place
+        raise CheckpointError(f"{path!r} is not valid UTF-8 JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path!r} holds a JSON {type(value).__name__}; expected an object")
+    return value
 
 
 def _token_ids(path: str, top: dict) -> dict:
@@ -299,11 +323,24 @@ def read_config(path: str) -> LongVILAConfig:
     if projector_type not in cfg_lib.PROJECTOR_TYPES:
         raise CheckpointError(f"field 'mm_projector_type' of {proj_path!r} is {projector_type!r}; "
                               f"supported: {', '.join(cfg_lib.PROJECTOR_TYPES)}")
-    llm = cfg_lib.qwen2_from_hf(_read_json(os.path.join(path, "llm", "config.json")))
-    vision = cfg_lib.siglip_from_hf(_read_json(os.path.join(path, "vision_tower", "config.json")),
-                                    select_layer=top.get("mm_vision_select_layer", -2))
+    select_layer = top.get("mm_vision_select_layer", -2)
+    if not isinstance(select_layer, int) or isinstance(select_layer, bool):
+        raise CheckpointError(f"field 'mm_vision_select_layer' of {top_path!r} is "
+                              f"{select_layer!r}; it must be an integer (VILA uses -2)")
+    llm = _component_config(path, "llm", cfg_lib.qwen2_from_hf)
+    vision = _component_config(path, "vision_tower", functools.partial(
+        cfg_lib.siglip_from_hf, select_layer=select_layer))
     return LongVILAConfig(vision=vision, llm=llm, projector_type=projector_type,
                           **_token_ids(path, top))
+
+
+def _component_config(path: str, component: str, from_hf: Callable):
+    """A component's config.json read by `from_hf`; a bad field is a CheckpointError."""
+    config_path = os.path.join(path, component, "config.json")
+    try:
+        return from_hf(_read_json(config_path), source=repr(config_path))
+    except cfg_lib.HFConfigError as error:
+        raise CheckpointError(str(error)) from None
 
 
 # ---- writing --------------------------------------------------------------------------------

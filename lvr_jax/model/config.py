@@ -119,16 +119,56 @@ PRESETS = {"longvila_r1_7b": longvila_r1_7b, "tiny": tiny}
 
 _QWEN2_FIELDS = [f.name for f in dataclasses.fields(Qwen2Config)]
 _SIGLIP_FIELDS = [f.name for f in dataclasses.fields(SiglipConfig) if f.name != "select_layer"]
+# Fields that decide parameter shapes: a config.json must state each as a positive integer,
+# since a default (the 7B model's) would only fail later, as a tensor of the wrong shape.
+QWEN2_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads")
+SIGLIP_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "image_size", "patch_size")
+_JSON_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
+               "bool": ((bool,), "true or false"), "str": ((str,), "a string")}
 
 
-def qwen2_from_hf(d: dict[str, Any]) -> Qwen2Config:
+class HFConfigError(ValueError):
+    """A Hugging Face config dict that cannot describe the model; names the field and source."""
+
+
+def _checked_value(field: dataclasses.Field, value: Any, source: str) -> Any:
+    """`value` if it has the JSON type of the field's annotation; token ids are not read."""
+    if field.name.endswith("_token_id") or field.type not in _JSON_TYPES:
+        return value
+    kinds, expected = _JSON_TYPES[field.type]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and field.type != "bool"):
+        raise HFConfigError(f"field {field.name!r} of {source} is {value!r} "
+                            f"({type(value).__name__}); it must be {expected}")
+    return value
+
+
+def _hf_fields(cls, d: dict[str, Any], names: list[str], shape_fields: tuple[str, ...],
+               source: str) -> dict[str, Any]:
+    """The fields of `cls` among `names` that `d` sets, type-checked; shape fields required."""
+    values = {f.name: _checked_value(f, d[f.name], source) for f in dataclasses.fields(cls)
+              if f.name in names and d.get(f.name) is not None}
+    for name in shape_fields:
+        if name not in values:
+            raise HFConfigError(f"field {name!r} of {source} is missing; it decides parameter "
+                                "shapes, so there is no default")
+        if values[name] <= 0:
+            raise HFConfigError(f"field {name!r} of {source} is {values[name]}; it must be "
+                                "positive")
+    return values
+
+
+def qwen2_from_hf(d: dict[str, Any], source: str = "the llm config") -> Qwen2Config:
+    """Qwen2Config from a Hugging Face Qwen2 config dict; `source` names it in errors."""
     d = dict(d)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if "rope_theta" not in d and "rope_theta" in rope:
         d["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") not in ("default", None):
-        raise ValueError(f"llm rope_type {rope['rope_type']!r} is not supported (only 'default')")
-    return Qwen2Config(**{k: d[k] for k in _QWEN2_FIELDS if k in d and d[k] is not None})
+        raise HFConfigError(f"rope_type {rope['rope_type']!r} of {source} is not supported "
+                            "(only 'default')")
+    return Qwen2Config(**_hf_fields(Qwen2Config, d, _QWEN2_FIELDS, QWEN2_SHAPE_FIELDS, source))
 
 
 def qwen2_to_hf(c: Qwen2Config) -> dict[str, Any]:
@@ -139,9 +179,11 @@ def qwen2_to_hf(c: Qwen2Config) -> dict[str, Any]:
     return d
 
 
-def siglip_from_hf(d: dict[str, Any], select_layer: int = -2) -> SiglipConfig:
+def siglip_from_hf(d: dict[str, Any], select_layer: int = -2,
+                   source: str = "the vision config") -> SiglipConfig:
+    """SiglipConfig from a Hugging Face SigLIP (vision) config dict; `source` names it in errors."""
     d = d.get("vision_config", d)  # a full SiglipConfig nests the vision part
-    fields = {k: d[k] for k in _SIGLIP_FIELDS if k in d and d[k] is not None}
+    fields = _hf_fields(SiglipConfig, d, _SIGLIP_FIELDS, SIGLIP_SHAPE_FIELDS, source)
     return SiglipConfig(select_layer=select_layer, **fields)
 
 

@@ -119,3 +119,54 @@ def test_load_eval_records_reads_every_category(tmp_path):
              "category": category, "videos": "v.mp4"} for i, category in enumerate(CATEGORIES)]
     records = load_eval_records(write_jsonl(str(tmp_path / "e.jsonl"), rows))
     assert [r.category for r in records] == list(CATEGORIES)
+
+
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    latin1_row = json.dumps(ROWS[1], ensure_ascii=False).replace("green", "gr\u00fcn")
+    path.write_bytes((json.dumps(ROWS[0]) + "\n" + latin1_row + "\n").encode("latin-1"))
+    with pytest.raises(RecordError, match=r"^line 2 of train.jsonl, column \d+: byte b'\\xfc' "
+                                          r"is not UTF-8; record files must be UTF-8"):
+        load_train_records(str(path))
+
+
+def test_a_utf16_record_file_is_named_as_utf16(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-16")
+    with pytest.raises(RecordError, match="^train.jsonl is UTF-16; record files must be UTF-8"):
+        load_train_records(str(path), on_bad_record="skip")
+
+
+def test_a_json_list_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_bytes(b'[\n{"problem": "caf\xe9"}\n]')
+    with pytest.raises(RecordError, match=r"^line 2 of train.json: byte b'\\xe9' is not UTF-8"):
+        load_train_records(str(path))
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS), encoding="utf-8-sig")
+    assert [r.video for r in load_train_records(str(path))] == ["a.mp4", "dir/b.mp4", "c.webm"]
+
+
+@pytest.mark.parametrize("name, content", [("train.jsonl", ""), ("train.jsonl", "\n  \n"),
+                                           ("train.json", "[]")])
+def test_a_record_file_without_records_is_an_error(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(RecordError, match=f"record file '.*{name}' holds no records"):
+        load_train_records(str(tmp_path / name))
+
+
+def test_an_empty_parquet_file_is_an_error(tmp_path):
+    path = str(tmp_path / "eval.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS).slice(0, 0), path)
+    with pytest.raises(RecordError, match="eval.parquet' holds no records"):
+        load_eval_records(path)
+
+
+def test_skip_policy_with_every_record_bad_is_an_error(tmp_path):
+    path = write_jsonl(str(tmp_path / "train.jsonl"), ["not json", {"problem": "x"}])
+    with pytest.raises(RecordError, match=r"no valid records in '.*train.jsonl': all 2 were bad "
+                                          r"\(on_bad_record='skip'\); the first: line 1"):
+        load_train_records(path, on_bad_record="skip")

@@ -130,6 +130,75 @@ def test_missing_component_config_is_named(make_vila_dir, tmp_path):
         read_config(str(ckpt))
 
 
+def edit_json(file, edit):
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+
+
+def test_truncated_safetensors_file_is_named(make_vila_dir, tmp_path):
+    ckpt = broken_copy(make_vila_dir, tmp_path)
+    weights = ckpt / "llm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"llm/model.safetensors' is not a readable "
+                                              r"safetensors file .*incomplete metadata.*truncated"):
+        load_pretrained(str(ckpt))
+
+
+def test_index_without_weight_map_is_named(make_vila_dir, tmp_path):
+    ckpt = broken_copy(make_vila_dir, tmp_path)
+    (ckpt / "llm" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"field 'weight_map' of '.*llm/model.safetensors"
+                                              r".index.json' is missing"):
+        load_pretrained(str(ckpt))
+
+
+@pytest.mark.parametrize("text", ['{"hidden_size": 64,', "\xff\xfe{}"])
+def test_config_that_is_not_json_is_named(make_vila_dir, tmp_path, text):
+    ckpt = broken_copy(make_vila_dir, tmp_path)
+    (ckpt / "llm" / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=r"llm/config.json' is not valid UTF-8 JSON"):
+        load_pretrained(str(ckpt))
+
+
+@pytest.mark.parametrize("component, field, value, problem", [
+    ("llm", "hidden_size", "128", r"is '128' \(str\); it must be an integer"),
+    ("llm", "num_hidden_layers", 2.0, r"is 2.0 \(float\); it must be an integer"),
+    ("llm", "vocab_size", True, r"is True \(bool\); it must be an integer"),
+    ("llm", "intermediate_size", 0, "is 0; it must be positive"),
+    ("llm", "rope_theta", "1e4", r"is '1e4' \(str\); it must be a number"),
+    ("llm", "tie_word_embeddings", "false", r"is 'false' \(str\); it must be true or false"),
+    ("vision_tower", "patch_size", "14", r"is '14' \(str\); it must be an integer"),
+])
+def test_config_field_of_the_wrong_type_is_named(make_vila_dir, tmp_path, component, field,
+                                                 value, problem):
+    ckpt = broken_copy(make_vila_dir, tmp_path)
+    edit_json(ckpt / component / "config.json", lambda c: c.update({field: value}))
+    with pytest.raises(CheckpointError, match=f"^field '{field}' of '.*{component}/config.json' "
+                                              + problem):
+        load_pretrained(str(ckpt))
+
+
+@pytest.mark.parametrize("component, field", [
+    ("llm", "hidden_size"), ("llm", "num_key_value_heads"), ("llm", "vocab_size"),
+    ("vision_tower", "image_size"), ("vision_tower", "num_hidden_layers")])
+def test_missing_shape_field_is_an_error_not_the_7b_default(make_vila_dir, tmp_path, component,
+                                                           field):
+    ckpt = broken_copy(make_vila_dir, tmp_path)
+    edit_json(ckpt / component / "config.json", lambda c: c.pop(field))
+    with pytest.raises(CheckpointError, match=f"^field '{field}' of '.*{component}/config.json' "
+                                              "is missing; it decides parameter shapes"):
+        load_pretrained(str(ckpt))
+
+
+def test_select_layer_that_is_not_an_integer_is_named(make_vila_dir, tmp_path):
+    ckpt = broken_copy(make_vila_dir, tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c.update(mm_vision_select_layer="-2"))
+    with pytest.raises(CheckpointError, match=r"'mm_vision_select_layer' of '.*ckpt/config.json'"
+                                              r" is '-2'; it must be an integer"):
+        read_config(str(ckpt))
+
+
 def test_longvila_r1_7b_parameter_count():
     model = nnx.eval_shape(lambda: LongVILA(PRESETS["longvila_r1_7b"](), rngs=nnx.Rngs(0)))
     count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
