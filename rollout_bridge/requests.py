@@ -9,6 +9,13 @@ from typing import Optional
 from rollout_bridge.engines import Sampling
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+GENERATE_FIELDS = ("prompts", "n", "temperature", "top_p", "top_k", "max_tokens",
+                   "stop_token_ids", "seed", "version")
+PROMPT_FIELDS = ("before", "embeddings", "after")
+# 0 is greedy. Tiny temperatures overflow logits / T (1e-300 gives inf, then NaN
+# probabilities); vLLM raises anything below 0.01 to 0.01 and refuses above 2, so both
+# engines serve the same range.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +46,28 @@ def _bad(message: str) -> BadRequest:
     return BadRequest(400, "bad_request", message)
 
 
+def _known_fields(body: dict, allowed: tuple[str, ...], where: str) -> None:
+    """BadRequest naming the first field not in `allowed` (a misspelt one is never ignored)."""
+    unknown = [name for name in body if name not in allowed]
+    if unknown:
+        raise _bad(f"{where} has unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def _is_token_id(value, vocab: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+
+
 def _ids(value, field: str, vocab: int) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(i, int) and 0 <= i < vocab
-                                              for i in value):
-        raise _bad(f"{field} must be a list of token ids in [0, {vocab})")
+    if not isinstance(value, list) or not all(_is_token_id(i, vocab) for i in value):
+        raise _bad(f"{field} must be a list of token ids (integers, not booleans) in "
+                   f"[0, {vocab})")
     return value
 
 
 def _prompt(raw, i: int, vocab: int) -> Prompt:
     if not isinstance(raw, dict):
         raise _bad(f"prompts[{i}] must be an object with before/embeddings/after")
+    _known_fields(raw, PROMPT_FIELDS, f"prompts[{i}]")
     key = raw.get("embeddings")
     if key is not None and (not isinstance(key, str) or not _KEY.match(key)):
         raise _bad(f"prompts[{i}].embeddings must be a sha256 hex key from PUT /embeddings")
@@ -68,16 +87,35 @@ def _number(body: dict, name: str, kind, default, low, high):
     return value
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _temperature(body: dict) -> float:
+    value = body.get("temperature", 1.0)
+    if _is_real(value) and (value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
+        return float(value)
+    raise _bad(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+               f"got {value!r} (smaller ones overflow logits / temperature; 0 is greedy)")
+
+
+def _top_p(body: dict) -> float:
+    value = body.get("top_p", 1.0)
+    if _is_real(value) and 0 < value <= 1:
+        return float(value)
+    raise _bad(f"top_p must be a float in (0, 1], got {value!r}")
+
+
 def parse_generate(body: dict, server) -> GenerateJob:
     """A GenerateJob, or BadRequest naming the first bad field."""
+    _known_fields(body, GENERATE_FIELDS, "the generate request")
     prompts = body.get("prompts")
     if not isinstance(prompts, list) or not prompts:
         raise _bad("prompts must be a non-empty list")
     stops = _ids(body.get("stop_token_ids", []), "stop_token_ids", server.vocab)
     sampling = Sampling(
         n=_number(body, "n", int, 1, 1, server.max_n),
-        temperature=_number(body, "temperature", float, 1.0, 0.0, 100.0),
-        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
+        temperature=_temperature(body), top_p=_top_p(body),
         top_k=_number(body, "top_k", int, 0, 0, server.vocab),
         max_tokens=_number(body, "max_tokens", int, 64, 1, server.max_new_tokens),
         stop_token_ids=tuple(stops), seed=_number(body, "seed", int, 0, 0, 2**63 - 1))

@@ -1,7 +1,7 @@
 """Rollout server: versioned weight pushes, cached prompt embeddings, sampling over HTTP.
 
     python -m rollout_bridge.server --model DIR [--engine vllm|transformers|auto]
-        [--host 127.0.0.1] [--port 8470] [--token SECRET]
+        [--host 127.0.0.1] [--port 8470] [--token SECRET] [--max-model-len N]
 
 JSON for control, safetensors bodies for tensors, no pickle. Routes:
   GET  /health                      status, engine, weight version, instance id
@@ -10,7 +10,8 @@ JSON for control, safetensors bodies for tensors, no pickle. Routes:
   POST /weights/{push_id}/commit    {"version": int?} -> apply all at once, or 4xx and keep the old
   HEAD/PUT /embeddings/{sha256}     prompt embeddings [N, D] keyed by the body's sha256
   POST /generate                    {"prompts": [{"before", "embeddings", "after"}], "n", ...}
-Every response carries the serving weight version (header X-Weight-Version, and in JSON).
+Every response carries the serving weight version (header X-Weight-Version, and in JSON);
+every error is JSON {"error", "code"}: 4xx for input that cannot be served, 500 for a bug.
 Binding beyond loopback needs --token; with a token every route needs `Authorization: Bearer`.
 """
 
@@ -29,7 +30,7 @@ from safetensors.torch import load as load_safetensors
 
 from rollout_bridge import wire
 from rollout_bridge.requests import BadRequest, parse_generate
-from rollout_bridge.store import EmbeddingStore, PushError, StagedPush
+from rollout_bridge.store import EmbeddingStore, PushError, StagedPush, count_non_finite
 
 log = logging.getLogger("rollout_bridge.server")
 VERSION_HEADER = "X-Weight-Version"
@@ -37,6 +38,13 @@ VERSION_HEADER = "X-Weight-Version"
 
 def json_error(e: BadRequest) -> web.Response:
     return web.json_response({"error": e.message, "code": e.code}, status=e.status)
+
+
+def internal_error(request: web.Request, e: Exception) -> BadRequest:
+    """A JSON 500 for an exception no check expected (a bug: the traceback is in the log)."""
+    log.exception("%s %s failed", request.method, request.path)
+    return BadRequest(500, "internal_error", f"{request.method} {request.path}: "
+                      f"{type(e).__name__}: {e} (a server bug; the traceback is in its log)")
 
 
 class RolloutServer:
@@ -74,6 +82,8 @@ class RolloutServer:
             response = BadRequest(e.status_code, e.reason.lower().replace(" ", "_"),
                                   f"{request.method} {request.path}: {e.reason}")
             response = json_error(response)
+        except Exception as e:  # never aiohttp's plain-text 500 without the version
+            response = json_error(internal_error(request, e))
         response.headers[VERSION_HEADER] = str(self.version)
         return response
 
@@ -93,6 +103,7 @@ class RolloutServer:
     async def health(self, request):
         return web.json_response({"status": "ok", "engine": self.engine.name,
                                   "version": self.version, "instance": self.instance,
+                                  "max_model_len": self.engine.max_model_len,
                                   "protocol": wire.PROTOCOL_VERSION,
                                   "embeddings": self.embeddings.stats()})
 
@@ -155,6 +166,9 @@ class RolloutServer:
         if embeds.ndim != 2 or embeds.shape[1] != self.hidden or not embeds.is_floating_point():
             raise BadRequest(422, "bad_embeddings", f"embeddings must be float [N, {self.hidden}]"
                              f", got {embeds.dtype} {tuple(embeds.shape)}")
+        if bad := count_non_finite(embeds):
+            raise BadRequest(422, "bad_embeddings", f"embeddings {key[:12]}... have {bad} "
+                             "non-finite values (NaN or inf); not stored")
         try:
             self.embeddings.put(key, embeds.to(self.engine.dtype))
         except ValueError as e:
@@ -169,9 +183,10 @@ class RolloutServer:
                     raise BadRequest(409, "version_mismatch", f"request wants weights version "
                                      f"{job.version}; serving {self.version} (push first)")
                 prompts = [self._prompt_embeds(p) for p in job.prompts]
+                self._check_length(prompts, job.sampling.max_tokens)
                 try:
                     outputs = await self._in_thread(self.engine.generate, prompts, job.sampling)
-                except ValueError as e:  # the engine's own validation (vLLM's limits)
+                except self.engine.rejects as e:  # the engine's own validation (vLLM's limits)
                     raise BadRequest(422, "engine_rejected", f"{type(e).__name__}: {e}") from e
                 version = self.version
         return web.json_response({"version": version, "outputs": [
@@ -191,9 +206,20 @@ class RolloutServer:
             parts.append(self.engine.embed(prompt.after))
         return torch.cat(parts, 0)
 
+    def _check_length(self, prompts_td, max_tokens: int) -> None:
+        """BadRequest unless every prompt + max_tokens fits in the engine's max_model_len."""
+        limit = self.engine.max_model_len
+        for i, prompt in enumerate(prompts_td):
+            if len(prompt) + max_tokens > limit:
+                raise BadRequest(400, "too_long", f"prompts[{i}]: {len(prompt)} prompt tokens "
+                                 f"+ max_tokens {max_tokens} = {len(prompt) + max_tokens} "
+                                 f"exceeds the served model's limit of {limit} (--max-model-len)")
+
     async def _json(self, request) -> dict:
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            raise  # the middleware's 413
         except Exception:
             raise BadRequest(400, "bad_json", "request body must be a JSON object") from None
         if not isinstance(body, dict):
@@ -233,7 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-request-mb", type=int, default=1024)
     p.add_argument("--embed-budget-mb", type=int, default=4096)
     p.add_argument("--max-concurrent", type=int, default=4, help="generate requests at once")
-    p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + max_tokens served (default: the model's "
+                        "max_position_embeddings); longer requests get 400")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     args = p.parse_args(argv)
     if not is_loopback(args.host) and not args.token:
@@ -250,9 +278,8 @@ def main(argv=None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from rollout_bridge.engines import make_engine
     extra = ({} if args.engine == "transformers" else
-             {"max_model_len": args.max_model_len,
-              "gpu_memory_utilization": args.gpu_memory_utilization})
-    engine = make_engine(args.engine, args.model, args.dtype, **extra)
+             {"gpu_memory_utilization": args.gpu_memory_utilization})
+    engine = make_engine(args.engine, args.model, args.dtype, args.max_model_len, **extra)
     server = RolloutServer(engine, token=args.token, embed_budget_bytes=args.embed_budget_mb << 20,
                            max_concurrent=args.max_concurrent)
     log.warning("serving %s with the %s engine on %s:%d", args.model, engine.name, args.host,

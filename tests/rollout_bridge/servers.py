@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -9,11 +10,13 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2
 import jax
 import jax.numpy as jnp
+from aiohttp import web
 from flax import nnx
 
 from lvr_jax.model import PRESETS, LongVILA
@@ -56,12 +59,16 @@ class ServerProcess:
 
 
 def start_server(model_dir: str, engine: str, python: str = sys.executable, port: int = 0,
-                 args=(), timeout: float = 300.0, log_dir: str = "/tmp") -> ServerProcess:
-    """`python -m rollout_bridge.server` on 127.0.0.1, returned once /health answers."""
+                 args=(), timeout: float = 300.0, log_dir: str = "/tmp",
+                 max_model_len: int | None = 1024) -> ServerProcess:
+    """`python -m rollout_bridge.server` on 127.0.0.1, returned once /health answers.
+
+    `max_model_len` 1024 keeps vLLM's CPU KV cache small; None serves the model's own limit."""
     port = port or free_port()
     log = pathlib.Path(log_dir) / f"rollout-server-{port}.log"
+    length = ["--max-model-len", str(max_model_len)] if max_model_len else []
     command = [python, "-m", "rollout_bridge.server", "--model", model_dir, "--engine", engine,
-               "--port", str(port), "--max-model-len", "1024", *args]
+               "--port", str(port), *length, *args]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
     env.pop("XLA_FLAGS", None)
@@ -103,3 +110,21 @@ def running_server(model_dir: str, engine: str, **kwargs):
         yield server
     finally:
         stop_server(server)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: web.Application):
+    """`app` on 127.0.0.1 (a free port) from an event loop in a background thread; yields
+    its base URL. For tests that need a route of their own beside the server's."""
+    loop, runner, port = asyncio.new_event_loop(), web.AppRunner(app), free_port()
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

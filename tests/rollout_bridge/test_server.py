@@ -41,7 +41,8 @@ def engine_python(engine: str) -> str:
     return sys.executable
 
 
-@pytest.fixture(scope="module", params=["transformers", "vllm"])
+@pytest.fixture(scope="module", params=["transformers",
+                                        pytest.param("vllm", marks=vllm_env.requires_vllm)])
 def server(request, model_dir, tmp_path_factory):
     with running_server(model_dir, request.param, python=engine_python(request.param),
                         log_dir=str(tmp_path_factory.mktemp("logs"))) as s:
@@ -159,3 +160,98 @@ def test_unknown_embeddings_and_routes_are_4xx(server):
     assert reply.status_code == 404 and reply.json()["code"] == "unknown_embeddings"
     assert httpx2.get(f"{server.url}/nothing").status_code == 404
     assert httpx2.post(f"{server.url}/generate", content=b"\x80not json").status_code == 400
+
+
+def bad_tensor(state: dict, name: str, value: float) -> dict:
+    """`state` with one entry of tensor `name` replaced by `value` (NaN, +inf, -inf)."""
+    tensor = state[name].copy()
+    tensor.flat[3] = value
+    return {**state, name: tensor}
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_pushes_with_nan_or_inf_are_refused_and_the_old_version_keeps_serving(
+        server, client, models, tokenizer, value):
+    video, before, after = video_and_text(tokenizer, seed=2)
+    base = push_version(client, models[1], client.health()["version"] + 1)
+    expected = jax_greedy(models[1], tokenizer, video, before, after)
+    bad = bad_tensor(export.to_hf_state_dict(models[2]), "model.norm.weight", value)
+    with pytest.raises(RolloutError, match="'model.norm.weight' has 1 non-finite") as info:
+        client.push_chunks(server.url, lambda: [save(bad)], base + 1)
+    assert info.value.status == 422 and info.value.code == "bad_weights"
+    version, samples = server_greedy(client, tokenizer, video, before, after)
+    assert version == base == client.health()["version"]
+    assert_same_as_jax(samples, expected)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-5, 0.009, -1.0, 2.5])
+def test_temperatures_that_overflow_logits_get_400_naming_the_range(server, temperature):
+    body = {"prompts": [{"before": [1, 2]}], "temperature": temperature, "max_tokens": 2}
+    reply = httpx2.post(f"{server.url}/generate", json=body)
+    assert reply.status_code == 400, reply.text
+    assert "temperature must be 0 (greedy) or in [0.01, 2.0]" in reply.json()["error"]
+    assert "X-Weight-Version" in reply.headers
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.01, 2.0])
+def test_temperature_zero_and_the_range_edges_are_served(server, temperature):
+    body = {"prompts": [{"before": [1, 2]}], "temperature": temperature, "max_tokens": 2}
+    reply = httpx2.post(f"{server.url}/generate", json=body)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["outputs"][0][0]["token_ids"]) == 2
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.5, 1.5, "NaN"])
+def test_top_p_outside_0_1_gets_400(server, top_p):
+    body = '{"prompts": [{"before": [1]}], "top_p": %s}' % top_p
+    reply = httpx2.post(f"{server.url}/generate", content=body,
+                        headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert "top_p must be a float in (0, 1]" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_embeddings_are_refused_and_not_stored(server, tokenizer, value):
+    video = video_and_text(tokenizer, seed=6)[0].copy()
+    video[4, 7] = value
+    body = wire.embeds_body(video)
+    key = wire.content_key(body)
+    reply = httpx2.put(f"{server.url}/embeddings/{key}", content=body)
+    assert reply.status_code == 422 and reply.json()["code"] == "bad_embeddings"
+    assert "1 non-finite" in reply.json()["error"]
+    assert httpx2.head(f"{server.url}/embeddings/{key}").status_code == 404
+
+
+@pytest.mark.parametrize("body, field, allowed", [
+    ({"prompts": [{"before": [1]}], "max_new_tokens": 5}, "'max_new_tokens'", "max_tokens"),
+    ({"prompts": [{"before": [1]}], "foo": 1}, "'foo'", "prompts, n, temperature"),
+    ({"prompts": [{"before": [1], "text": "hi"}]}, "prompts[0] has unknown field 'text'",
+     "before, embeddings, after"),
+])
+def test_unknown_fields_get_400_naming_them_and_the_allowed_ones(server, body, field, allowed):
+    reply = httpx2.post(f"{server.url}/generate", json=body)
+    assert reply.status_code == 400, reply.text
+    assert field in reply.json()["error"] and allowed in reply.json()["error"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompts": [{"before": [True, 2]}]}, "prompts[0].before"),
+    ({"prompts": [{"after": [False]}]}, "prompts[0].after"),
+    ({"prompts": [{"before": [1]}], "stop_token_ids": [True]}, "stop_token_ids"),
+])
+def test_booleans_are_not_token_ids(server, body, field):
+    reply = httpx2.post(f"{server.url}/generate", json=body)
+    assert reply.status_code == 400, reply.text
+    assert field in reply.json()["error"]
+
+
+def test_prompt_plus_new_tokens_over_the_model_length_gets_400_stating_both(server, tokenizer):
+    word = tokenizer.encode("a")[0]
+    too_long = {"prompts": [{"before": [word] * 1000}], "max_tokens": 25, "temperature": 0.0}
+    reply = httpx2.post(f"{server.url}/generate", json=too_long)
+    assert reply.status_code == 400 and reply.json()["code"] == "too_long", reply.text
+    assert "1000 prompt tokens + max_tokens 25 = 1025" in reply.json()["error"]
+    assert "limit of 1024" in reply.json()["error"]
+    fits = {**too_long, "max_tokens": 24}
+    reply = httpx2.post(f"{server.url}/generate", json=fits)
+    assert reply.status_code == 200, reply.text
