@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from lvr_jax.cli import CommandLineError
 from lvr_jax.sharding.mesh import DEFAULT_RULES
 
 
@@ -20,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = dict(
         preset="tiny",  # a name in lvr_jax.model.PRESETS, used when `init` is empty
         init="",  # a VILA directory (e.g. the SFT stage's export) to start from
+        allow_random_init=False,  # GRPO without `init` starts from random weights: say so here
         vision={}, llm={},  # overrides of the preset's SiglipConfig / Qwen2Config fields
         projector_type="mlp_downsample_2x2_fix",
         dtype="float32", param_dtype="float32", remat=False)
@@ -27,7 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = dict(
         records="", video_root="", num_frames=64, batch_size=8, max_length=4096,
         num_workers=2, cache_dir="", on_bad_video="skip", video_backend="auto",
-        num_epochs=-1)  # -1: repeat forever
+        num_epochs=-1,  # -1: repeat forever
+        # host memory: decoded examples in flight (DataConfig.examples_in_flight); 0: sized
+        # from the batch. Videos above max_video_pixels per frame are skipped (0: any size).
+        read_threads=0, read_buffer=0, worker_buffer_size=2, max_video_pixels=4096 * 2160)
 
     # Axis sizes (-1: the remaining devices), MR-SP attention strategy, the per-device
     # attention kernel ("blockwise" anywhere, "cudnn" on NVIDIA GPUs with sp = 1 or ulysses)
@@ -79,3 +84,20 @@ RECIPE_MESHES = {
     "gpu8": dict(shape=dict(data=1, fsdp=-1, sp=4, tp=1), attention="ulysses"),
     "tpu": dict(shape=dict(data=1, fsdp=-1, sp=8, tp=1), attention="ring"),
 }
+
+
+class ConfigError(CommandLineError):
+    """A recipe whose settings cannot run; the message names the config keys and the fix.
+
+    Raised from an entrypoint's main, `lvr_jax.cli.run_app` prints it in one line, exit 2."""
+
+
+def check_model_init(config: ml_collections.ConfigDict) -> None:
+    """Refuses GRPO from random weights unless `model.allow_random_init` asks for it."""
+    model = config.model
+    if config.stage != "grpo" or model.init or model.get("allow_random_init", False):
+        return
+    raise ConfigError(
+        "stage 'grpo' has no model.init, so it would train a randomly initialised "
+        f"{model.preset!r} model: pass --config.model.init=<VILA directory> (e.g. the SFT run's "
+        "<workdir>/model), or --config.model.allow_random_init=True if that is intended")

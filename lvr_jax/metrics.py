@@ -26,13 +26,27 @@ def scalars(metrics: Mapping) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one JSON line per step to `metrics.jsonl` and mirrors it to TensorBoard."""
+    """Appends one JSON line per step to `metrics.jsonl` and mirrors it to TensorBoard.
 
-    def __init__(self, workdir: str, stage: str):
+    A run resumed from step `resumed_step` first drops what a killed run logged after it
+    (and TensorBoard purges those steps), so each step appears once; 0 starts afresh.
+    """
+
+    def __init__(self, workdir: str, stage: str, resumed_step: int = 0):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, f"{stage}_metrics.jsonl")
         self.stage = stage
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+        self._drop_rows_after(resumed_step)
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage),
+                                purge_step=resumed_step + 1 if resumed_step else 0)
+
+    def _drop_rows_after(self, resumed_step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        kept = [row for row in read_metrics(self.path) if resumed_step and row["step"] <= resumed_step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, step: int, metrics: Mapping) -> None:
         values = scalars(metrics)
@@ -47,8 +61,15 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics JSONL; a last line cut by a killed run is left out."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def plot_curves(path: str, keys: Sequence[str], out_png: str, title: str) -> str:

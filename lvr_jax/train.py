@@ -27,8 +27,10 @@ from lvr_jax import metrics as metrics_lib
 from lvr_jax import training
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
+from lvr_jax.config import check_model_init
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.data.schema import load_eval_records
+from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.checkpoint import logical_axes
@@ -133,7 +135,9 @@ def data_config(config, model: LongVILA) -> DataConfig:
                       batch_size=d.batch_size, max_length=d.max_length, seed=config.seed,
                       num_epochs=None if d.num_epochs < 0 else d.num_epochs,
                       num_workers=d.num_workers, shard_index=jax.process_index(),
-                      shard_count=jax.process_count())
+                      shard_count=jax.process_count(), read_threads=d.read_threads,
+                      read_buffer=d.read_buffer, worker_buffer_size=d.worker_buffer_size,
+                      max_video_pixels=d.max_video_pixels)
 
 
 def make_learner(config, model, tokenizer, cache, mesh=None):
@@ -174,7 +178,6 @@ class Run:
         self.data = make_data(config, model, self.tokenizer)
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                                  config.train.keep_checkpoints, config.train.async_checkpoints)
-        self.writer = metrics_lib.MetricsWriter(workdir, config.stage)
         self.guard = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.validation = Validation(config, model, self.tokenizer) if config.eval.every else None
 
@@ -188,10 +191,10 @@ class Run:
         self.ckpt.save(self.learner.state.step, self.train_state(), meta, force=force)
 
     def resume(self) -> None:
-        step = self.ckpt.latest_step()
-        if step is None:
+        latest = self.ckpt.restore_latest(self.train_state())
+        if latest is None:
             return
-        restored, meta = self.ckpt.restore(step, self.train_state())
+        step, restored, meta = latest
         s = self.learner.state
         s.trainable, s.opt_state, s.step = restored["trainable"], restored["opt_state"], meta["step"]
         self.data.set_state(meta["data"])
@@ -208,6 +211,8 @@ class Run:
 
     def run(self) -> dict:
         self.resume()
+        self.writer = metrics_lib.MetricsWriter(self.workdir, self.config.stage,
+                                                self.learner.state.step)
         train = self.config.train
         if self.validation and self.learner.state.step == 0:  # where the curve starts
             self.writer.write(0, self.validation(self.learner.state.model()))
@@ -221,6 +226,12 @@ class Run:
                 self.ckpt.wait()
                 raise SystemExit(f"{e}; stopped with a checkpoint in {self.workdir}/checkpoints;"
                                  " restart the server and rerun to resume") from e
+            except NoUsableRecordsError as e:  # e.g. the video root went away mid-run
+                if self.learner.state.step:
+                    self.save(force=True)
+                    self.ckpt.wait()
+                raise SystemExit(f"{e}\nstopped at step {self.learner.state.step}; fix the data "
+                                 f"and rerun to resume from {self.workdir}/checkpoints") from e
             step = self.learner.state.step
             if self.validation and (step % self.config.eval.every == 0 or step == train.num_steps):
                 last.update(self.validation(self.learner.state.model()))
@@ -279,6 +290,7 @@ def drilled_init(config, workdir: str) -> str:
 
 def run(config, workdir: str) -> dict:
     """Trains one stage in `workdir`; returns the last step's metrics."""
+    check_model_init(config)
     if config.stage == "sft" and config.drills.steps and not config.model.init:
         config.model.init = drilled_init(config, workdir)
     return Run(config, workdir).run()
@@ -316,5 +328,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    run_app(main)
+    run_app(main, define_flags)

@@ -62,6 +62,7 @@ def tiny_train_config(synthetic_set):
         c.rl.update(num_generations=4, max_new_tokens=24, update_batch_size=2)
         c.train.update(checkpoint_every=2, keep_checkpoints=10)
         c.drills.steps = 0  # tests/sft/test_option_drills.py runs them
+        c.model.allow_random_init = stage == "grpo"  # tests that set model.init override it
         return c
 
     return make

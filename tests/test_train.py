@@ -15,18 +15,25 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from lvr_jax import train
-from lvr_jax.model import save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_command(workdir, data, steps):
+STAGE_OVERRIDES = {
+    "sft": ["--config.drills.steps=0"],
+    "grpo": ["--config.model.allow_random_init=True", "--config.eval.every=0",
+             "--config.rl.num_generations=4", "--config.rl.max_new_tokens=24",
+             "--config.rl.update_batch_size=2"],
+}
+
+
+def train_command(workdir, data, steps, stage="sft"):
     overrides = [f"--config.data.records={data}/train.jsonl", f"--config.data.video_root={data}",
                  f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=1",
                  "--config.model.llm.hidden_size=64", "--config.model.llm.num_hidden_layers=2",
                  "--config.model.llm.intermediate_size=128", "--config.data.num_frames=8",
-                 "--config.data.batch_size=4", "--config.drills.steps=0"]
-    return [sys.executable, "-m", "lvr_jax.train", "--config=configs/demo.py:sft",
+                 "--config.data.batch_size=4", *STAGE_OVERRIDES[stage]]
+    return [sys.executable, "-m", "lvr_jax.train", f"--config=configs/demo.py:{stage}",
             f"--workdir={workdir}", *overrides]
 
 
@@ -34,51 +41,79 @@ def exported(workdir):
     return load_file(os.path.join(workdir, "model", "llm", "model.safetensors"))
 
 
-def steps_logged(workdir):
-    path = os.path.join(workdir, "sft_metrics.jsonl")
+def logged_steps(workdir, stage="sft"):
+    path = os.path.join(workdir, f"{stage}_metrics.jsonl")
     if not os.path.exists(path):
-        return 0
+        return []
     with open(path) as f:
-        return max((json.loads(line)["step"] for line in f if line.strip()), default=0)
+        return [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
 
 
-def test_sigkill_mid_run_then_resume_ends_with_identical_parameters(tmp_path, synthetic_set):
-    steps = 7
+@pytest.mark.parametrize("stage, steps", [("sft", 7), ("grpo", 5)])
+def test_sigkill_mid_run_then_resume_ends_with_identical_parameters(tmp_path, synthetic_set,
+                                                                    stage, steps):
+    """GRPO resumes its data iterator, its per-step RNG and (from model.init) its reference."""
     straight = tmp_path / "straight"
-    subprocess.run(train_command(straight, synthetic_set, steps), cwd=ROOT, check=True,
+    subprocess.run(train_command(straight, synthetic_set, steps, stage), cwd=ROOT, check=True,
                    capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(killed, synthetic_set, steps), cwd=ROOT,
+    proc = subprocess.Popen(train_command(killed, synthetic_set, steps, stage), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while steps_logged(killed) < 4 and proc.poll() is None and time.time() < deadline:
+    while max(logged_steps(killed, stage), default=0) < steps - 3 and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert steps_logged(killed) < steps, "the run finished before it could be killed"
-    out = subprocess.run(train_command(killed, synthetic_set, steps), cwd=ROOT,
+    assert max(logged_steps(killed, stage)) < steps, "the run finished before it could be killed"
+    out = subprocess.run(train_command(killed, synthetic_set, steps, stage), cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "resumed sft from step" in out.stderr
+    assert f"resumed {stage} from step" in out.stderr
+    assert logged_steps(killed, stage) == list(range(1, steps + 1))  # re-run steps once
     a, b = exported(straight), exported(killed)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_nonfinite_loss_skips_updates_then_stops_with_a_checkpoint(tmp_path, tiny_train_config):
+def _host_copy(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _trees_equal(a, b) -> bool:
+    return all(np.array_equal(x, y, equal_nan=True)
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_nonfinite_batches_skip_the_update_reset_after_a_finite_step_and_stop_after_k(
+        tmp_path, tiny_train_config):
+    """Healthy weights; a batch whose video features are NaN (as a damaged cache entry would
+    give) makes the loss non-finite."""
     config = tiny_train_config("sft", 10)
-    tokenizer, model = train.build_model(config)
-    norm = model.llm.norm.scale
-    norm.set_value(norm.get_value().at[0].set(jnp.nan))  # a corrupt weight: every loss is NaN
-    save_pretrained(model, str(tmp_path / "corrupt"), tokenizer=tokenizer)
-    config.model.init = str(tmp_path / "corrupt")
     config.train.max_nonfinite_steps = 3
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row at step 3; stopped with a checkpoint"):
-        train.run(config, str(tmp_path / "run"))
-    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "sft_metrics.jsonl")]
-    assert [r["finite"] for r in rows] == [0.0, 0.0, 0.0]
+    run = train.Run(config, str(tmp_path / "run"))
+    clean_batch, poisoned = run.learner.device_batch, {"on": False}
+
+    def device_batch(batch):
+        out = clean_batch(batch)
+        return {**out, "video_features": out["video_features"] * jnp.nan} if poisoned["on"] else out
+
+    run.learner.device_batch = device_batch
+    state = run.learner.state
+    for finite in (False, False, True):  # two skipped, then a good step resets the count
+        poisoned["on"] = not finite
+        before = _host_copy((state.trainable, state.opt_state))
+        out = run.step_once()
+        after = _host_copy((state.trainable, state.opt_state))
+        assert bool(out["finite"]) == finite and _trees_equal(before, after) == (not finite)
+        assert np.isfinite(jax.tree.leaves(after)[0]).all()
+    assert run.guard.in_a_row == 0 and state.step == 3
+    poisoned["on"] = True
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row at step 6; stopped with a "
+                                         "checkpoint"):
+        run.run()
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "6")
 
 
 def test_grpo_rollout_logprobs_match_the_training_forward_and_only_the_llm_moves(tiny_train_config):
@@ -128,3 +163,82 @@ def test_grpo_logs_heldout_accuracy_every_eval_every_steps(tmp_path, tiny_train_
     result = evaluate(model, tokenizer, train.data_config(config, model), 24, progress=False,
                       records=records)
     assert logged[3] == pytest.approx(result.accuracy)
+
+
+def _cut_largest_array_file(step_dir):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+             for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _cut_meta(step_dir):
+    path = os.path.join(step_dir, "meta", "metadata")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _empty_state_metadata(step_dir):
+    open(os.path.join(step_dir, "state", "_METADATA"), "w").close()
+
+
+@pytest.fixture(scope="module")
+def straight_sft_run(tmp_path_factory, synthetic_set):
+    """4 SFT steps with checkpoints at 2 and 4: the reference for the damaged-checkpoint runs."""
+    from lvr_jax.demo import stage_config
+
+    def config():
+        c = stage_config("sft", synthetic_set, 4)
+        c.model.llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        c.data.update(num_frames=8, batch_size=4)
+        c.train.update(checkpoint_every=2, keep_checkpoints=10)
+        c.drills.steps = 0
+        return c
+
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.run(config(), workdir)
+    return workdir, config
+
+
+@pytest.mark.parametrize("damage", [_cut_largest_array_file, _cut_meta, _empty_state_metadata])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(
+        tmp_path, straight_sft_run, damage, caplog):
+    import shutil
+
+    straight, config = straight_sft_run
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(straight, "checkpoints"), workdir / "checkpoints")
+    shutil.copy(os.path.join(straight, "sft_metrics.jsonl"), workdir / "sft_metrics.jsonl")
+    damage(str(workdir / "checkpoints" / "4"))
+    with caplog.at_level("WARNING"):
+        train.run(config(), str(workdir))
+    assert f"checkpoint step 4 ({workdir}/checkpoints/4) cannot be read" in caplog.text
+    assert "resumed sft from step 2" in caplog.text
+    (aside,) = os.listdir(tmp_path / "run" / "checkpoints_damaged")
+    assert aside.startswith("4-") and os.listdir(workdir / "checkpoints_damaged" / aside)
+    a, b = exported(straight), exported(workdir)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    steps = [json.loads(line)["step"] for line in open(workdir / "sft_metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]  # steps 3 and 4 were logged again, once
+
+
+def test_grpo_without_an_init_model_is_refused_unless_asked_for(tmp_path, tiny_train_config):
+    config = tiny_train_config("grpo", 1)
+    config.model.allow_random_init = False
+    with pytest.raises(ValueError, match="stage 'grpo' has no model.init"):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_whose_videos_are_all_missing_stops_with_the_records_and_root(tmp_path,
+                                                                             tiny_train_config):
+    config = tiny_train_config("sft", 3)
+    config.data.video_root = str(tmp_path / "one_folder_too_deep")
+    with pytest.raises(SystemExit) as stop:
+        train.run(config, str(tmp_path / "run"))
+    message = str(stop.value)
+    assert "yielded no usable record" in message and config.data.records in message
+    assert config.data.video_root in message and "does not exist" in message
+    assert "stopped at step 0" in message

@@ -7,12 +7,11 @@ import shutil
 import sys
 
 import pytest
+import tensorflow_datasets  # noqa: F401  a dev dependency: missing, these tests must fail, not skip
 
-pytest.importorskip("tensorflow_datasets")
-
-from lvr_jax.data.pipeline import DataConfig, sft_dataset  # noqa: E402
-from lvr_jax.data.schema import RecordError, load_eval_records, load_train_records  # noqa: E402
-from lvr_jax.data.tfds_builder import build_tfds, tfds_records  # noqa: E402
+from lvr_jax.data.pipeline import DataConfig, sft_dataset
+from lvr_jax.data.schema import RecordError, load_eval_records, load_train_records
+from lvr_jax.data.tfds_builder import build_tfds, tfds_records
 
 
 @pytest.fixture(scope="module")
