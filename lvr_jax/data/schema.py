@@ -189,8 +189,7 @@ def parse_eval_record(row: Any, origin: str) -> EvalRecord:
 def read_rows(path: str) -> Iterator[tuple[str, Any]]:
     """Yields (origin, row) from a .jsonl, .json (a list) or .parquet file.
 
-    A JSONL line that is not UTF-8 JSON is yielded as a RecordError in place of the row;
-    a file without a single row is a RecordError."""
+    A JSONL line that is not UTF-8 JSON is yielded as a RecordError in place of the row."""
     name = os.path.basename(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"record file {path!r} does not exist")
@@ -198,12 +197,7 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
     reader = readers.get(os.path.splitext(path)[1])
     if reader is None:
         raise RecordError(f"{path!r}: unknown record format; use .jsonl, .json or .parquet")
-    rows = 0
-    for rows, origin_and_row in enumerate(reader(path, name), start=1):
-        yield origin_and_row
-    if rows == 0:
-        raise RecordError(f"record file {path!r} holds no records; write at least one, or "
-                          "leave the file out")
+    yield from reader(path, name)
 
 
 def _not_utf8(where: str, data: bytes, error: UnicodeDecodeError) -> RecordError:
@@ -273,8 +267,10 @@ def _load(paths: str | Sequence[str], parse, on_bad_record: str) -> list:
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     records, skipped = [], []
     path_list = [paths] if isinstance(paths, str) else list(paths)
+    empty = []
     for path in path_list:
-        for origin, row in read_rows(path):
+        rows = 0
+        for rows, (origin, row) in enumerate(read_rows(path), start=1):
             try:
                 if isinstance(row, RecordError):
                     raise row
@@ -283,6 +279,13 @@ def _load(paths: str | Sequence[str], parse, on_bad_record: str) -> list:
                 if on_bad_record == "error":
                     raise
                 skipped.append(str(error))
+        if not rows:
+            empty.append(path)
+    if empty and not records and not skipped:
+        raise RecordError(f"record file {' and '.join(map(repr, empty))} holds no records; "
+                          "write at least one, or leave the file out")
+    for path in empty:  # beside files that hold records, e.g. an empty validation split
+        log.warning("record file %r holds no records", path)
     if skipped and not records:
         raise RecordError(f"no valid records in {', '.join(map(repr, path_list))}: all "
                           f"{len(skipped)} were bad (on_bad_record='skip'); the first: "

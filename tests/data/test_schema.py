@@ -170,3 +170,11 @@ def test_skip_policy_with_every_record_bad_is_an_error(tmp_path):
     with pytest.raises(RecordError, match=r"no valid records in '.*train.jsonl': all 2 were bad "
                                           r"\(on_bad_record='skip'\); the first: line 1"):
         load_train_records(path, on_bad_record="skip")
+
+
+def test_an_empty_file_beside_files_with_records_is_only_a_warning(tmp_path, caplog):
+    train = write_jsonl(str(tmp_path / "train.jsonl"), ROWS)
+    (tmp_path / "val.jsonl").write_text("")
+    with caplog.at_level("WARNING"):
+        records = load_train_records([train, str(tmp_path / "val.jsonl")])
+    assert len(records) == len(ROWS) and "val.jsonl' holds no records" in caplog.text
