@@ -61,15 +61,15 @@ def math_correct(text: str, answer: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Scorer:
     name: str
-    about: str  # one line for tables: what is compared and how
+    about: str  # one line for table titles (Markdown): what is compared and how
     extract: Callable[[str], str]  # the model's answer, reported as `parsed`
     correct: Callable[[str, str], bool]  # (completion, ground truth) -> right or wrong
 
 
 SCORERS = {
-    "math": Scorer("math", "<answer> span without whitespace, graded by mathruler",
+    "math": Scorer("math", "`<answer>` span without whitespace, graded by mathruler",
                    math_answer, math_correct),
-    "official": Scorer("official", "LongVideo-Reason-eval: <answer> span == truth, "
+    "official": Scorer("official", "LongVideo-Reason-eval: `<answer>` span == truth, "
                        "plain string equality", official_answer, official_correct),
 }
 DEFAULT_SCORER = "math"
