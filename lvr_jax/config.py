@@ -73,8 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # records: the test questions of `python -m lvr_jax.eval`. Every `every` training steps
     # (0: never) the run also logs val_accuracy on the first `val_size` of `val_records`.
+    # scorer: "math" (the accuracy reward: mathruler on the <answer> span) or "official" (the
+    # LongVideo-Reason-eval script's plain string equality, as the paper's 72.0); eval.scoring.
     c.eval = dict(records="", every=0, val_records="", val_size=200, max_new_tokens=256,
-                  batch_size=8)
+                  batch_size=8, scorer="math")
     return ml_collections.ConfigDict(c)
 
 

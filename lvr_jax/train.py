@@ -32,6 +32,7 @@ from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.eval.evaluate import evaluate
+from lvr_jax.eval.scoring import get_scorer
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.checkpoint import logical_axes
 from lvr_jax.sharding import mesh as mesh_lib
@@ -262,18 +263,20 @@ class Run:
 
 class Validation:
     """Greedy accuracy on a fixed slice of validation questions, every `eval.every` steps:
-    the first `eval.val_size` records of `eval.val_records` (else of `eval.records`)."""
+    the first `eval.val_size` records of `eval.val_records` (else of `eval.records`), graded
+    by `eval.scorer`."""
 
     def __init__(self, config, model: LongVILA, tokenizer):
         e = config.eval
         self.records = load_eval_records(e.val_records or e.records)[:e.val_size or None]
         self.data = dataclasses.replace(data_config(config, model), batch_size=e.batch_size)
         self.tokenizer, self.max_new_tokens = tokenizer, e.max_new_tokens
+        self.scorer = get_scorer(e.scorer).name  # an unknown name stops the run before step 0
         self.cache = EmbeddingCache(config.cache.budget_mb << 20)
 
     def __call__(self, model: LongVILA) -> dict:
         result = evaluate(model, self.tokenizer, self.data, self.max_new_tokens, cache=self.cache,
-                          progress=False, records=self.records)
+                          progress=False, records=self.records, scorer=self.scorer)
         return {"val_accuracy": result.accuracy, "val_unparseable": result.unparseable}
 
 

@@ -165,6 +165,22 @@ def test_grpo_logs_heldout_accuracy_every_eval_every_steps(tmp_path, tiny_train_
     assert logged[3] == pytest.approx(result.accuracy)
 
 
+def test_validation_during_training_grades_with_eval_scorer(tiny_train_config, monkeypatch):
+    from lvr_jax.config import ConfigError
+    from lvr_jax.eval.evaluate import EvalResult
+
+    config = tiny_train_config("grpo", 1)
+    config.eval.update(every=1, val_size=2, scorer="official")
+    tokenizer, model = train.build_model(config)
+    asked = {}
+    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: asked.update(kw) or EvalResult([]))
+    train.Validation(config, model, tokenizer)(model)
+    assert asked["scorer"] == "official"
+    config.eval.scorer = "exact"
+    with pytest.raises(ConfigError, match="eval.scorer"):
+        train.Validation(config, model, tokenizer)
+
+
 def _cut_largest_array_file(step_dir):
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
              for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]

@@ -1,12 +1,15 @@
 """Evaluation entrypoint: multiple-choice accuracy per category, duration, frames and mode.
 
     python -m lvr_jax.eval --config=configs/demo.py:sft --checkpoint=runs/demo/sft/model \
-        --num_frames=8,16 --think=on,off --out=runs/demo/eval
+        --num_frames=8,16 --think=on,off --scorer=official --out=runs/demo/eval
 
 `--checkpoint` takes VILA directories or training workdirs (their `model/` export), several
 separated by commas. Records come from `config.eval.records` (LongVideo-Reason-eval or
 VideoMME-style JSONL; a `duration` field gives the short/medium/long buckets). Generation
 uses `config.rl.rollout.backend`: the embedded sampler, or rollout servers at its `urls`.
+`--scorer` (default `config.eval.scorer`, "math") chooses how answers are graded: "math", the
+accuracy reward of training, or "official", the LongVideo-Reason-eval script's string equality
+(the paper's numbers); every file and table written names it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from lvr_jax.cli import run_app
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.eval import report
 from lvr_jax.eval.runner import evaluate_checkpoint, model_dir
+from lvr_jax.eval.scoring import SCORERS, get_scorer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a recipe in configs/, e.g. "
                                           "configs/demo.py:sft (its eval, data and rl.rollout)")
@@ -30,6 +34,10 @@ _FRAMES = flags.DEFINE_list("num_frames", [], "frame counts to compare (default:
 _THINK = flags.DEFINE_list("think", ["on"], "reasoning modes: on (<think> then <answer>), off")
 _OUT = flags.DEFINE_string("out", "runs/eval", "where the JSON, Markdown and PNG files go")
 _LIMIT = flags.DEFINE_integer("limit", 0, "evaluate the first N records only (0: all)")
+_SCORER = flags.DEFINE_enum("scorer", None, list(SCORERS),
+                            "how answers are graded: official (the LongVideo-Reason-eval script: "
+                            "<answer> span == truth) or math (the accuracy reward); default "
+                            "config.eval.scorer (math)")
 
 
 def parse_think(values: list[str]) -> list[bool]:
@@ -47,6 +55,9 @@ def main(argv) -> None:
         raise app.UsageError("--config and --checkpoint are required")
     if not config.eval.records:
         raise app.UsageError("the config has no eval.records; set --config.eval.records=FILE")
+    if _SCORER.value:
+        config.eval.scorer = _SCORER.value
+    get_scorer(config.eval.scorer)  # an unknown --config.eval.scorer stops here, exit 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)
     for checkpoint in _CHECKPOINTS.value:  # fail before any record or video is read

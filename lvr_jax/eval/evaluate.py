@@ -1,7 +1,8 @@
 """Multiple-choice evaluation with the embedded sampler: accuracy overall and per category.
 
-Answers are extracted and graded exactly as the accuracy reward does; an answer that is
-not one of the option letters counts as wrong and is also counted as unparseable.
+Answers are extracted and graded by the scorer named `scorer` (`eval.scoring`: "math", the
+accuracy reward of training, by default; "official", the LongVideo-Reason-eval script's); an
+answer that is not one of the option letters counts as wrong and is also counted as unparseable.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from lvr_jax.data.pipeline import DataConfig, eval_dataset
-from lvr_jax.data.schema import LETTERS, answer_text
+from lvr_jax.data.schema import LETTERS
+from lvr_jax.eval.scoring import DEFAULT_SCORER, get_scorer
 from lvr_jax.model.sampler import SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl.learner import response_texts
-from lvr_jax.rl.rewards import accuracy_reward
 from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
 from lvr_jax.tokenizer import Tokenizer
 
@@ -28,6 +29,7 @@ from lvr_jax.tokenizer import Tokenizer
 @dataclasses.dataclass
 class EvalResult:
     predictions: list[dict]
+    scorer: str = DEFAULT_SCORER  # the name of the scorer that graded them
 
     @property
     def accuracy(self) -> float:
@@ -57,11 +59,13 @@ class EvalResult:
 
 def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_tokens: int = 256,
              temperature: float = 0.0, cache: EmbeddingCache | None = None,
-             progress: bool = True, engine=None, records=None) -> EvalResult:
-    """Answers every record of `data.records` (or of `records`) once and grades it.
+             progress: bool = True, engine=None, records=None,
+             scorer: str = DEFAULT_SCORER) -> EvalResult:
+    """Answers every record of `data.records` (or of `records`) once and grades it with `scorer`.
 
     `engine(llm_model, embeds, valid, params, rng) -> Generation` generates; default the
     embedded sampler (a rollout_bridge `ServerRollout` generates on a rollout server)."""
+    grade = get_scorer(scorer)
     frozen = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
     encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)), frozen,
                                  cache or EmbeddingCache())
@@ -77,11 +81,11 @@ def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_to
                               jnp.asarray(batch["prompt_mask"]).astype(bool))
         gen = engine(model, embeds, valid, params, jax.random.key(0))
         for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
-            parsed = answer_text(text).upper()
+            parsed = grade.extract(text)
             predictions.append({
                 "id": batch["id"][i], "category": batch["category"][i],
                 "duration": batch["duration"][i],
                 "answer": batch["answer"][i], "prediction": text, "parsed": parsed,
                 "parsed_ok": parsed in LETTERS,
-                "correct": bool(accuracy_reward(text, batch["answer"][i]))})
-    return EvalResult(predictions)
+                "correct": grade.correct(text, batch["answer"][i])})
+    return EvalResult(predictions, scorer)

@@ -2,7 +2,8 @@
 
 One *setting* is (checkpoint, number of frames, reasoning on/off). Each gets
 `<label>.json` (summary and every prediction) and `<label>_categories.png`; all settings
-together get `results.md` and, when frame counts differ, `accuracy_vs_frames.png`.
+together get `results.md`, `results.json` and, when frame counts differ,
+`accuracy_vs_frames.png`. Every file and table names the scorer that graded the answers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lvr_jax.data.schema import CATEGORIES  # noqa: E402
 from lvr_jax.eval.evaluate import EvalResult  # noqa: E402
+from lvr_jax.eval.scoring import SCORERS  # noqa: E402
 
 DURATIONS = ("short", "medium", "long")
 CHANCE = 0.25
@@ -46,8 +48,9 @@ class Setting:
 
 
 def summary(result: EvalResult) -> dict:
-    """Overall, per-category and per-duration accuracy, with the unparseable count."""
-    return {"accuracy": result.accuracy, "questions": len(result.predictions),
+    """The scorer; overall, per-category and per-duration accuracy; the unparseable count."""
+    return {"scorer": result.scorer, "accuracy": result.accuracy,
+            "questions": len(result.predictions),
             "correct": sum(p["correct"] for p in result.predictions),
             "unparseable": result.unparseable, "per_category": result.per_category,
             "per_duration": result.per_duration}
@@ -59,8 +62,20 @@ def write_setting(out_dir: str, setting: Setting, result: EvalResult) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{setting.label}.json"), "w", encoding="utf-8") as f:
         json.dump({**row, "predictions": result.predictions}, f, indent=1, ensure_ascii=False)
-    plot_categories({setting.label: row}, os.path.join(out_dir, f"{setting.label}_categories.png"))
+    plot_categories({setting.label: row}, os.path.join(out_dir, f"{setting.label}_categories.png"),
+                    setting.label)
     return row
+
+
+def scorers_of(rows: Sequence[dict]) -> str:
+    """The scorer names of `rows`, in order of appearance: what titles say graded them."""
+    return ", ".join(dict.fromkeys(r["scorer"] for r in rows))
+
+
+def table_title(rows: Sequence[dict]) -> str:
+    """`Accuracy, scorer: official (LongVideo-Reason-eval: ...)`, each scorer of rows named."""
+    names = scorers_of(rows).split(", ")
+    return "Accuracy, scorer: " + "; ".join(f"{n} ({SCORERS[n].about})" for n in names)
 
 
 def _columns(rows: Sequence[dict], field: str, order: Sequence[str]) -> list[str]:
@@ -69,15 +84,18 @@ def _columns(rows: Sequence[dict], field: str, order: Sequence[str]) -> list[str
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One line per setting: overall, per category, per duration bucket, unparseable."""
+    """A title naming the scorer, then one line per setting: scorer, overall, per category, per
+    duration bucket, unparseable."""
     categories = _columns(rows, "per_category", CATEGORIES)
     durations = _columns(rows, "per_duration", DURATIONS)
-    head = ["checkpoint", "frames", "reasoning", "overall", *categories, *durations,
+    head = ["checkpoint", "frames", "reasoning", "scorer", "overall", *categories, *durations,
             "unparseable", "questions"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"**{table_title(rows)}**", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
     pct = lambda d, k: f"{d[k]:.1%}" if k in d else "-"  # noqa: E731
     for r in rows:
         cells = [r["checkpoint"], str(r["num_frames"]), "on" if r["think"] else "off",
+                 r["scorer"],
                  f"**{r['accuracy']:.1%}**", *(pct(r["per_category"], c) for c in categories),
                  *(pct(r["per_duration"], d) for d in durations), str(r["unparseable"]),
                  str(r["questions"])]
@@ -99,7 +117,7 @@ def plot_categories(rows: dict[str, dict], out_png: str, title: str = "") -> Non
     ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(categories))], categories)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(f"{title} (scorer: {scorers_of(list(rows.values()))})".strip())
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -120,6 +138,7 @@ def plot_accuracy_vs_frames(rows: Sequence[dict], out_png: str) -> None:
     ax.set_xlabel("frames")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
+    ax.set_title(f"scorer: {scorers_of(rows)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -41,8 +41,9 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
                 train.data_config(config, model), num_frames=frames, think=think,
                 batch_size=config.eval.batch_size)
             result = evaluate(model, tokenizer, data, config.eval.max_new_tokens, cache=cache,
-                              engine=engine, records=records)
+                              engine=engine, records=records, scorer=config.eval.scorer)
             rows.append(report.write_setting(out_dir, setting, result))
-            log.warning("%s: %.1f%% of %d (%d unparseable)", setting.label,
-                        100 * result.accuracy, len(result.predictions), result.unparseable)
+            log.warning("%s: %.1f%% of %d (%d unparseable), scorer %s", setting.label,
+                        100 * result.accuracy, len(result.predictions), result.unparseable,
+                        result.scorer)
     return rows
