@@ -21,7 +21,8 @@ import jax.numpy as jnp
 KINDS = ("basic", "tsp")
 # `_target_` values VILA's hydra config names for each kind (package re-exports included).
 VILA_TARGETS = {
-    "basic": ("llava.model.encoders.BasicVideoEncoder", "llava.model.encoders.video.BasicVideoEncoder",
+    "basic": ("llava.model.encoders.BasicVideoEncoder",
+              "llava.model.encoders.video.BasicVideoEncoder",
               "llava.model.encoders.video.basic.BasicVideoEncoder"),
     "tsp": ("llava.model.encoders.TSPVideoEncoder", "llava.model.encoders.video.TSPVideoEncoder",
             "llava.model.encoders.video.tsp.TSPVideoEncoder"),

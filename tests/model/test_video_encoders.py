@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from lvr_jax import training
-from lvr_jax.model import PRESETS, LongVILA
+from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError, arrange_video,
                                           num_video_tokens, parse_video_encoder, pool_tokens,
                                           to_vila)
@@ -60,14 +60,17 @@ def test_several_pool_sizes_concatenate_with_start_end_and_separator_tokens():
                                rtol=1e-5, atol=1e-6)
     config = VideoEncoderConfig("tsp", pools, start_tokens="<s>", start_ids=(5, 6),
                                 sep_tokens="|", sep_ids=(7,))
-    assert num_video_tokens(config, 4, 4) == ours.shape[0] == (1 * 19 + 1) + (4 * 7 + 1) + (2 * 5 + 1)
+    # per pool: pooled frames x (cells + 2 start + 1 end) + 1 separator
+    assert num_video_tokens(config, 4, 4) == ours.shape[0] == 20 + 29 + 11
 
 
 def test_basic_encoder_is_each_frame_then_the_newline():
     tokens = np.random.default_rng(2).normal(size=(3, 4, 2)).astype(np.float32)
     newline = np.ones((1, 2), np.float32)
-    ours = arrange_video(jnp.asarray(tokens), VideoEncoderConfig().pools, None, jnp.asarray(newline))
-    np.testing.assert_array_equal(ours, np.concatenate([tokens, np.ones((3, 1, 2))], 1).reshape(-1, 2))
+    ours = arrange_video(jnp.asarray(tokens), VideoEncoderConfig().pools, None,
+                         jnp.asarray(newline))
+    expected = np.concatenate([tokens, np.ones((3, 1, 2))], axis=1).reshape(-1, 2)
+    np.testing.assert_array_equal(ours, expected)
     assert num_video_tokens(VideoEncoderConfig(), 3, 2) == 15
 
 
@@ -156,3 +159,15 @@ def test_tiny_tsp_model_encodes_pooled_frames_then_newlines_and_trains(tokenizer
     np.testing.assert_allclose(sft_loss(model, features, training.hidden_fn())[0], loss, rtol=1e-6)
     with pytest.raises(ValueError, match="tokens_per_frame is not defined for the 'tsp'"):
         model.config.tokens_per_frame
+
+
+def test_save_pretrained_writes_the_video_encoder_as_vila_does(tmp_path, tokenizer):
+    model = tsp_model(tokenizer, ((8, 1, 1), (1, 2, 2)))
+    save_pretrained(model, str(tmp_path), tokenizer=tokenizer)
+    with open(tmp_path / "config.json") as f:
+        value = json.load(f)["video_encoder"]
+    assert isinstance(value, str)  # VILA's config holds the JSON string
+    assert parse_video_encoder(value, tokenize=tokenizer.encode) == VideoEncoderConfig(
+        "tsp", ((8, 1, 1), (1, 2, 2)), end_ids=(tokenizer.newline_id,))
+    loaded = load_pretrained(str(tmp_path), video_encoder=parse_video_encoder(value))
+    assert loaded.config.num_video_tokens(8) == 1 * 5 + 8 * 2
