@@ -42,8 +42,8 @@ class VideoEncoderConfig:
     """Which encoder arranges a video's tokens, with VILA's constructor arguments.
 
     The token fields hold VILA's strings (what a checkpoint stores); `*_ids` hold their
-    token ids, resolved by a tokenizer. "\\n" may stay unresolved: it is the model's
-    `newline_token_id`.
+    token ids, resolved by a tokenizer, except for "\\n", which is the model's
+    `newline_token_id` (so a basic encoder read from any checkpoint equals the default).
     """
 
     kind: str = "basic"
@@ -160,12 +160,11 @@ def parse_video_encoder(value: Any, tokenize: Optional[Callable[[str], Sequence[
 
 
 def _resolve(fields: dict, tokenize) -> dict:
-    """Token ids for the token strings among `fields` (all of them when `tokenize` is given)."""
+    """Token ids of the token strings among `fields` other than "\\n" (`newline_token_id`)."""
     if tokenize is None:
         return {}
-    texts = {f: fields.get(f, VideoEncoderConfig.end_tokens if f == "end_tokens" else None)
-             for f in TOKEN_FIELDS}
-    return {_ids_field(f): tuple(tokenize(t)) for f, t in texts.items() if isinstance(t, str)}
+    return {_ids_field(f): tuple(tokenize(t)) for f, t in fields.items()
+            if f in TOKEN_FIELDS and isinstance(t, str) and t != NEWLINE}
 
 
 def to_vila(config: VideoEncoderConfig) -> str:

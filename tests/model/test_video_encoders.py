@@ -89,8 +89,9 @@ def test_vila_value_as_json_string_or_object_or_absent():
     expected = VideoEncoderConfig(kind="tsp", pool_sizes=((8, 1, 1),))
     assert parse_video_encoder(json.dumps(value)) == parse_video_encoder(value) == expected
     assert parse_video_encoder(None) == VideoEncoderConfig()
-    basic = parse_video_encoder('{"_target_": "llava.model.encoders.BasicVideoEncoder"}')
-    assert basic == VideoEncoderConfig()
+    basic = '{"_target_": "llava.model.encoders.BasicVideoEncoder"}'
+    assert parse_video_encoder(basic) == VideoEncoderConfig()
+    assert parse_video_encoder(basic, tokenize=lambda text: [7]).cache_tag() == ""
     assert parse_video_encoder(to_vila(expected)) == expected
     assert json.loads(to_vila(expected)) == value
 
@@ -99,7 +100,8 @@ def test_token_strings_are_resolved_by_the_tokenizer(tokenizer):
     value = {"_target_": TSP, "pool_sizes": [[2, 1, 1]], "sep_tokens": "Question",
              "start_tokens": None}
     config = parse_video_encoder(value, tokenize=tokenizer.encode)
-    start, end, sep = config.token_ids(newline_token_id=-1)
+    assert config.end_ids is None  # "\n" is always the model's newline_token_id
+    start, end, sep = config.token_ids(newline_token_id=tokenizer.newline_id)
     assert start == () and end == (tokenizer.newline_id,)
     assert sep == tuple(tokenizer.encode("Question")) and sep
     assert parse_video_encoder(to_vila(config), tokenize=tokenizer.encode) == config
@@ -168,6 +170,6 @@ def test_save_pretrained_writes_the_video_encoder_as_vila_does(tmp_path, tokeniz
         value = json.load(f)["video_encoder"]
     assert isinstance(value, str)  # VILA's config holds the JSON string
     assert parse_video_encoder(value, tokenize=tokenizer.encode) == VideoEncoderConfig(
-        "tsp", ((8, 1, 1), (1, 2, 2)), end_ids=(tokenizer.newline_id,))
+        "tsp", ((8, 1, 1), (1, 2, 2)))
     loaded = load_pretrained(str(tmp_path), video_encoder=parse_video_encoder(value))
     assert loaded.config.num_video_tokens(8) == 1 * 5 + 8 * 2
