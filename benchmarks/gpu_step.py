@@ -140,7 +140,7 @@ def sft_step(kernel: str, args, peak: float) -> dict:
              "loss_mask": jnp.ones_like(ids).at[:, :128].set(0),
              "video_features": jax.random.normal(jax.random.key(2), shapes["video_features"].shape,
                                                  jnp.bfloat16)}
-    t = ids.shape[1] - 1 + cfg.data.num_frames * mc.tokens_per_frame
+    t = ids.shape[1] - 1 + mc.num_video_tokens(cfg.data.num_frames)
 
     def step():
         state.trainable, state.opt_state, metrics = update(

@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
         allow_random_init=False,  # GRPO without `init` starts from random weights: say so here
         vision={}, llm={},  # overrides of the preset's SiglipConfig / Qwen2Config fields
         projector_type="mlp_downsample_2x2_fix",
+        # VILA's `video_encoder` value as its JSON string, e.g. '{"_target_":
+        # "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}'; "": the
+        # checkpoint's own (model.init), else the basic encoder (the paper's RL recipe)
+        video_encoder="",
         dtype="float32", param_dtype="float32", remat=False)
 
     c.data = dict(

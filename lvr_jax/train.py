@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
 from lvr_jax import training
-from lvr_jax.cli import run_app
+from lvr_jax.cli import CommandLineError, run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.config import check_model_init
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
@@ -35,6 +35,8 @@ from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.eval.scoring import get_scorer
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.checkpoint import logical_axes
+from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
+                                          parse_video_encoder)
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sft import option_drills
@@ -59,7 +61,20 @@ def preset_config(config, tokenizer=None):
     return base.replace(
         vision=dataclasses.replace(base.vision, **m.vision),
         llm=dataclasses.replace(base.llm, **m.llm), projector_type=m.projector_type,
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **ids)
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+        video_encoder=recipe_video_encoder(config, tokenizer) or VideoEncoderConfig(), **ids)
+
+
+def recipe_video_encoder(config, tokenizer=None):
+    """`model.video_encoder` of the recipe as a VideoEncoderConfig; None when unset."""
+    value = config.model.get("video_encoder", "")
+    if not value:
+        return None
+    try:
+        return parse_video_encoder(value, tokenize=tokenizer.encode if tokenizer else None,
+                                   source="config.model.video_encoder")
+    except VideoEncoderError as error:
+        raise CommandLineError(str(error)) from None
 
 
 def make_run_mesh(config):
@@ -78,13 +93,25 @@ def build_model(config, mesh=None):
     m = config.model
     rules = mesh_lib.rules_of(config.mesh)
     if m.init:
-        kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        tokenizer = load_tokenizer(m.init)
+        kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                  video_encoder=recipe_video_encoder(config, tokenizer))
         model = (mesh_lib.load_sharded(m.init, mesh, rules, **kw) if mesh
                  else load_pretrained(m.init, **kw))
-        return load_tokenizer(m.init), model
+        return tokenizer, check_video_frames(config, model)
     tokenizer = build_tiny_tokenizer()
     model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
-    return tokenizer, (mesh_lib.shard_model(model, mesh, rules) if mesh else model)
+    model = mesh_lib.shard_model(model, mesh, rules) if mesh else model
+    return tokenizer, check_video_frames(config, model)
+
+
+def check_video_frames(config, model: LongVILA) -> LongVILA:
+    """The model, if its video encoder can pool `data.num_frames` frames; else a usage error."""
+    try:
+        model.config.num_video_tokens(config.data.num_frames)
+    except VideoEncoderError as error:
+        raise CommandLineError(f"config.data.num_frames: {error}") from None
+    return model
 
 
 def learner_module(stage: str):

@@ -258,3 +258,49 @@ def test_a_run_whose_videos_are_all_missing_stops_with_the_records_and_root(tmp_
     assert "yielded no usable record" in message and config.data.records in message
     assert config.data.video_root in message and "does not exist" in message
     assert "stopped at step 0" in message
+
+
+TSP_ENCODER = ('{"_target_": "llava.model.encoders.TSPVideoEncoder", '
+               '"pool_sizes": [[4, 1, 1], [8, 2, 2]]}')
+
+
+def test_a_recipe_with_the_tsp_video_encoder_rolls_out_and_updates_on_pooled_videos(
+        tiny_train_config):
+    from lvr_jax.data.pipeline import rl_dataset
+    from lvr_jax.rl.learner import GRPOLearner, abstract_batch
+    from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+    config = tiny_train_config("grpo", 1)
+    config.model.video_encoder = TSP_ENCODER
+    tokenizer, model = train.build_model(config)
+    assert model.config.video_encoder.pools == ((4, 1, 1), (8, 2, 2))
+    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    batch = next(iter(rl_dataset(train.data_config(config, model), tokenizer)))
+    rollout, _ = learner.rollout(batch, jax.random.key(0))
+    # 8 frames of a 2x2 token grid: 2 pooled frames of 4 cells + "\n", then 1 of 1 cell + "\n"
+    video_tokens = model.config.num_video_tokens(8)
+    assert video_tokens == 2 * 5 + 1 * 2
+    prompt_len = np.asarray(batch["prompt_ids"]).shape[1] - 1 + video_tokens
+    assert rollout["prompt_embeds"].shape[1] == prompt_len
+    assert abstract_batch(config, model.config)["prompt_embeds"].shape[1] == (
+        config.data.max_length - 1 + video_tokens)
+    rollout, _ = learner.add_logprobs(rollout)
+    metrics = learner.update(rollout, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("value, message", [
+    (TSP_ENCODER.replace("[4, 1, 1]", "[3, 1, 1]"),
+     r"config.data.num_frames: pool size \[3, 1, 1\] needs a multiple of 3 frames; the "
+     r"video has 8"),
+    ('{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[2, 1, 1]], "sep": 1}',
+     "field 'sep' of config.model.video_encoder is 1"),
+])
+def test_a_video_encoder_the_recipe_cannot_run_is_a_usage_error(tiny_train_config, value,
+                                                                 message):
+    from lvr_jax.cli import CommandLineError
+
+    config = tiny_train_config("grpo", 1)
+    config.model.video_encoder = value
+    with pytest.raises(CommandLineError, match=message):
+        train.build_model(config)

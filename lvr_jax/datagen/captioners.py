@@ -103,6 +103,11 @@ class EmbeddedCaptioner:
 
 def _embed_prompts(model, ids_bt, frames_bfhw3):
     """Prompt embeddings with each row's clip frames spliced in: ([B, T', D], [B, T'])."""
+    import jax
+
     b, f = frames_bfhw3.shape[:2]
-    video = model.encode_video(normalize_frames(frames_bfhw3.reshape(b * f, *frames_bfhw3.shape[2:])))
-    return model.embed_inputs(ids_bt, video.reshape(b, -1, video.shape[-1]))
+    frames_fhw3 = frames_bfhw3.reshape(b * f, *frames_bfhw3.shape[2:])
+    features = model.vision_tower(normalize_frames(frames_fhw3))
+    # arranged per clip: a pooling video encoder must not pool across clips
+    video = jax.vmap(model.project_features)(features.reshape(b, f, *features.shape[1:]))
+    return model.embed_inputs(ids_bt, video)

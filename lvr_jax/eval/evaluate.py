@@ -13,7 +13,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from lvr_jax.data.pipeline import DataConfig, eval_dataset
@@ -22,7 +21,7 @@ from lvr_jax.eval.scoring import DEFAULT_SCORER, get_scorer
 from lvr_jax.model.sampler import SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl.learner import response_texts
-from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
 from lvr_jax.tokenizer import Tokenizer
 
 
@@ -66,9 +65,7 @@ def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_to
     `engine(llm_model, embeds, valid, params, rng) -> Generation` generates; default the
     embedded sampler (a rollout_bridge `ServerRollout` generates on a rollout server)."""
     grade = get_scorer(scorer)
-    frozen = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
-    encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)), frozen,
-                                 cache or EmbeddingCache())
+    encoder = model_video_encoder(model, cache or EmbeddingCache())
     embed = jax.jit(lambda ids, video, valid: model.embed_inputs(ids, video, valid))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_token_ids=(tokenizer.eos_id,))

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from lvr_jax.model import config as cfg_lib
 from lvr_jax.model.config import LongVILAConfig
 from lvr_jax.model.projector import layer_names
+from lvr_jax.model.video_encoders import to_vila
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.tokenizer import Tokenizer, VIDEO_TOKEN
 
@@ -424,7 +425,7 @@ def save_pretrained(model: LongVILA, path: str, *, tokenizer: Optional[Tokenizer
         "llm_cfg": llm_cfg, "vision_tower_cfg": vision_cfg, "mm_projector_cfg": proj_cfg,
         "hidden_size": c.llm.hidden_size, "mm_hidden_size": c.vision.hidden_size,
         "mm_vision_select_layer": c.vision.select_layer, "mm_vision_select_feature": "cls_patch",
-        "image_aspect_ratio": "resize",
+        "image_aspect_ratio": "resize", "video_encoder": to_vila(c.video_encoder),
         "lvr_jax": {"video_token_id": c.video_token_id, "newline_token_id": c.newline_token_id}})
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "llm"))

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lvr_jax.model import video_encoders
+from lvr_jax.model.video_encoders import VideoEncoderConfig
+
 PROJECTOR_TYPES = ("mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
 
 
@@ -75,20 +78,34 @@ class LongVILAConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    video_encoder: VideoEncoderConfig = VideoEncoderConfig()
 
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type {self.projector_type!r} is not one of {PROJECTOR_TYPES}")
+        video_encoders.check_grid(self.video_encoder, self.token_grid)
 
     @property
     def downsample(self) -> int:
         return 2 if self.projector_type.endswith("2x2_fix") else 3
 
     @property
+    def token_grid(self) -> int:
+        """Side of the square grid of projector tokens per frame."""
+        return -(-self.vision.grid // self.downsample)
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Embeddings a video of `num_frames` frames becomes: the one count all callers use."""
+        return video_encoders.num_video_tokens(self.video_encoder, num_frames, self.token_grid,
+                                               self.newline_token_id)
+
+    @property
     def tokens_per_frame(self) -> int:
-        """Projector tokens per frame plus the trailing "\\n" embedding."""
-        side = -(-self.vision.grid // self.downsample)
-        return side * side + 1
+        """Embeddings per frame of the basic encoder (projector tokens, then "\\n")."""
+        if self.video_encoder.kind != "basic":
+            raise ValueError(f"tokens_per_frame is not defined for the {self.video_encoder.kind!r} "
+                             "video encoder; use num_video_tokens(num_frames)")
+        return self.num_video_tokens(1)
 
     def replace(self, **kw) -> "LongVILAConfig":
         return dataclasses.replace(self, **kw)

@@ -1,7 +1,8 @@
 """LongVILA: SigLIP tower + projector + Qwen2, with one video placeholder per prompt.
 
-`encode_video` turns frames into `tokens_per_frame` embeddings per frame (projector tokens
-then the embedding of "\\n"); `__call__` splices them in place of the `<vila/video>`
+`encode_video` turns frames into `config.num_video_tokens(F)` embeddings: projector tokens
+arranged by the configured video encoder (basic: each frame's tokens then the embedding of
+"\\n"; tsp: pooled first, see video_encoders.py); `__call__` splices them in place of the `<vila/video>`
 token of each prompt and returns the LLM's logits.
 """
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvr_jax.model import layers
+from lvr_jax.model import layers, video_encoders
 from lvr_jax.model.config import LongVILAConfig
 from lvr_jax.model.projector import Projector
 from lvr_jax.model.qwen2 import KVCache, Qwen2
@@ -33,19 +34,28 @@ class LongVILA(nnx.Module):
         return self.llm.embed(ids)
 
     def encode_video(self, frames_fhwc):
-        """Frames [F, H, W, 3] in [-1, 1] -> [F * tokens_per_frame, hidden]."""
+        """Frames [F, H, W, 3] in [-1, 1] -> [num_video_tokens(F), hidden]."""
         return self.project_features(self.vision_tower(frames_fhwc))
 
     def project_features(self, features_fpc):
-        """Vision features [F, patches, C] -> [F * tokens_per_frame, hidden] with the "\\n"s.
+        """Vision features [F, patches, C] -> [num_video_tokens(F), hidden].
 
         The half of `encode_video` after the vision tower: SFT caches the (frozen) tower's
         features and trains the projector through this.
         """
-        tokens_ftd = self.mm_projector(features_fpc)
-        f, _, d = tokens_ftd.shape
-        newline = self.embed_tokens(jnp.full((f, 1), self.config.newline_token_id))
-        return jnp.concatenate([tokens_ftd.astype(newline.dtype), newline], axis=1).reshape(-1, d)
+        return self.arrange_video(self.mm_projector(features_fpc))
+
+    def video_token_embeds(self) -> tuple:
+        """The video encoder's (start, end, sep) token embeddings, each [n, D] or None."""
+        ids = self.config.video_encoder.token_ids(self.config.newline_token_id)
+        return tuple(self.embed_tokens(jnp.asarray(i, jnp.int32)) if i else None for i in ids)
+
+    def arrange_video(self, tokens_ftd):
+        """Projector tokens [F, T, D] -> [num_video_tokens(F), D] (pooling, "\\n"s, separators)."""
+        start, end, sep = self.video_token_embeds()
+        tokens_ftd = tokens_ftd.astype(jnp.dtype(self.config.dtype))  # as embed_tokens returns
+        return video_encoders.arrange_video(tokens_ftd, self.config.video_encoder.pools,
+                                            start, end, sep)
 
     def embed_inputs(self, input_ids_bt, video_embeds_bnd=None, valid_bt=None,
                      video_valid_bn=None):

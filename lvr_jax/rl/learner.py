@@ -23,7 +23,7 @@ from lvr_jax.model.sampler import Generation, SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rewards
 from lvr_jax.sharding import sequence
-from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
 from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.tokenizer import Tokenizer
 
@@ -129,7 +129,7 @@ def abstract_batch(config, model_config) -> dict:
     """Shapes of one update mini-batch (for compiling a recipe without data)."""
     rl = config.rl
     p, n, m = rl.update_batch_size, rl.update_batch_size * rl.num_generations, rl.max_new_tokens
-    t = config.data.max_length - 1 + config.data.num_frames * model_config.tokens_per_frame
+    t = config.data.max_length - 1 + model_config.num_video_tokens(config.data.num_frames)
     sds = jax.ShapeDtypeStruct
     per_token = {k: sds((n, m), jnp.float32) for k in
                  ("response_mask", "loss_mask", "old_logp", "ref_logp")}
@@ -148,9 +148,7 @@ class GRPOLearner:
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         # The frozen initial policy: a copy, since each update donates the trainable buffers.
         self.reference = jax.tree.map(jnp.copy, self.state.trainable)
-        frozen_encoder = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
-        self.encoder = CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)),
-                                          frozen_encoder, cache)
+        self.encoder = model_video_encoder(model, cache)
         self.loss_cfg = loss_config(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
         self.prefill = training.prefill_fn(mesh, config.mesh)

@@ -1,7 +1,8 @@
 """MR-SP stage 1: each video is encoded once and its embeddings reused everywhere.
 
 Entries are keyed by the video's content fingerprint, the sampled frame indices and a
-fingerprint of the frozen encoder's weights, so a hit is valid for as long as those weights
+fingerprint of the frozen encoder's weights (and of the video encoder's pooling, when it is
+not the basic one), so a hit is valid for as long as those weights
 stay frozen: every rollout of a group, the old-policy, reference and update forwards, later
 steps, later epochs and, through the optional disk store, resumed runs. The in-memory part
 is an LRU bounded in bytes.
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from lvr_jax.data.video import normalize_frames
@@ -110,13 +112,14 @@ class CachedVideoEncoder:
     """Encodes a batch's videos through a frozen encoder, each distinct video once ever.
 
     `encode` maps normalised frames [F, H, W, 3] to an embedding array; `frozen_params`
-    are the weights it depends on (their fingerprint is part of every key).
+    are the weights it depends on and `tag` names anything else it depends on (both are
+    part of every key).
     """
 
     def __init__(self, encode: Callable[[jax.Array], jax.Array], frozen_params,
-                 cache: EmbeddingCache):
+                 cache: EmbeddingCache, tag: str = ""):
         self.encode, self.cache = encode, cache
-        self.fingerprint = weights_fingerprint(frozen_params)
+        self.fingerprint = weights_fingerprint(frozen_params) + (f"|{tag}" if tag else "")
 
     def __call__(self, frames_bfhwc: np.ndarray, video_keys: Sequence[str],
                  frame_indices: np.ndarray) -> jax.Array:
@@ -126,3 +129,10 @@ class CachedVideoEncoder:
             key = entry_key(video_key, indices, self.fingerprint)
             outputs.append(self.cache.get(key, lambda f=frames: self.encode(normalize_frames(f))))
         return jax.numpy.stack(outputs)
+
+
+def model_video_encoder(model, cache: EmbeddingCache) -> CachedVideoEncoder:
+    """`model.encode_video` behind `cache`, for a frozen tower and projector (RL, evaluation)."""
+    frozen = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
+    return CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)), frozen, cache,
+                              tag=model.config.video_encoder.cache_tag())

@@ -4,7 +4,9 @@ The frames of a video are split over the `sp` mesh axis (several videos also ove
 data+fsdp); every device runs the vision tower and projector on its own frames with no
 communication between devices, and the embeddings come out sharded along the sequence,
 the layout the LLM's sequence-parallel forward wants. A frame count that does not divide
-is padded with blank frames whose tokens are marked invalid, never truncated.
+is padded with blank frames whose tokens are marked invalid, never truncated. The tsp
+video encoder pools across frames, so it arranges the real frames' tokens after the
+per-device encoding (XLA moves what the pooling groups need) and pads the result.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lvr_jax.model import video_encoders
 from lvr_jax.sharding.mesh import BATCH_AXES
 
 FRAME_AXES = ("sp",)
@@ -28,18 +31,23 @@ def padded_frames(num_frames: int, mesh: Mesh, axes=FRAME_AXES) -> int:
     return -(-num_frames // n) * n
 
 
-def _encode_local(graphdef, state, newline_d, frames_vfhwc):
-    """Runs on one device: its frames [v, f, H, W, 3] -> tokens [v, f * tokens, D]."""
+def _encode_local(graphdef, state, token_embeds, frames_vfhwc, *, arrange):
+    """Runs on one device: its frames [v, f, H, W, 3] -> tokens [v, n, D].
+
+    With `arrange` (an encoder that works frame by frame) the tokens are the video's
+    embeddings for these frames; without, the raw projector tokens [v, f, T, D].
+    """
     tower, projector = nnx.merge(graphdef, state)
     v, f = frames_vfhwc.shape[:2]
     tokens_ftd = projector(tower(frames_vfhwc.reshape(v * f, *frames_vfhwc.shape[2:])))
-    newline = jnp.broadcast_to(newline_d.astype(tokens_ftd.dtype), (v * f, 1, newline_d.shape[-1]))
-    tokens = jnp.concatenate([tokens_ftd, newline], axis=1)
-    return tokens.reshape(v, -1, tokens.shape[-1])
+    tokens_vftd = tokens_ftd.reshape(v, f, *tokens_ftd.shape[1:])
+    if arrange is None:
+        return tokens_vftd
+    return jax.vmap(lambda t: arrange(t, *token_embeds))(tokens_vftd)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "axes", "tokens"))
-def _encode(graphdef, state, newline_d, frames_vfhwc, *, mesh, axes, tokens):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "axes", "encoder"))
+def _encode(graphdef, state, token_embeds, frames_vfhwc, *, mesh, axes, encoder):
     """Pads the frames, encodes each device's share, marks the real tokens valid."""
     num_frames = frames_vfhwc.shape[1]
     pad = padded_frames(num_frames, mesh, axes) - num_frames
@@ -47,25 +55,40 @@ def _encode(graphdef, state, newline_d, frames_vfhwc, *, mesh, axes, tokens):
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1 and a not in axes) or None
     frame_spec = P(batch, axes)
     frames_vfhwc = jax.lax.with_sharding_constraint(frames_vfhwc, NamedSharding(mesh, frame_spec))
-    encode = jax.shard_map(functools.partial(_encode_local, graphdef), mesh=mesh,
-                           in_specs=(P(), P(), frame_spec), out_specs=P(batch, axes, None),
-                           check_vma=False)
-    embeds = encode(state, newline_d, frames_vfhwc)
-    valid = jnp.arange(embeds.shape[1]) < num_frames * tokens
+    def arrange(tokens_ftd, start, end, sep):
+        return video_encoders.arrange_video(tokens_ftd, encoder.pools, start, end, sep)
+    local = encoder.kind == "basic"  # frame by frame: arranged on each device
+    encode = jax.shard_map(functools.partial(_encode_local, graphdef,
+                                             arrange=arrange if local else None),
+                           mesh=mesh, in_specs=(P(), P(), frame_spec),
+                           out_specs=P(batch, axes), check_vma=False)
+    embeds = encode(state, token_embeds, frames_vfhwc)
+    if local:
+        tokens = embeds.shape[1] // padded_frames(num_frames, mesh, axes)
+        num_valid = num_frames * tokens
+    else:  # pooling spans frames of several devices: arranged on the real frames, then padded
+        embeds = jax.vmap(lambda t: arrange(t, *token_embeds))(embeds[:, :num_frames])
+        num_valid = embeds.shape[1]
+        devices = math.prod(mesh.shape[a] for a in axes)
+        embeds = jnp.pad(embeds, ((0, 0), (0, -num_valid % devices), (0, 0)))
+    embeds = jax.lax.with_sharding_constraint(embeds, NamedSharding(mesh, P(batch, axes, None)))
+    valid = jnp.arange(embeds.shape[1]) < num_valid
     return embeds, jax.lax.with_sharding_constraint(valid, NamedSharding(mesh, P(axes)))
 
 
 def encode_video_sharded(model, frames, mesh: Mesh, axes=FRAME_AXES):
     """Frames [F, H, W, 3] (or [V, F, H, W, 3]) -> (embeds [N, D], valid [N]) sharded on sp.
 
-    N = padded_frames(F) * tokens_per_frame; the first F * tokens_per_frame rows equal
-    `model.encode_video(frames)` and `valid` marks them. Pass both to the model
-    (`video_embeds=`, `video_valid=`) so padding frames are masked.
+    The first `config.num_video_tokens(F)` rows equal `model.encode_video(frames)` and
+    `valid` marks them; N rounds up to whole frames per device (basic encoder) or to a
+    multiple of the devices (tsp). Pass both to the model (`video_embeds=`,
+    `video_valid=`) so the padding is masked.
     """
     axes = tuple(axes)
     single = frames.ndim == 4
     graphdef, state = nnx.split((model.vision_tower, model.mm_projector))
-    newline_d = model.embed_tokens(jnp.array([model.config.newline_token_id]))[0]
-    embeds, valid = _encode(graphdef, state, newline_d, frames[None] if single else frames,
-                            mesh=mesh, axes=axes, tokens=model.config.tokens_per_frame)
+    model.config.num_video_tokens(frames.shape[-4])  # refuses frame counts pools do not divide
+    embeds, valid = _encode(graphdef, state, model.video_token_embeds(),
+                            frames[None] if single else frames, mesh=mesh, axes=axes,
+                            encoder=model.config.video_encoder)
     return (embeds[0], valid) if single else (embeds, valid)

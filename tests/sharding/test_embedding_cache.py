@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
+from lvr_jax.model.video_encoders import VideoEncoderConfig
 from lvr_jax.sharding.embedding_cache import (CachedVideoEncoder, EmbeddingCache, entry_key,
                                               weights_fingerprint)
 
@@ -62,3 +63,13 @@ def test_disk_store_serves_a_new_process_without_encoding(tmp_path):
     np.testing.assert_array_equal(second(frames(3)[None], ["v"], np.arange(4)[None]), out)
     assert again.calls == 0 and second.cache.stats.disk_hits == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_video_encoder_pooling_is_part_of_the_key_and_the_basic_encoder_keeps_old_keys():
+    weights = {"w": jnp.ones(3)}
+    basic = CachedVideoEncoder(lambda x: x, weights, EmbeddingCache(), tag="")
+    assert basic.fingerprint == weights_fingerprint(weights)
+    tsp = VideoEncoderConfig("tsp", ((8, 1, 1),))
+    pooled = CachedVideoEncoder(lambda x: x, weights, EmbeddingCache(), tag=tsp.cache_tag())
+    assert VideoEncoderConfig().cache_tag() == "" and pooled.fingerprint != basic.fingerprint
+    assert entry_key("v", [0, 1], pooled.fingerprint) != entry_key("v", [0, 1], basic.fingerprint)

@@ -2,11 +2,14 @@
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lvr_jax.model import LongVILA
+from lvr_jax.model.video_encoders import VideoEncoderConfig
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.frames import encode_video_sharded, padded_frames
-from tests.sharding.helpers import frames, make_model, mesh_of, rel_err
+from tests.sharding.helpers import frames, make_model, mesh_of, rel_err, sp_config
 
 
 def test_indivisible_frame_count_is_padded_and_masked_not_truncated():
@@ -31,3 +34,16 @@ def test_several_videos_split_over_data_and_sp_with_sharded_weights():
     for i in range(2):
         assert rel_err(embeds[i, :3 * tokens], model.encode_video(videos[i])) < 1e-5
     assert int(valid.sum()) == 3 * tokens
+
+
+def test_tsp_pooling_across_devices_equals_the_single_device_encoder():
+    mesh = mesh_of(data=2, sp=4)
+    config = sp_config().replace(video_encoder=VideoEncoderConfig("tsp", ((2, 1, 1), (1, 2, 2))))
+    model = LongVILA(config, rngs=nnx.Rngs(0))
+    videos = jnp.stack([frames(6, seed=3), frames(6, seed=4)])  # 6 frames on 4 devices: padded
+    embeds, valid = encode_video_sharded(model, videos, mesh)
+    n = model.config.num_video_tokens(6)
+    assert n == 3 * 5 + 6 * 2 and embeds.shape[1] == 28 and int(valid.sum()) == n
+    assert embeds.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "sp", None)), 3)
+    for i in range(2):
+        assert rel_err(embeds[i, :n], model.encode_video(videos[i])) < 1e-5
