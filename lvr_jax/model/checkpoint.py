@@ -27,8 +27,8 @@ from lvr_jax.model.vila_config import BASIC_ENCODERS, CheckpointError, read_conf
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "load_pretrained", "read_config", "save_pretrained",
-           "tensor_specs", "iter_hf_tensors"]
+__all__ = ["CheckpointError", "check_checkpoint", "load_pretrained", "read_config",
+           "save_pretrained", "tensor_specs", "iter_hf_tensors"]
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 # (path, logical axes) -> sharding of that parameter; None places on the default device.
@@ -232,6 +232,18 @@ def _place(spec: TensorSpec, var: nnx.Param, d: SafetensorsDir, sharding) -> jax
     return stacked
 
 
+def _component_dirs(path: str) -> dict[str, SafetensorsDir]:
+    return {comp: SafetensorsDir(os.path.join(path, comp), comp) for comp in COMPONENTS}
+
+
+def check_checkpoint(path: str) -> LongVILAConfig:
+    """The config of a VILA directory whose tensors all match it by name and shape; reads
+    configs and safetensors headers only (a CheckpointError names what does not fit)."""
+    config = read_config(path)
+    _check(tensor_specs(config), _component_dirs(path))
+    return config
+
+
 def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
                     sharding_fn: Optional[ShardingFn] = None, **overrides) -> LongVILA:
     """Reads a VILA directory into a LongVILA, placing each tensor as it is read.
@@ -244,7 +256,7 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Opti
                                                       **overrides).items() if v is not None})
     model = nnx.eval_shape(lambda: LongVILA(config, rngs=nnx.Rngs(0)))
     specs = tensor_specs(config)
-    dirs = {comp: SafetensorsDir(os.path.join(path, comp), comp) for comp in COMPONENTS}
+    dirs = _component_dirs(path)
     _check(specs, dirs)
     params = _params_by_path(model)
     for spec in specs:

@@ -31,9 +31,12 @@ def canonical_name(component: str, name: str) -> str:
 
 
 class SafetensorsDir:
-    """Headers of the safetensors files of one component folder: name -> (file, shape)."""
+    """Headers of the safetensors files of one component folder: name -> (file, shape).
 
-    def __init__(self, directory: str, component: str):
+    Names are as stored, except that a `vision_tower` gets the `vision_model.` prefix.
+    """
+
+    def __init__(self, directory: str, component: str = ""):
         self.directory = directory
         index_path = os.path.join(directory, "model.safetensors.index.json")
         files = safetensors_files(directory, index_path)
