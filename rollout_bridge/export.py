@@ -62,8 +62,7 @@ def save_llm_dir(model: LongVILA, path: str, tokenizer: Optional[Tokenizer] = No
     os.makedirs(path, exist_ok=True)
     save_file(to_hf_state_dict(model, LLM_ONLY, dtype), os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
-    hf_config = cfg_lib.qwen2_to_hf(model.config.llm)
-    hf_config["torch_dtype"] = dtype or "float32"
+    hf_config = cfg_lib.qwen2_to_hf(model.config.llm, dtype or "float32")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     if tokenizer is not None:

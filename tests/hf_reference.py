@@ -42,11 +42,14 @@ def qwen2(vocab_size=512, hidden=64, heads=4, kv_heads=2, layers=2, tied=False, 
     return model
 
 
-def siglip(hidden=64, heads=2, layers=3, image_size=70, patch=14,
-           seed=1) -> transformers.SiglipVisionModel:
+def siglip(hidden=64, heads=2, layers=3, image_size=70, patch=14, seed=1,
+           use_head=False, intermediate=None) -> transformers.SiglipVisionModel:
+    """A tiny SigLIP tower; `use_head=None` leaves vision_use_head at transformers' default."""
+    head = {} if use_head is None else {"vision_use_head": use_head}
     config = transformers.SiglipVisionConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, image_size=image_size, patch_size=patch, vision_use_head=False)
+        hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size,
+        patch_size=patch, **head)
     model = transformers.SiglipVisionModel(config).eval()
     randomize(model, seed)
     return model

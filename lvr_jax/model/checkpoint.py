@@ -18,23 +18,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from lvr_jax.model import config as cfg_lib
 from lvr_jax.model.config import LongVILAConfig
 from lvr_jax.model.projector import layer_names
+from lvr_jax.model.safetensors_io import SafetensorsDir, write_component, write_json
 from lvr_jax.model.video_encoders import to_vila
+from lvr_jax.model.vila_config import BASIC_ENCODERS, CheckpointError, read_config, read_json
 from lvr_jax.model.vlm import LongVILA
-from lvr_jax.tokenizer import Tokenizer, VIDEO_TOKEN
+from lvr_jax.tokenizer import Tokenizer
+
+__all__ = ["CheckpointError", "check_checkpoint", "load_pretrained", "read_config",
+           "save_pretrained", "tensor_specs", "iter_hf_tensors"]
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 # (path, logical axes) -> sharding of that parameter; None places on the default device.
 ShardingFn = Callable[[tuple, tuple], jax.sharding.Sharding]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names tensor/field and file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +118,27 @@ def _vision_specs(c: cfg_lib.SiglipConfig) -> list[TensorSpec]:
     for fc, shape in (("fc1", (f, d)), ("fc2", (d, f))):
         specs += [layer(f"mlp.{fc}.weight", ("mlp", fc, "kernel"), "linear", shape),
                   layer(f"mlp.{fc}.bias", ("mlp", fc, "bias"), "copy", shape[:1])]
-    return specs
+    return specs + (_pooling_head_specs(c) if c.vision_use_head else [])
+
+
+def _pooling_head_specs(c: cfg_lib.SiglipConfig) -> list[TensorSpec]:
+    """The 11 `vision_model.head.*` tensors of a tower saved with `vision_use_head`."""
+    d, f = c.hidden_size, c.intermediate_size
+    head = lambda name, path, kind, shape: TensorSpec(  # noqa: E731
+        "vision_tower", f"vision_model.head.{name}", ("vision_tower", "head", *path), kind, shape)
+    return [
+        head("probe", ("probe",), "copy", (1, 1, d)),
+        head("attention.in_proj_weight", ("in_proj", "kernel"), "linear", (3 * d, d)),
+        head("attention.in_proj_bias", ("in_proj", "bias"), "copy", (3 * d,)),
+        head("attention.out_proj.weight", ("out_proj", "kernel"), "linear", (d, d)),
+        head("attention.out_proj.bias", ("out_proj", "bias"), "copy", (d,)),
+        head("layernorm.weight", ("layernorm", "scale"), "copy", (d,)),
+        head("layernorm.bias", ("layernorm", "bias"), "copy", (d,)),
+        head("mlp.fc1.weight", ("mlp", "fc1", "kernel"), "linear", (f, d)),
+        head("mlp.fc1.bias", ("mlp", "fc1", "bias"), "copy", (f,)),
+        head("mlp.fc2.weight", ("mlp", "fc2", "kernel"), "linear", (d, f)),
+        head("mlp.fc2.bias", ("mlp", "fc2", "bias"), "copy", (d,)),
+    ]
 
 
 def _projector_specs(config: LongVILAConfig) -> list[TensorSpec]:
@@ -155,63 +174,6 @@ def tensor_specs(config: LongVILAConfig, components=COMPONENTS) -> list[TensorSp
 
 # ---- reading --------------------------------------------------------------------------------
 
-def canonical_name(component: str, name: str) -> str:
-    """transformers 5 saves SigLIP without the `vision_model.` prefix that VILA files carry."""
-    if component == "vision_tower" and not name.startswith("vision_model."):
-        return "vision_model." + name
-    return name
-
-
-class SafetensorsDir:
-    """Headers of the safetensors files of one component folder: name -> (file, shape)."""
-
-    def __init__(self, directory: str, component: str):
-        self.directory = directory
-        index_path = os.path.join(directory, "model.safetensors.index.json")
-        files = _safetensors_files(directory, index_path)
-        self.entries: dict[str, tuple[str, tuple]] = {}  # canonical name -> (file, shape)
-        self.stored_names: dict[str, str] = {}  # canonical name -> name in the file
-        for name in files:
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
-                raise CheckpointError(f"{index_path!r} lists {name!r}, which does not exist")
-            with _open_safetensors(path) as f:
-                for key in f.keys():
-                    canonical = canonical_name(component, key)
-                    self.entries[canonical] = (path, tuple(f.get_slice(key).get_shape()))
-                    self.stored_names[canonical] = key
-
-    def read(self, name: str) -> np.ndarray:
-        # Opened per tensor so the mapping is released at once: file pages touched while
-        # loading never accumulate in this process's resident memory.
-        with _open_safetensors(self.entries[name][0]) as f:
-            return f.get_tensor(self.stored_names[name])
-
-
-def _safetensors_files(directory: str, index_path: str) -> list[str]:
-    """The weight files of a component folder: those its index lists, else every one there."""
-    if not os.path.exists(index_path):
-        files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
-    else:
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"field 'weight_map' of {index_path!r} is missing or not an "
-                                  "object mapping tensor names to files")
-        files = sorted(set(weight_map.values()))
-    if not files:
-        raise CheckpointError(f"no .safetensors files in {directory!r}")
-    return files
-
-
-def _open_safetensors(path: str):
-    """`safe_open` of one file; a truncated or corrupt file is a CheckpointError naming it."""
-    try:
-        return safe_open(path, framework="numpy")
-    except SafetensorError as error:
-        raise CheckpointError(f"{path!r} is not a readable safetensors file ({error}); it is "
-                              "probably truncated or corrupt: download or copy it again") from None
-
-
 def _check(specs: list[TensorSpec], dirs: dict[str, SafetensorsDir]) -> None:
     """Missing, unexpected and mis-shaped tensors, each named with its file."""
     problems = []
@@ -227,7 +189,17 @@ def _check(specs: list[TensorSpec], dirs: dict[str, SafetensorsDir]) -> None:
                      for name, (path, _) in d.entries.items() if name not in expected]
     if problems:
         raise CheckpointError("checkpoint does not match the model config:\n  "
-                              + "\n  ".join(problems))
+                              + "\n  ".join(problems + _pooling_head_hint(specs, problems)))
+
+
+def _pooling_head_hint(specs: list[TensorSpec], problems: list[str]) -> list[str]:
+    """Why head tensors are missing or unexpected: the tower config's `vision_use_head`."""
+    if not any("'vision_model.head." in p for p in problems):
+        return []
+    has_head = any(".head." in s.hf_name for s in specs)
+    return [f"(vision_tower/config.json has vision_use_head {str(has_head).lower()}"
+            + (" or lacks the key, which transformers reads as true" if has_head else "")
+            + "; it must say whether the tower has its 11 vision_model.head.* tensors)"]
 
 
 def _params_by_path(model: nnx.Module) -> dict[tuple, nnx.Param]:
@@ -261,6 +233,18 @@ def _place(spec: TensorSpec, var: nnx.Param, d: SafetensorsDir, sharding) -> jax
     return stacked
 
 
+def _component_dirs(path: str) -> dict[str, SafetensorsDir]:
+    return {comp: SafetensorsDir(os.path.join(path, comp), comp) for comp in COMPONENTS}
+
+
+def check_checkpoint(path: str) -> LongVILAConfig:
+    """The config of a VILA directory whose tensors all match it by name and shape; reads
+    configs and safetensors headers only (a CheckpointError names what does not fit)."""
+    config = read_config(path)
+    _check(tensor_specs(config), _component_dirs(path))
+    return config
+
+
 def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
                     sharding_fn: Optional[ShardingFn] = None, **overrides) -> LongVILA:
     """Reads a VILA directory into a LongVILA, placing each tensor as it is read.
@@ -273,7 +257,7 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Opti
                                                       **overrides).items() if v is not None})
     model = nnx.eval_shape(lambda: LongVILA(config, rngs=nnx.Rngs(0)))
     specs = tensor_specs(config)
-    dirs = {comp: SafetensorsDir(os.path.join(path, comp), comp) for comp in COMPONENTS}
+    dirs = _component_dirs(path)
     _check(specs, dirs)
     params = _params_by_path(model)
     for spec in specs:
@@ -282,66 +266,6 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Opti
                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         var.set_value(_place(spec, var, dirs[spec.component], sharding))
     return model
-
-
-def _read_json(path: str) -> dict:
-    """A JSON object from `path`; a missing, undecodable or non-object file names the file."""
-    try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path!r} is missing; a VILA checkpoint directory needs it") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:  # the message holds the place
-        raise CheckpointError(f"{path!r} is not valid UTF-8 JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path!r} holds a JSON {type(value).__name__}; expected an object")
-    return value
-
-
-def _token_ids(path: str, top: dict) -> dict:
-    """Video placeholder and "\\n" ids from the checkpoint's tokenizer (or its config)."""
-    if os.path.exists(os.path.join(path, "llm", "tokenizer.json")):
-        from lvr_jax.tokenizer import load_tokenizer
-        tok = load_tokenizer(os.path.join(path, "llm"))
-        return dict(video_token_id=tok.token_id(VIDEO_TOKEN), newline_token_id=tok.newline_id)
-    ids = top.get("lvr_jax", {})
-    return {k: ids[k] for k in ("video_token_id", "newline_token_id") if k in ids}
-
-
-def read_config(path: str) -> LongVILAConfig:
-    """LongVILAConfig from a VILA directory's config.json and its component configs."""
-    top_path = os.path.join(path, "config.json")
-    top = _read_json(top_path)
-    if top.get("model_type") not in ("vila", "llava_llama"):
-        raise CheckpointError(f"field 'model_type' of {top_path!r} is {top.get('model_type')!r}; "
-                              "a VILA checkpoint has 'vila' or 'llava_llama'")
-    feature = top.get("mm_vision_select_feature", "cls_patch")
-    if feature != "cls_patch":
-        raise CheckpointError(f"field 'mm_vision_select_feature' of {top_path!r} is {feature!r}; "
-                              "only 'cls_patch' (all SigLIP patches) is supported")
-    proj_path = os.path.join(path, "mm_projector", "config.json")
-    projector_type = _read_json(proj_path).get("mm_projector_type")
-    if projector_type not in cfg_lib.PROJECTOR_TYPES:
-        raise CheckpointError(f"field 'mm_projector_type' of {proj_path!r} is {projector_type!r}; "
-                              f"supported: {', '.join(cfg_lib.PROJECTOR_TYPES)}")
-    select_layer = top.get("mm_vision_select_layer", -2)
-    if not isinstance(select_layer, int) or isinstance(select_layer, bool):
-        raise CheckpointError(f"field 'mm_vision_select_layer' of {top_path!r} is "
-                              f"{select_layer!r}; it must be an integer (VILA uses -2)")
-    llm = _component_config(path, "llm", cfg_lib.qwen2_from_hf)
-    vision = _component_config(path, "vision_tower", functools.partial(
-        cfg_lib.siglip_from_hf, select_layer=select_layer))
-    return LongVILAConfig(vision=vision, llm=llm, projector_type=projector_type,
-                          **_token_ids(path, top))
-
-
-def _component_config(path: str, component: str, from_hf: Callable):
-    """A component's config.json read by `from_hf`; a bad field is a CheckpointError."""
-    config_path = os.path.join(path, component, "config.json")
-    try:
-        return from_hf(_read_json(config_path), source=repr(config_path))
-    except cfg_lib.HFConfigError as error:
-        raise CheckpointError(str(error)) from None
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -361,71 +285,48 @@ def iter_hf_tensors(model: LongVILA, components=COMPONENTS,
                 yield spec.component, name, spec.to_hf(value[i])
 
 
-def _shards(tensors: Iterator[tuple[str, np.ndarray]], max_bytes: int):
-    """Groups (name, tensor) pairs into dicts of at most max_bytes (a bigger tensor alone)."""
-    shard, size = {}, 0
-    for name, tensor in tensors:
-        if shard and size + tensor.nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[name], size = tensor, size + tensor.nbytes
-    if shard:
-        yield shard
-
-
-def _write_component(directory: str, tensors: Iterator[tuple[str, np.ndarray]],
-                     max_bytes: int) -> None:
-    """Writes model.safetensors, or numbered shards and their index, one shard in memory."""
-    os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):  # stale shards of an earlier save would shadow these
-        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
-            os.remove(os.path.join(directory, name))
-    written = []
-    for n, shard in enumerate(_shards(tensors, max_bytes)):
-        tmp = os.path.join(directory, f".shard-{n:05d}.tmp")
-        save_file(shard, tmp, metadata={"format": "pt"})
-        written.append((tmp, {k: v.nbytes for k, v in shard.items()}))
-    weight_map, total_size = {}, 0
-    for n, (tmp, sizes) in enumerate(written):
-        name = (f"model-{n + 1:05d}-of-{len(written):05d}.safetensors" if len(written) > 1
-                else "model.safetensors")
-        os.replace(tmp, os.path.join(directory, name))
-        weight_map.update(dict.fromkeys(sizes, name))
-        total_size += sum(sizes.values())
-    if len(written) > 1:
-        _write_json(os.path.join(directory, "model.safetensors.index.json"),
-                    {"metadata": {"total_size": total_size}, "weight_map": weight_map})
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
 def save_pretrained(model: LongVILA, path: str, *, tokenizer: Optional[Tokenizer] = None,
                     dtype: Optional[str] = None, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes a VILA directory that load_pretrained and transformers (llm/, vision_tower/) read."""
+    """Writes a VILA directory that load_pretrained and transformers (llm/, vision_tower/) read.
+
+    Tensors are stored in `dtype` (default: the parameters' dtype) and the configs say so.
+    """
     c = model.config
     for comp in COMPONENTS:
         tensors = ((name, t) for _, name, t in iter_hf_tensors(model, (comp,), dtype))
-        _write_component(os.path.join(path, comp), tensors, max_shard_bytes)
-    llm_cfg, vision_cfg = cfg_lib.qwen2_to_hf(c.llm), cfg_lib.siglip_to_hf(c.vision)
+        write_component(os.path.join(path, comp), tensors, max_shard_bytes)
+    stored = jnp.dtype(dtype or c.param_dtype).name
+    write_configs(path, c, cfg_lib.qwen2_to_hf(c.llm, stored),
+                  cfg_lib.siglip_to_hf(c.vision, stored))
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(path, "llm"))
+
+
+def write_configs(path: str, c: LongVILAConfig, llm_cfg: dict, vision_cfg: dict) -> None:
+    """The component configs, the tower's preprocessor config and the top-level config."""
     proj_cfg = {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"],
                 "mm_projector_type": c.projector_type}
-    _write_json(os.path.join(path, "llm", "config.json"), llm_cfg)
-    _write_json(os.path.join(path, "vision_tower", "config.json"), vision_cfg)
-    _write_json(os.path.join(path, "mm_projector", "config.json"), proj_cfg)
-    _write_json(os.path.join(path, "vision_tower", "preprocessor_config.json"), {
+    write_json(os.path.join(path, "llm", "config.json"), llm_cfg)
+    write_json(os.path.join(path, "vision_tower", "config.json"), vision_cfg)
+    write_json(os.path.join(path, "mm_projector", "config.json"), proj_cfg)
+    write_json(os.path.join(path, "vision_tower", "preprocessor_config.json"), {
         "image_processor_type": "SiglipImageProcessor", "do_resize": True, "do_rescale": True,
         "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
         "rescale_factor": 1 / 255, "resample": 3,
         "size": {"height": c.vision.image_size, "width": c.vision.image_size}})
-    _write_json(os.path.join(path, "config.json"), {
+    write_json(os.path.join(path, "config.json"), _top_config(c, llm_cfg, vision_cfg, proj_cfg))
+
+
+def _top_config(c: LongVILAConfig, llm_cfg: dict, vision_cfg: dict, proj_cfg: dict) -> dict:
+    """VILA's top-level config.json; the encoders as JSON strings, as VILA's defaults are."""
+    sampling = {k: v for k, v in (("num_video_frames", c.num_video_frames), ("fps", c.fps))
+                if v is not None}
+    return {
         "model_type": "vila", "architectures": ["VILAForCausalLM"],
         "llm_cfg": llm_cfg, "vision_tower_cfg": vision_cfg, "mm_projector_cfg": proj_cfg,
         "hidden_size": c.llm.hidden_size, "mm_hidden_size": c.vision.hidden_size,
-        "mm_vision_select_layer": c.vision.select_layer, "mm_vision_select_feature": "cls_patch",
-        "image_aspect_ratio": "resize", "video_encoder": to_vila(c.video_encoder),
-        "lvr_jax": {"video_token_id": c.video_token_id, "newline_token_id": c.newline_token_id}})
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(path, "llm"))
+        "mm_vision_select_layer": c.vision.select_layer,
+        "mm_vision_select_feature": c.vision.select_feature, "image_aspect_ratio": "resize",
+        **sampling, "image_encoder": json.dumps({"_target_": BASIC_ENCODERS["image_encoder"]}),
+        "video_encoder": to_vila(c.video_encoder),
+        "lvr_jax": {"video_token_id": c.video_token_id, "newline_token_id": c.newline_token_id}}

@@ -6,12 +6,14 @@ Field names follow the Hugging Face configs so `from_hf` / `to_hf` are plain ren
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from lvr_jax.model import video_encoders
 from lvr_jax.model.video_encoders import VideoEncoderConfig
 
 PROJECTOR_TYPES = ("mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
+# VILA's mm_vision_select_feature: "cls_patch" keeps every token, "patch" drops the first.
+SELECT_FEATURES = ("cls_patch", "patch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +27,12 @@ class SiglipConfig:
     patch_size: int = 14
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
-    vision_use_head: bool = False
+    vision_use_head: bool = False  # the pooling head: kept for round trips, never in features
     select_layer: int = -2  # hidden_states index used as features (VILA: second-to-last)
+    select_feature: str = "cls_patch"  # one of SELECT_FEATURES
+
+    def replace(self, **kw) -> "SiglipConfig":
+        return dataclasses.replace(self, **kw)
 
     @property
     def grid(self) -> int:
@@ -79,6 +85,10 @@ class LongVILAConfig:
     param_dtype: str = "float32"
     remat: bool = False
     video_encoder: VideoEncoderConfig = VideoEncoderConfig()
+    # Frame sampling the checkpoint was trained with (top-level `num_video_frames`, `fps`);
+    # read and written back, while the data config decides the frames of a run.
+    num_video_frames: Optional[int] = None
+    fps: Optional[float] = None
 
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
@@ -135,7 +145,8 @@ PRESETS = {"longvila_r1_7b": longvila_r1_7b, "tiny": tiny}
 # ---- Hugging Face config dicts ------------------------------------------------------------
 
 _QWEN2_FIELDS = [f.name for f in dataclasses.fields(Qwen2Config)]
-_SIGLIP_FIELDS = [f.name for f in dataclasses.fields(SiglipConfig) if f.name != "select_layer"]
+_SIGLIP_FIELDS = [f.name for f in dataclasses.fields(SiglipConfig)
+                  if f.name not in ("select_layer", "select_feature")]
 # Fields that decide parameter shapes: a config.json must state each as a positive integer,
 # since a default (the 7B model's) would only fail later, as a tensor of the wrong shape.
 QWEN2_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -188,24 +199,31 @@ def qwen2_from_hf(d: dict[str, Any], source: str = "the llm config") -> Qwen2Con
     return Qwen2Config(**_hf_fields(Qwen2Config, d, _QWEN2_FIELDS, QWEN2_SHAPE_FIELDS, source))
 
 
-def qwen2_to_hf(c: Qwen2Config) -> dict[str, Any]:
+def qwen2_to_hf(c: Qwen2Config, dtype: str = "float32") -> dict[str, Any]:
     d = {k: getattr(c, k) for k in _QWEN2_FIELDS}
     d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
              rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-             attention_dropout=0.0, use_sliding_window=False, torch_dtype="float32")
+             attention_dropout=0.0, use_sliding_window=False, **_dtype_fields(dtype))
     return d
 
 
 def siglip_from_hf(d: dict[str, Any], select_layer: int = -2,
                    source: str = "the vision config") -> SiglipConfig:
     """SiglipConfig from a Hugging Face SigLIP (vision) config dict; `source` names it in errors."""
-    d = d.get("vision_config", d)  # a full SiglipConfig nests the vision part
+    d = dict(d.get("vision_config", d))  # a full SiglipConfig nests the vision part
+    # transformers reads an absent key as true: older VILA towers carry the head without it.
+    d.setdefault("vision_use_head", True)
     fields = _hf_fields(SiglipConfig, d, _SIGLIP_FIELDS, SIGLIP_SHAPE_FIELDS, source)
     return SiglipConfig(select_layer=select_layer, **fields)
 
 
-def siglip_to_hf(c: SiglipConfig) -> dict[str, Any]:
+def siglip_to_hf(c: SiglipConfig, dtype: str = "float32") -> dict[str, Any]:
     d = {k: getattr(c, k) for k in _SIGLIP_FIELDS}
     d.update(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
-             attention_dropout=0.0, torch_dtype="float32")
+             attention_dropout=0.0, **_dtype_fields(dtype))
     return d
+
+
+def _dtype_fields(dtype: str) -> dict[str, str]:
+    """The stored dtype as transformers 5 (`dtype`) and earlier (`torch_dtype`) read it."""
+    return {"dtype": dtype, "torch_dtype": dtype}

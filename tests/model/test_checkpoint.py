@@ -16,6 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from lvr_jax.model import (PRESETS, CheckpointError, LongVILA, load_pretrained, read_config,
                            save_pretrained)
+from lvr_jax.model.checkpoint import iter_hf_tensors
+from tests import hf_reference
 from tests.hf_reference import rel_err
 
 
@@ -222,3 +224,99 @@ def test_streaming_load_stays_under_one_and_a_half_times_the_checkpoint(tmp_path
                           str(tmp_path), "streaming"], check=True, capture_output=True, text=True)
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     assert (rss["peak"] - rss["baseline"]) / size < 1.5
+
+
+# ---- SigLIP towers with and without the pooling head, bf16 checkpoints ---------------------
+
+def tower_vila_dir(path, tokenizer, vision, dtype=torch.float32, **llm_kwargs):
+    """A VILA directory around `vision`, with a small LLM and projector, stored in `dtype`."""
+    llm = hf_reference.qwen2(vocab_size=tokenizer.vocab_size, hidden=48, heads=4, kv_heads=2,
+                             **llm_kwargs)
+    projector = hf_reference.ProjectorReference("mlp_downsample_2x2_fix",
+                                                vision.config.hidden_size, 48)
+    hf_reference.randomize(projector, seed=5)
+    llm, vision, projector = (m.to(dtype) for m in (llm, vision, projector))
+    hf_reference.write_vila_dir(str(path), llm, vision, projector, "mlp_downsample_2x2_fix",
+                                tokenizer)
+    return llm, vision, projector
+
+
+def head_tower(use_head):
+    """A tiny tower unlike the suite's others: 42 px (an odd 3x3 grid), 3 heads, 2 layers."""
+    return hf_reference.siglip(hidden=48, heads=3, layers=2, image_size=42, intermediate=80,
+                               use_head=use_head, seed=7)
+
+
+@pytest.mark.parametrize("use_head, key", [(None, "true"), (True, "absent"), (False, "false")])
+def test_siglip_tower_with_or_without_pooling_head_loads_and_writes_back_what_it_read(
+        tmp_path, tokenizer, use_head, key):
+    vision = head_tower(use_head)
+    tower_vila_dir(tmp_path / "in", tokenizer, vision)
+    if key == "absent":  # older VILA towers: no key, which transformers reads as true
+        edit_json(tmp_path / "in" / "vision_tower" / "config.json", lambda c: c.pop("vision_use_head"))
+    model = load_pretrained(str(tmp_path / "in"))
+    assert model.config.vision.vision_use_head == (key != "false")
+    frames = np.random.default_rng(1).uniform(-1, 1, (2, 42, 42, 3)).astype(np.float32)
+    with torch.no_grad():
+        hf = vision(torch.from_numpy(frames).permute(0, 3, 1, 2), output_hidden_states=True)
+    assert rel_err(model.vision_tower(jnp.asarray(frames)), hf.hidden_states[-2]) < 1e-5
+    if key != "false":  # the head's layout is checked by running it, not only copied
+        assert rel_err(model.vision_tower.pooled_output(jnp.asarray(frames)), hf.pooler_output) < 1e-5
+    save_pretrained(model, str(tmp_path / "out"))
+    original = all_tensors(tmp_path / "in" / "vision_tower")
+    written = all_tensors(tmp_path / "out" / "vision_tower")
+    assert {"vision_model." + k for k in original} == written.keys()
+    assert len([k for k in written if ".head." in k]) == (11 if key != "false" else 0)
+    for name in original:
+        np.testing.assert_array_equal(original[name], written["vision_model." + name], err_msg=name)
+    again = transformers.SiglipVisionModel.from_pretrained(tmp_path / "out" / "vision_tower").eval()
+    assert again.config.vision_use_head == (key != "false")
+    with torch.no_grad():
+        hf_again = again(torch.from_numpy(frames).permute(0, 3, 1, 2))
+    output = "pooler_output" if key != "false" else "last_hidden_state"
+    np.testing.assert_array_equal(getattr(hf_again, output).numpy(), getattr(hf, output).numpy())
+
+
+@pytest.mark.parametrize("use_head, say", [(True, False), (False, True)])
+def test_head_flag_that_contradicts_the_tensors_is_explained(tmp_path, tokenizer, use_head, say):
+    tower_vila_dir(tmp_path, tokenizer, head_tower(use_head))
+    edit_json(tmp_path / "vision_tower" / "config.json", lambda c: c.update(vision_use_head=say))
+    problem = "unexpected" if use_head else "missing"
+    with pytest.raises(CheckpointError, match=rf"(?s){problem} tensor 'vision_model.head.probe'.*"
+                                              rf"has vision_use_head {str(say).lower()}"):
+        load_pretrained(str(tmp_path))
+
+
+def reference_tensors(llm, vision, projector):
+    """component -> {Hugging Face name: float32 numpy} of the torch modules."""
+    as_np = lambda sd: {k: v.float().numpy() for k, v in sd.items()}  # noqa: E731
+    towers = {k.removeprefix("vision_model."): v for k, v in as_np(vision.state_dict()).items()}
+    return {"llm": as_np(llm.state_dict()),
+            "vision_tower": {"vision_model." + k: v for k, v in towers.items()},
+            "mm_projector": as_np(projector.state_dict())}
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_checkpoint_loads_into_f32_or_bf16_params_with_the_torch_values(
+        tmp_path, tokenizer, param_dtype):
+    llm, vision, projector = tower_vila_dir(tmp_path, tokenizer, head_tower(None), torch.bfloat16)
+    llm.save_pretrained(tmp_path / "llm", max_shard_size="40KB")  # sharded, with an index
+    assert (tmp_path / "llm" / "model.safetensors.index.json").exists()
+    assert json.loads((tmp_path / "llm" / "config.json").read_text())["dtype"] == "bfloat16"
+    model = load_pretrained(str(tmp_path), param_dtype=param_dtype)
+    assert {str(p.dtype) for p in params_of(model)} == {param_dtype}
+    reference = reference_tensors(llm, vision, projector)
+    for component, name, value in iter_hf_tensors(model):
+        np.testing.assert_array_equal(value.astype(np.float32), reference[component][name],
+                                      err_msg=name)
+    assert sum(len(r) for r in reference.values()) == len(list(iter_hf_tensors(model)))
+
+
+def test_bf16_params_save_as_bf16_that_transformers_reads(tmp_path, tokenizer):
+    llm, _, _ = tower_vila_dir(tmp_path / "in", tokenizer, head_tower(False), torch.bfloat16)
+    model = load_pretrained(str(tmp_path / "in"), param_dtype="bfloat16")
+    save_pretrained(model, str(tmp_path / "out"))
+    again = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out" / "llm")
+    assert again.dtype == torch.bfloat16
+    for name, value in llm.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
