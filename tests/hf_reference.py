@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -112,3 +113,11 @@ def write_vila_dir(path: str, llm, vision, projector: ProjectorReference, projec
 def rel_err(ours, reference) -> float:
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def copy_vila_dir(make_vila_dir, tmp_path):
+    """A copy of the reference VILA directory (tmp_path/ckpt) that a test may change."""
+    path, _, _, _ = make_vila_dir()
+    target = tmp_path / "ckpt"
+    shutil.copytree(path, target)
+    return target

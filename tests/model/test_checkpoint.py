@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +80,7 @@ def test_saved_directory_loads_in_transformers_with_the_same_outputs(tmp_path, t
     assert rel_err(model.vision_tower(jnp.asarray(frames)), hidden) < 1e-5
 
 
-def broken_copy(make_vila_dir, tmp_path):
-    path, _, _, _ = make_vila_dir()
-    target = tmp_path / "ckpt"
-    shutil.copytree(path, target)
-    return target
+broken_copy = hf_reference.copy_vila_dir
 
 
 def edit_tensors(file, edit):

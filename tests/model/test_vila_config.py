@@ -1,7 +1,6 @@
 """The top-level VILA config.json as released: every field read, or refused by name."""
 
 import json
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,7 @@ from flax import nnx
 from lvr_jax.model import CheckpointError, load_pretrained, read_config, save_pretrained
 from lvr_jax.model.siglip import SiglipVisionTower
 from lvr_jax.model.vila_config import read_json
-from tests.hf_reference import rel_err
+from tests.hf_reference import copy_vila_dir, rel_err
 
 BASIC_VIDEO = {"_target_": "llava.model.encoders.BasicVideoEncoder"}
 BASIC_IMAGE = {"_target_": "llava.model.encoders.BasicImageEncoder"}
@@ -36,10 +35,7 @@ def released_top_config(path, as_strings: bool) -> dict:
 @pytest.fixture
 def vila_copy(make_vila_dir, tmp_path):
     """A copy of the reference VILA directory whose config.json is the released one."""
-    path, _, _, _ = make_vila_dir()
-    target = tmp_path / "ckpt"
-    shutil.copytree(path, target)
-    return target
+    return copy_vila_dir(make_vila_dir, tmp_path)
 
 
 def write_top(path, top):
