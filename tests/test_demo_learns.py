@@ -2,6 +2,12 @@
 
 The reward is measured on the same training prompts with the same sampling seed before and
 after GRPO, so only the parameters differ between the two measurements.
+
+The margin is what a random update of the same size does not reach. Measured with this
+recipe (2026-11-30): with each rollout batch's scores shuffled among its responses (the
+same update machinery, advantages unrelated to the answers), six GRPO seeds changed the
+reward by +0.020, -0.003, -0.040, -0.023, -0.097 and +0.001; with the real scores, seeds
+0-3 by +0.048, +0.076, +0.028 and +0.028 (this test runs seed 0).
 """
 
 import dataclasses
@@ -14,6 +20,10 @@ from lvr_jax import train
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.rl.learner import GRPOLearner
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+
+# Above the largest reward change of a shuffled-score update (+0.020, module docstring).
+RANDOM_UPDATE_MARGIN = 0.025
 
 
 def mean_training_reward(config, batches: int = 3, seed: int = 7) -> float:
@@ -42,4 +52,4 @@ def test_grpo_increases_the_mean_reward_after_sft(tmp_path, tiny_train_config):
     grpo.model.init = str(tmp_path / "grpo" / "model")
     after = mean_training_reward(grpo)
     assert os.path.exists(tmp_path / "grpo" / "grpo_curves.png")
-    assert after > before, (before, after)
+    assert after - before >= RANDOM_UPDATE_MARGIN, (before, after)
