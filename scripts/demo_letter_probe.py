@@ -18,17 +18,14 @@ import dataclasses
 import json
 import os
 import re
-import sys
 
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lvr_jax import demo, train  # noqa: E402
-from lvr_jax.data.pipeline import eval_dataset  # noqa: E402
-from lvr_jax.data.schema import LETTERS, load_eval_records  # noqa: E402
-from lvr_jax.data.synthetic_script import CORNERS, OPTION_COLOURS  # noqa: E402
-from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder  # noqa: E402
+from lvr_jax import demo, train
+from lvr_jax.data.pipeline import eval_dataset
+from lvr_jax.data.schema import LETTERS, load_eval_records
+from lvr_jax.data.synthetic_script import CORNERS, OPTION_COLOURS
+from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
 
 CONCLUSION = re.compile(r"So the answer is the (.+?) (object|corner), option")
 OPTIONS = {"object": list(OPTION_COLOURS), "corner": list(CORNERS)}
