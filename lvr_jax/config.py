@@ -55,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft = dict(train_vision_tower=False)
     # Text-only multiple-choice drills before an SFT from scratch (lvr_jax.sft.option_drills):
     # what a pretrained LLM already knows. 0 steps: none (a VILA/Qwen2 init needs none).
-    c.drills = dict(steps=0, batch_size=64, lr=1e-3)
+    # kind: "options" (which letter says X?) or "story" (a synthetic question and its chain
+    # of thought, without the video).
+    c.drills = dict(steps=0, batch_size=64, lr=1e-3, kind="options")
 
     c.rl = dict(
         num_generations=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048,

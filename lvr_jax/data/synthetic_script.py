@@ -206,3 +206,14 @@ def option_drill(rng: np.random.Generator) -> dict[str, Any]:
     options, letter = _multiple_choice(rng, correct, texts[1:])
     return {"question": f"Which option says {_uncap(correct)}?", "options": options,
             "answer": letter, "reasoning": f"So the answer is {_uncap(correct)}, option {letter}."}
+
+
+def story_drill(rng: np.random.Generator) -> dict[str, Any]:
+    """A video question of a random story with its chain of thought, without the video.
+
+    From text alone the summary is a guess, but the conclusion follows from the summary and
+    the letter from the conclusion: the two steps a model taught only with videos reads from
+    the video instead (README, "What holds GRPO back on the demo").
+    """
+    questions = make_questions(make_script(rng, 16, 4), rng)
+    return questions[rng.integers(len(questions))]

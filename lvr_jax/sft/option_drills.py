@@ -6,6 +6,11 @@ per question), it learns to name the right object but not to find that object's 
 in "D. The blue circle" the letter comes before the words it labels, a two-hop lookup.
 A few minutes of short drills ("Which option says the blue circle?") in large batches
 teach it before CoT-SFT on the videos.
+
+`drills.kind = "story"` drills the demo's own questions instead: a random story's question
+and its whole chain of thought, without the video. The demo's options are fixed, so the
+lookup is easy, yet a model taught only by videos reads its letter (and its conclusion) from
+the video and ignores the text before them; drilled, it reasons from its summary.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from tqdm import tqdm
 
 from lvr_jax import training
 from lvr_jax.data.batching import PadBatch
-from lvr_jax.data.synthetic_script import option_drill
+from lvr_jax.data.synthetic_script import option_drill, story_drill
 from lvr_jax.data.templates import encode_text_sft, format_question, sft_target
 from lvr_jax.sft.learner import text_loss
 from lvr_jax.tokenizer import Tokenizer
@@ -29,11 +34,15 @@ from lvr_jax.tokenizer import Tokenizer
 DRILL_BUCKETS = tuple(range(16, 257, 16))
 
 
-def drill_batch(tokenizer: Tokenizer, rng: np.random.Generator, size: int) -> dict:
+DRILLS = {"options": option_drill, "story": story_drill}
+
+
+def drill_batch(tokenizer: Tokenizer, rng: np.random.Generator, size: int,
+                kind: str = "options") -> dict:
     """`size` fresh drills, right-padded to a bucket: input_ids, loss_mask, token_mask."""
     examples = []
     for _ in range(size):
-        d = option_drill(rng)
+        d = DRILLS[kind](rng)
         target = sft_target(f"<think>{d['reasoning']}</think><answer>{d['answer']}</answer>")
         ids, mask = encode_text_sft(tokenizer, format_question(d["question"], d["options"]),
                                     target)
@@ -41,6 +50,12 @@ def drill_batch(tokenizer: Tokenizer, rng: np.random.Generator, size: int) -> di
     pad = PadBatch({"input_ids": tokenizer.pad_id, "loss_mask": 0}, "token_mask",
                    DRILL_BUCKETS, "right")
     return pad(examples)
+
+
+def drill_rng(seed: int) -> np.random.Generator:
+    """The drills' own stream: the synthetic set draws video k's story from
+    default_rng([seed, 0, k]), and default_rng(seed) would replay video 0's."""
+    return np.random.default_rng([seed, 7919])
 
 
 def drill_optimizer(config):
@@ -56,10 +71,10 @@ def train_drills(config, model, tokenizer: Tokenizer):
     state = training.TrainState.create(model, training.param_filter(["llm"]), tx)
     update = jax.jit(functools.partial(training.guarded_update, tx, text_loss),
                      static_argnames="graphdef", donate_argnums=(0, 2))
-    rng = np.random.default_rng(config.seed)
+    rng = drill_rng(config.seed)
     with tqdm(range(config.drills.steps), desc="option drills") as bar:
         for _ in bar:
-            batch = drill_batch(tokenizer, rng, config.drills.batch_size)
+            batch = drill_batch(tokenizer, rng, config.drills.batch_size, config.drills.kind)
             state.trainable, state.opt_state, metrics = update(
                 state.trainable, state.frozen, state.opt_state, graphdef=state.graphdef,
                 batch=batch)
