@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvr_jax.kernels import MASKED_POSITION, dot_product_attention
 from lvr_jax.model import layers
 from lvr_jax.model.config import Qwen2Config
 
@@ -37,7 +38,7 @@ class KVCache:
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
                  config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.full((batch, max_len), layers.MASKED_POSITION, jnp.int32),
+                   jnp.full((batch, max_len), MASKED_POSITION, jnp.int32),
                    jnp.zeros((), jnp.int32))
 
     def repeat(self, n: int) -> "KVCache":
@@ -121,11 +122,11 @@ class Qwen2(nnx.Module):
         return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
 
     def hidden_states(self, x_btd, positions_bt, valid_bt, cache: Optional[KVCache] = None,
-                      attention_fn: AttentionFn = layers.dot_product_attention,
+                      attention_fn: AttentionFn = dot_product_attention,
                       return_kv: bool = False):
         """Final-norm hidden states [B, T, D] and the updated cache when one is given, or
         with `return_kv` (no cache) every layer's keys and values ([L, B, T, KVH, D] each)."""
-        kv_pos = jnp.where(valid_bt, positions_bt, layers.MASKED_POSITION).astype(jnp.int32)
+        kv_pos = jnp.where(valid_bt, positions_bt, MASKED_POSITION).astype(jnp.int32)
         x_btd = layers.constrain_activation(x_btd, HIDDEN_AXES)
         if cache is None:
             def body(layer, x, _):
@@ -155,7 +156,7 @@ class Qwen2(nnx.Module):
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, valid=None,
                  cache: Optional[KVCache] = None,
-                 attention_fn: AttentionFn = layers.dot_product_attention):
+                 attention_fn: AttentionFn = dot_product_attention):
         """Logits [B, T, V] in f32 (plus the new cache when `cache` is given)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         valid = jnp.ones(x.shape[:2], bool) if valid is None else valid.astype(bool)

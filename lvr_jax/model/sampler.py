@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvr_jax.kernels import blockwise_attention
 from lvr_jax.model.qwen2 import KVCache, Qwen2, positions_from_valid
-from lvr_jax.sharding.attention import blockwise_attention
 
 
 @dataclasses.dataclass(frozen=True)

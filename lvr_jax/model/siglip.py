@@ -8,10 +8,10 @@ post-layernorm, every patch kept): only the layers up to that one run. A tower s
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvr_jax.kernels import dot_product_attention
 from lvr_jax.model import layers
 from lvr_jax.model.config import SiglipConfig
 
@@ -26,7 +26,7 @@ class Attention(nnx.Module):
         self.out_proj = layers.Dense(h * hd, d, ("vis_heads", "vis_embed"), **kw)
 
     def __call__(self, x_bnd):
-        out = layers.dot_product_attention(self.q_proj(x_bnd), self.k_proj(x_bnd),
+        out = dot_product_attention(self.q_proj(x_bnd), self.k_proj(x_bnd),
                                            self.v_proj(x_bnd))
         return self.out_proj(out.reshape(*x_bnd.shape[:2], -1))
 
@@ -76,7 +76,7 @@ class PoolingHead(nnx.Module):
                                                                           x_bnd.shape[2]))
         q = self.in_proj(probe_b1d)[:, :, 0]
         kv = self.in_proj(x_bnd)
-        out = layers.dot_product_attention(q, kv[:, :, 1], kv[:, :, 2])
+        out = dot_product_attention(q, kv[:, :, 1], kv[:, :, 2])
         x = self.out_proj(out.reshape(*probe_b1d.shape[:2], -1))
         x = x + self.mlp(self.layernorm(x))
         return x[:, 0]

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvr_jax.model import layers, video_encoders
+from lvr_jax.kernels import dot_product_attention
+from lvr_jax.model import video_encoders
 from lvr_jax.model.config import LongVILAConfig
 from lvr_jax.model.projector import Projector
 from lvr_jax.model.qwen2 import KVCache, Qwen2
@@ -85,7 +86,7 @@ class LongVILA(nnx.Module):
 
     def __call__(self, input_ids_bt, video_embeds=None, *, frames=None, valid=None,
                  positions=None, cache: Optional[KVCache] = None,
-                 attention_fn=layers.dot_product_attention, video_valid=None):
+                 attention_fn=dot_product_attention, video_valid=None):
         """Logits [B, T', V] for prompts whose placeholder is replaced by video embeddings.
 
         Pass `video_embeds` ([N, D] shared or [B, N, D]) from `encode_video` (or the

@@ -3,7 +3,7 @@
 `make_attention_fn(mesh, strategy)` returns an `attention_fn` for `Qwen2` / `LongVILA`:
 a `jax.shard_map` over the mesh whose inputs and outputs stay sharded along the sequence
 (and batch over data+fsdp, heads over tp). Inside, each strategy is a pure function of
-the local blocks, built on the blockwise kernel in `blockwise.py`:
+the local blocks, built on the one-device kernels of `lvr_jax.kernels`:
   all_gather  K/V (and key positions) gathered over sp; queries stay local.
   ulysses     all_to_all trades sequence for heads, full-length attention on H/sp heads.
   ring        K/V blocks travel around the ring with ppermute; online softmax; custom
@@ -20,87 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from lvr_jax.model import layers
-from lvr_jax.sharding import blockwise
+from lvr_jax.kernels import blockwise
+from lvr_jax.kernels.local import KERNELS, blocked, local_attention
 from lvr_jax.sharding.mesh import BATCH_AXES, STRATEGIES
 
 AXIS = "sp"
-
-
-# ---- the blockwise kernel on one device, padded to the block size -------------------------
-
-def _pad_to(x, multiple: int, axis: int, value):
-    pad = -x.shape[axis] % multiple
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _blocks(length: int, block: int) -> int:
-    return min(block, length)
-
-
-def _blocked(kernel, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int):
-    """Pads to whole blocks, groups query heads by KV head, runs `kernel`, unpads.
-
-    kernel(q_btkgd, k, v, q_pos, kv_pos, q_block, kv_block) -> [B, T, K, G, D].
-    """
-    b, t, h, d = q_bthd.shape
-    s, kvh = k_bskd.shape[1], k_bskd.shape[2]
-    qb, kb = _blocks(t, block), _blocks(s, block)
-    q = _pad_to(q_bthd, qb, 1, 0).reshape(b, -1, kvh, h // kvh, d)
-    k, v = _pad_to(k_bskd, kb, 1, 0), _pad_to(v_bskd, kb, 1, 0)
-    q_pos = _pad_to(q_pos_bt, qb, 1, 0)
-    kv_pos = _pad_to(kv_pos_bs, kb, 1, layers.MASKED_POSITION)
-    out = kernel(q, k, v, q_pos, kv_pos, qb, kb)
-    return out.reshape(b, -1, h, d)[:, :t]
-
-
-def blockwise_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512):
-    """Causal attention on one device in blocks; same contract as `dot_product_attention`."""
-    return _blocked(blockwise.grouped_attention, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs,
-                    block)
-
-
-def _rotate(x_bt, shift_b):
-    """Row b of x [B, T, ...] rotated left by shift_b[b] along T."""
-    t = x_bt.shape[1]
-    index = (jnp.arange(t)[None] + shift_b[:, None]) % t
-    return jnp.take_along_axis(x_bt, index.reshape(index.shape + (1,) * (x_bt.ndim - 2)), 1)
-
-
-def cudnn_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
-                    implementation: str = "cudnn"):
-    """cuDNN's fused flash attention (bf16/fp16 on NVIDIA GPUs); `block` is unused.
-
-    cuDNN masks by index, not by position, so each row is rotated until its valid tokens
-    start at index 0; `is_causal` with the valid length then is the position mask exactly.
-    Contract: queries and keys are the same sequence (sp = 1, or ulysses) and each row's
-    valid tokens are contiguous (left and/or right padding), as every trainer batch is.
-    """
-    del block, q_pos_bt  # the positions of a contiguous row follow its index
-    t = q_bthd.shape[1]
-    if k_bskd.shape[1] != t:
-        raise ValueError(f"cudnn attention needs queries and keys of one sequence, got {t} "
-                         f"queries and {k_bskd.shape[1]} keys; use kernel='blockwise'")
-    valid = kv_pos_bs != layers.MASKED_POSITION
-    first, count = jnp.argmax(valid, axis=1), jnp.sum(valid, axis=1, dtype=jnp.int32)
-    q, k, v = (_rotate(x, first) for x in (q_bthd, k_bskd, v_bskd))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=count,
-                                       key_value_seq_lengths=count,
-                                       implementation=implementation)
-    return _rotate(out, t - first)
-
-
-KERNELS = {"blockwise": blockwise_attention, "cudnn": cudnn_attention}
-
-
-def local_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512,
-                    kernel: str = "blockwise"):
-    """Causal attention of one device's queries and keys with the chosen kernel."""
-    return KERNELS[kernel](q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block)
 
 
 # ---- strategies: pure functions of the local blocks, run inside shard_map over "sp" ------
@@ -199,7 +123,7 @@ def ring_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block: int = 512
     """Local queries against K/V blocks passed round the sp ring (online softmax)."""
     if kernel != "blockwise":
         raise ValueError(f"ring attention runs the blockwise kernel only, not {kernel!r}")
-    return _blocked(_ring_core, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block)
+    return blocked(_ring_core, q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs, block)
 
 
 LOCAL_STRATEGIES = {"all_gather": all_gather_attention, "ulysses": ulysses_attention,

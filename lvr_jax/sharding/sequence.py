@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lvr_jax.kernels import MASKED_POSITION
 from lvr_jax.model import layers
 from lvr_jax.model.qwen2 import HIDDEN_AXES, KVCache
 from lvr_jax.sharding.attention import (AXIS, _batch_axes, make_attention_fn, pad_sequence,
@@ -54,7 +55,7 @@ def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
     unpadded sequence (`qwen2.positions_from_valid`). The MLP runs `chunk_tokens` tokens
     per device at a time (2048: its temporaries then stay under a fifth of a 256-frame
     step's memory at sp = 8, where 8192 took half); `kernel` is the per-device attention
-    (`attention.KERNELS`). With `return_kv`, also every layer's keys and values
+    (`lvr_jax.kernels.KERNELS`). With `return_kv`, also every layer's keys and values
     ([layers, B, L, KVH, D] each, original order): a prefill's KV cache.
     """
     sp = mesh.shape["sp"]
@@ -90,8 +91,8 @@ def make_sp_prefill(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
                                           return_kv=True)
         k, v = (jnp.pad(x[:, :, :t], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
         k, v = (jax.lax.with_sharding_constraint(x, seq) for x in (k, v))
-        kv_pos = jnp.where(valid_bt, positions_bt, layers.MASKED_POSITION).astype(jnp.int32)
-        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=layers.MASKED_POSITION)
+        kv_pos = jnp.where(valid_bt, positions_bt, MASKED_POSITION).astype(jnp.int32)
+        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=MASKED_POSITION)
         return hidden[:, t - 1], KVCache(k, v, kv_pos, jnp.asarray(t, jnp.int32))
 
     return prefill

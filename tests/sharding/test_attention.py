@@ -1,35 +1,20 @@
 """Sequence-parallel attention: every strategy equals the unsharded model, forward and grads."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lvr_jax.model import layers
+from lvr_jax.kernels import dot_product_attention
 from lvr_jax.model.qwen2 import positions_from_valid
 from lvr_jax.sharding import attention, mesh as mesh_lib
 from lvr_jax.sharding.frames import encode_video_sharded
 from lvr_jax.sharding.sequence import from_zigzag, sp_hidden_states, to_zigzag
+from tests.kernels.helpers import attention_loss, random_qkv
 from tests.sharding.helpers import frames, make_model, mesh_of, rel_err
 
 VIDEO_ID = 151650  # the config's placeholder id
-
-
-def random_qkv(b=2, t=40, h=8, kvh=2, d=16):
-    ks = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(ks[0], (b, t, h, d))
-    k, v = (jax.random.normal(x, (b, t, kvh, d)) for x in ks[1:])
-    valid = jnp.ones((b, t), bool).at[0, :5].set(False)  # left padding in row 0
-    pos = positions_from_valid(valid)
-    return q, k, v, pos, jnp.where(valid, pos, layers.MASKED_POSITION), valid
-
-
-def attention_loss(fn, q, k, v, pos, kv_pos, valid):
-    out = fn(q, k, v, pos, kv_pos)
-    return jnp.sum(jnp.where(valid[..., None, None], jnp.sin(out) * out, 0.0))
 
 
 @pytest.mark.parametrize("strategy", mesh_lib.STRATEGIES)
@@ -37,33 +22,10 @@ def attention_loss(fn, q, k, v, pos, kv_pos, valid):
 def test_strategy_matches_dense_attention_with_grads(strategy, shape):
     q, k, v, pos, kv_pos, valid = random_qkv()
     dense = jax.value_and_grad(attention_loss, argnums=(1, 2, 3))
-    want = dense(layers.dot_product_attention, q, k, v, pos, kv_pos, valid)
+    want = dense(dot_product_attention, q, k, v, pos, kv_pos, valid)
     fn = attention.make_attention_fn(mesh_of(**shape), strategy, block_size=4)
     got = jax.jit(jax.value_and_grad(lambda *a: attention_loss(fn, *a), argnums=(0, 1, 2)))(
         q, k, v, pos, kv_pos, valid)
-    assert rel_err(got[0], want[0]) < 1e-5
-    for g, w in zip(got[1], want[1]):
-        assert rel_err(g, w) < 1e-5
-
-
-def test_local_blockwise_attention_matches_dense_on_ragged_blocks():
-    q, k, v, pos, kv_pos, _ = random_qkv(t=37)
-    got = jax.jit(attention.local_attention, static_argnames="block")(q, k, v, pos, kv_pos, block=8)
-    want = layers.dot_product_attention(q, k, v, pos, kv_pos)
-    assert rel_err(got, want) < 1e-6
-
-
-def test_cudnn_kernel_rotation_matches_dense_on_left_and_right_padding():
-    """The cudnn kernel's index-causal trick, run through XLA's implementation on CPU."""
-    q, k, v, _, _, _ = random_qkv(b=3, t=24)
-    valid = jnp.ones((3, 24), bool).at[0, :5].set(False).at[1, 17:].set(False)
-    valid = valid.at[2, :3].set(False).at[2, 20:].set(False)  # both, like a GRPO sequence
-    pos = positions_from_valid(valid)
-    kv_pos = jnp.where(valid, pos, layers.MASKED_POSITION)
-    xla = functools.partial(attention.cudnn_attention, implementation="xla")
-    grads = jax.value_and_grad(attention_loss, argnums=(1, 2, 3))
-    got = jax.jit(grads, static_argnums=0)(xla, q, k, v, pos, kv_pos, valid)
-    want = grads(layers.dot_product_attention, q, k, v, pos, kv_pos, valid)
     assert rel_err(got[0], want[0]) < 1e-5
     for g, w in zip(got[1], want[1]):
         assert rel_err(g, w) < 1e-5

@@ -4,7 +4,8 @@ Queries and keys are processed in blocks with an online softmax, so memory grows
 block size, not with the [T, S] score matrix; the backward pass recomputes the scores
 from the saved log-sum-exp. Shapes use grouped heads: q [B, T, KVH, G, D], k/v
 [B, S, KVH, D]. A key attends iff kv_pos <= q_pos (padding keys hold MASKED_POSITION).
-The sequence-parallel strategies in `attention.py` are built from these pieces.
+The sequence-parallel strategies in `lvr_jax.sharding.attention` are built from these
+pieces.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lvr_jax.model.layers import NEG_LOGIT as NEG
+from lvr_jax.kernels.dense import NEG_LOGIT as NEG
 
 
 def chunks(x, block: int):
