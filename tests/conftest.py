@@ -1,6 +1,9 @@
 """Shared fixtures: the tiny tokenizer and reference VILA checkpoints built offline."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
 # Tests see 8 simulated CPU devices (sharding tests need them); set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -66,3 +69,22 @@ def tiny_train_config(synthetic_set):
         return c
 
     return make
+
+
+# The README's demo command, shortened (tests/test_entrypoints.py reads its output).
+SHORTENED_DEMO = ["--videos", "20", "--drill_steps", "2", "--sft_steps", "3", "--grpo_steps", "2",
+                  "--eval_limit", "4", "--seed", "1"]
+
+
+@pytest.fixture(scope="session")
+def shortened_demo(tmp_path_factory):
+    """One run of `python -m lvr_jax.demo` on a shortened recipe: (workdir, completed process).
+
+    The entrypoint test checks what it wrote; the notebook test starts from a copy of it, so
+    its stages resume from the finished checkpoints instead of training the same steps again.
+    """
+    workdir = tmp_path_factory.mktemp("demo")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "lvr_jax.demo", "--workdir", str(workdir),
+                          *SHORTENED_DEMO], cwd=root, capture_output=True, text=True, timeout=900)
+    return workdir, out

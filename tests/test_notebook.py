@@ -1,6 +1,7 @@
 """notebooks/quickstart.ipynb runs top to bottom on a shortened demo (nbclient, real kernel)."""
 
 import pathlib
+import shutil
 
 import nbformat
 from nbclient import NotebookClient
@@ -22,7 +23,10 @@ def outputs_text(notebook) -> str:
                    for o in c.get("outputs", []))
 
 
-def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path, shortened_demo):
+    """On a copy of the shortened demo's run: its data is reused and both stages resume from
+    their final checkpoints (the demo test trains them), then export, evaluate and plot."""
+    shutil.copytree(shortened_demo[0], tmp_path / "run")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     shortened(notebook, tmp_path / "run")
     NotebookClient(notebook, timeout=600, kernel_name="python3",
