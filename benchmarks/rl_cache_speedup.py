@@ -106,13 +106,13 @@ def timed_encodes(learner, seconds: list):
 
 
 def make_learner(config, reencode: bool, seconds: list):
-    from lvr_jax import train
+    from lvr_jax import build
     from lvr_jax.rl.learner import GRPOLearner
     from lvr_jax.sharding.embedding_cache import EmbeddingCache
 
     config = config.copy_and_resolve_references()
     config.rl.reencode_video = reencode
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     learner.stop_ids = ()  # every response runs to max_new_tokens: the same work per step
     timed_encodes(learner, seconds)
@@ -120,11 +120,11 @@ def make_learner(config, reencode: bool, seconds: list):
 
 
 def load_batches(config, frames: int, count: int, tokenizer, model) -> list[dict]:
-    from lvr_jax import train
+    from lvr_jax import build
     from lvr_jax.data.pipeline import rl_dataset
 
     config.data.num_frames = frames
-    data = train.data_config(config, model)
+    data = build.data_config(config, model)
     data = dataclasses.replace(data, shuffle=False, num_epochs=None)
     it = iter(rl_dataset(data, tokenizer))
     return [next(it) for _ in range(count)]
@@ -185,7 +185,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="", help="a synthetic set (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from lvr_jax import train
+    from lvr_jax import build
     from lvr_jax.data.synthetic import generate
     from lvr_jax.model import PRESETS
 
@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     if not os.path.exists(os.path.join(data_dir, "train.jsonl")):
         generate(data_dir, num_videos=8, frames=max(args.frames), size=64, seed=0, progress=False)
     config = bench_config(args, data_dir)
-    print_flop_table(train.preset_config(config), PRESETS["longvila_r1_7b"]())
+    print_flop_table(build.preset_config(config), PRESETS["longvila_r1_7b"]())
     print(f"GRPO step: {args.prompts} prompts x G={args.generations}, {args.max_new_tokens} new "
           f"tokens, 1 update mini-batch, KL to the reference on; CPU, medians of "
           f"{args.repeats}")

@@ -35,7 +35,7 @@ def prompt_embeddings(args, data_dir: str):
 
     from benchmarks.rl_cache_speedup import SMALL_LLM, SMALL_VISION
     from configs.demo import get_config
-    from lvr_jax import train
+    from lvr_jax import build
     from lvr_jax.data.pipeline import rl_dataset
     from lvr_jax.data.video import normalize_frames
 
@@ -43,8 +43,8 @@ def prompt_embeddings(args, data_dir: str):
     c.model.vision, c.model.llm = dict(SMALL_VISION), dict(SMALL_LLM)
     c.data.update(records=os.path.join(data_dir, "train.jsonl"), video_root=data_dir,
                   batch_size=args.prompts, num_workers=0, num_frames=args.frames)
-    tokenizer, model = train.build_model(c)
-    batch = next(iter(rl_dataset(train.data_config(c, model), tokenizer)))
+    tokenizer, model = build.build_model(c)
+    batch = next(iter(rl_dataset(build.data_config(c, model), tokenizer)))
     video = jnp.stack([model.encode_video(jnp.asarray(normalize_frames(f))) for f in batch["frames"]])
     embeds, valid = model.embed_inputs(jnp.asarray(batch["prompt_ids"]), video,
                                        jnp.asarray(batch["prompt_mask"]).astype(bool))

@@ -11,36 +11,28 @@ model as a VILA directory (`workdir/model`) that a GRPO stage or transformers ca
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
-from lvr_jax import training
-from lvr_jax.cli import CommandLineError, run_app
+from lvr_jax.build import (build_model, compile_step, data_config, make_data, make_learner,
+                           make_run_mesh)
+from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.config import check_model_init
-from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.eval.scoring import get_scorer
-from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
-from lvr_jax.model.checkpoint import logical_axes
-from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
-                                          parse_video_encoder)
+from lvr_jax.model import LongVILA, save_pretrained
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sft import option_drills
-from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 from lvr_jax.training import NonFiniteGuard
 from rollout_bridge.client import RolloutServerUnavailable
 
@@ -50,146 +42,6 @@ CURVES = {"sft": ("loss", "grad_norm", "cache_hit_rate", "val_accuracy"),
           "grpo": ("val_accuracy", "reward", "accuracy", "pass_at_g", "mixed_groups",
                    "reward_std", "update_alignment", "kl", "entropy", "clip_fraction",
                    "response_length", "logprob_mismatch")}
-
-
-def preset_config(config, tokenizer=None):
-    """The LongVILAConfig of `model.preset` with the recipe's overrides (no weights)."""
-    m = config.model
-    base = PRESETS[m.preset](**({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
-    ids = (dict(video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
-           if tokenizer else {})
-    return base.replace(
-        vision=dataclasses.replace(base.vision, **m.vision),
-        llm=dataclasses.replace(base.llm, **m.llm), projector_type=m.projector_type,
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-        video_encoder=recipe_video_encoder(config, tokenizer) or VideoEncoderConfig(), **ids)
-
-
-def recipe_video_encoder(config, tokenizer=None):
-    """`model.video_encoder` of the recipe as a VideoEncoderConfig; None when unset."""
-    value = config.model.get("video_encoder", "")
-    if not value:
-        return None
-    try:
-        return parse_video_encoder(value, tokenize=tokenizer.encode if tokenizer else None,
-                                   source="config.model.video_encoder")
-    except VideoEncoderError as error:
-        raise CommandLineError(str(error)) from None
-
-
-def make_run_mesh(config):
-    """The recipe's mesh, or None when it asks for a single device."""
-    shape = dict(config.mesh.shape)
-    if all(int(v) == 1 for v in shape.values()) or jax.device_count() == 1:
-        return None
-    return mesh_lib.make_mesh(config.mesh)
-
-
-def build_model(config, mesh=None):
-    """(tokenizer, model): from a VILA directory when `model.init` is set, else the preset.
-
-    On a mesh every parameter is placed in its FSDP/TP sharding as it is loaded.
-    """
-    m = config.model
-    rules = mesh_lib.rules_of(config.mesh)
-    if m.init:
-        tokenizer = load_tokenizer(m.init)
-        kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                  video_encoder=recipe_video_encoder(config, tokenizer))
-        model = (mesh_lib.load_sharded(m.init, mesh, rules, **kw) if mesh
-                 else load_pretrained(m.init, **kw))
-        return tokenizer, check_video_frames(config, model)
-    tokenizer = build_tiny_tokenizer()
-    model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
-    model = mesh_lib.shard_model(model, mesh, rules) if mesh else model
-    return tokenizer, check_video_frames(config, model)
-
-
-def check_video_frames(config, model: LongVILA) -> LongVILA:
-    """The model, if its video encoder can pool `data.num_frames` frames; else a usage error."""
-    try:
-        model.config.num_video_tokens(config.data.num_frames)
-    except VideoEncoderError as error:
-        raise CommandLineError(f"config.data.num_frames: {error}") from None
-    return model
-
-
-def learner_module(stage: str):
-    if stage == "sft":
-        from lvr_jax.sft import learner
-    elif stage == "grpo":
-        from lvr_jax.rl import learner
-    else:
-        raise ValueError(f"config.stage must be 'sft' or 'grpo', got {stage!r}")
-    return learner
-
-
-def compile_step(config, mesh):
-    """Compiles one optimizer step of a recipe on `mesh` from shapes alone (no weights).
-
-    Returns the compiled step; `.memory_analysis()` says what one device needs.
-    """
-    rules = mesh_lib.rules_of(config.mesh)
-    module = learner_module(config.stage)
-    model_config = preset_config(config)
-    model = nnx.eval_shape(lambda: LongVILA(model_config, rngs=nnx.Rngs(0)))
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            v = var.get_value()
-            sharding = mesh_lib.logical_to_sharding(logical_axes(var), mesh, rules, v.shape)
-            var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
-    graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
-    tx = training.make_optimizer(config.optim)
-    # Adam moments take their parameter's sharding; counters are replicated.
-    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
-    on_mesh = lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())  # noqa: E731
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
-                             jax.eval_shape(tx.init, trainable), opt_shardings)
-    batch_sharding = lambda a: NamedSharding(  # noqa: E731
-        mesh, P(mesh_lib.BATCH_AXES, *([None] * (len(a.shape) - 1))))
-    batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
-             for k, a in module.abstract_batch(config, model_config).items()}
-    step = jax.jit(functools.partial(training.guarded_update, tx, module.make_loss_fn(config, mesh)),
-                   static_argnames="graphdef")
-    return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
-
-
-def data_config(config, model: LongVILA) -> DataConfig:
-    """The pipeline's settings; the frame size is the vision tower's, decided by the model."""
-    d = config.data
-    return DataConfig(records=d.records, video_root=d.video_root, num_frames=d.num_frames,
-                      frame_size=model.config.vision.image_size, video_backend=d.video_backend,
-                      on_bad_video=d.on_bad_video, cache_dir=d.cache_dir or None,
-                      batch_size=d.batch_size, max_length=d.max_length, seed=config.seed,
-                      num_epochs=None if d.num_epochs < 0 else d.num_epochs,
-                      num_workers=d.num_workers, shard_index=jax.process_index(),
-                      shard_count=jax.process_count(), read_threads=d.read_threads,
-                      read_buffer=d.read_buffer, worker_buffer_size=d.worker_buffer_size,
-                      max_video_pixels=d.max_video_pixels)
-
-
-def make_learner(config, model, tokenizer, cache, mesh=None):
-    module = learner_module(config.stage)
-    if config.stage == "sft":
-        return module.SFTLearner(model, config, cache, mesh)
-    return module.GRPOLearner(model, config, tokenizer, cache, mesh,
-                              rollout_engine=make_rollout_engine(config.rl.rollout, tokenizer))
-
-
-def make_rollout_engine(rollout, tokenizer):
-    """None for the embedded JAX sampler, else a client of the rollout servers."""
-    if rollout.backend == "jax":
-        return None
-    if rollout.backend == "server":
-        from rollout_bridge.client import make_server_rollout
-        return make_server_rollout(rollout, pad_id=tokenizer.pad_id)
-    raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {rollout.backend!r}")
-
-
-def make_data(config, model, tokenizer):
-    build = sft_dataset if config.stage == "sft" else rl_dataset
-    report = lambda r: log.warning("%s", r)  # noqa: E731  skipped records, once per epoch
-    return iter(build(data_config(config, model), tokenizer, on_epoch_end=report))
 
 
 class Run:

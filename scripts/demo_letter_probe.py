@@ -21,7 +21,7 @@ import re
 
 import jax.numpy as jnp
 
-from lvr_jax import demo, train
+from lvr_jax import build, demo
 from lvr_jax.data.pipeline import eval_dataset
 from lvr_jax.data.schema import LETTERS, load_eval_records
 from lvr_jax.data.synthetic_script import CORNERS, OPTION_COLOURS
@@ -47,11 +47,11 @@ def conclusion_prefixes(target: str) -> dict[str, tuple[str, str]]:
 def probe(model_dir: str, data_dir: str, n: int) -> dict[str, float]:
     config = demo.stage_config("sft", data_dir)
     config.model.init = model_dir
-    tokenizer, model = train.build_model(config, None)
+    tokenizer, model = build.build_model(config, None)
     val = os.path.join(data_dir, "val.jsonl")
     with open(val, encoding="utf-8") as f:
         targets = [json.loads(line)["answer"] for line, _ in zip(f, range(n))]
-    data = dataclasses.replace(train.data_config(config, model), think=True, batch_size=16)
+    data = dataclasses.replace(build.data_config(config, model), think=True, batch_size=16)
     encoder = model_video_encoder(model, EmbeddingCache())
     letter_ids = jnp.asarray([tokenizer.encode(f"option {x}")[-1] for x in LETTERS[:4]])
     counts, k = collections.Counter(), 0

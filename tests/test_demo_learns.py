@@ -16,7 +16,7 @@ import os
 import jax
 import numpy as np
 
-from lvr_jax import train
+from lvr_jax import build, train
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.rl.learner import GRPOLearner
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
@@ -28,9 +28,9 @@ RANDOM_UPDATE_MARGIN = 0.025
 
 def mean_training_reward(config, batches: int = 3, seed: int = 7) -> float:
     """Mean reward of G samples for each of the first training prompts, fixed seed."""
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    data = train.data_config(config, model)
+    data = build.data_config(config, model)
     data = dataclasses.replace(data, shuffle=False, num_workers=0)
     rewards = []
     for i, batch in zip(range(batches), rl_dataset(data, tokenizer)):

@@ -6,7 +6,7 @@ import pathlib
 import jax
 import pytest
 
-from lvr_jax import train
+from lvr_jax import build
 from lvr_jax.sharding import mesh as mesh_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -28,6 +28,6 @@ def test_7b_recipe_step_compiles_on_8_devices(name, platform):
     config.data.update(num_frames=8, max_length=256, batch_size=2)
     config.rl.update(update_batch_size=2, max_new_tokens=64)
     mesh = mesh_lib.make_mesh(config.mesh)
-    compiled = train.compile_step(config, mesh)
+    compiled = build.compile_step(config, mesh)
     assert compiled.memory_analysis() is not None
-    assert train.preset_config(config).llm.num_hidden_layers == 28
+    assert build.preset_config(config).llm.num_hidden_layers == 28

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from lvr_jax import train
+from lvr_jax import build, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,10 +123,10 @@ def test_grpo_rollout_logprobs_match_the_training_forward_and_only_the_llm_moves
 
     config = tiny_train_config("grpo", 1)
     config.rl.temperature = 0.8
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    batch = next(iter(rl_dataset(train.data_config(config, model), tokenizer)))
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
     rollout, metrics = learner.rollout(batch, jax.random.key(0))
     rollout, logprob_metrics = learner.add_logprobs(rollout)
     mask = np.asarray(rollout["response_mask"]) > 0
@@ -158,9 +158,9 @@ def test_grpo_logs_heldout_accuracy_every_eval_every_steps(tmp_path, tiny_train_
     assert "update_alignment" in rows[-1] and "mixed_groups" in rows[-1]
     # The last figure is the exported model's greedy accuracy on the first 6 val questions.
     model = load_pretrained(str(tmp_path / "run" / "model"))
-    tokenizer, _ = train.build_model(config)
+    tokenizer, _ = build.build_model(config)
     records = load_eval_records(os.path.join(synthetic_set, "val.jsonl"))[:6]
-    result = evaluate(model, tokenizer, train.data_config(config, model), 24, progress=False,
+    result = evaluate(model, tokenizer, build.data_config(config, model), 24, progress=False,
                       records=records)
     assert logged[3] == pytest.approx(result.accuracy)
 
@@ -171,7 +171,7 @@ def test_validation_during_training_grades_with_eval_scorer(tiny_train_config, m
 
     config = tiny_train_config("grpo", 1)
     config.eval.update(every=1, val_size=2, scorer="official")
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     asked = {}
     monkeypatch.setattr(train, "evaluate", lambda *a, **kw: asked.update(kw) or EvalResult([]))
     train.Validation(config, model, tokenizer)(model)
@@ -272,10 +272,10 @@ def test_a_recipe_with_the_tsp_video_encoder_rolls_out_and_updates_on_pooled_vid
 
     config = tiny_train_config("grpo", 1)
     config.model.video_encoder = TSP_ENCODER
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     assert model.config.video_encoder.pools == ((4, 1, 1), (8, 2, 2))
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    batch = next(iter(rl_dataset(train.data_config(config, model), tokenizer)))
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
     rollout, _ = learner.rollout(batch, jax.random.key(0))
     # 8 frames of a 2x2 token grid: 2 pooled frames of 4 cells + "\n", then 1 of 1 cell + "\n"
     video_tokens = model.config.num_video_tokens(8)
@@ -303,4 +303,4 @@ def test_a_video_encoder_the_recipe_cannot_run_is_a_usage_error(tiny_train_confi
     config = tiny_train_config("grpo", 1)
     config.model.video_encoder = value
     with pytest.raises(CommandLineError, match=message):
-        train.build_model(config)
+        build.build_model(config)

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 
-from lvr_jax import train
+from lvr_jax import build
 from lvr_jax.eval import report
 from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
@@ -28,8 +28,8 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
     """Every (frames, mode) setting of one checkpoint; the video embeddings are shared by modes."""
     config = config.copy_and_resolve_references()
     config.model.init = model_dir(checkpoint)
-    tokenizer, model = train.build_model(config, train.make_run_mesh(config))
-    engine = train.make_rollout_engine(config.rl.rollout, tokenizer)
+    tokenizer, model = build.build_model(config, build.make_run_mesh(config))
+    engine = build.make_rollout_engine(config.rl.rollout, tokenizer)
     if engine is not None:
         engine.sync_weights(model, 0)
     cache = EmbeddingCache(config.cache.budget_mb << 20, config.cache.disk_dir or None)
@@ -38,7 +38,7 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
         for think in thinks:
             setting = report.Setting(checkpoint, frames, think)
             data = dataclasses.replace(
-                train.data_config(config, model), num_frames=frames, think=think,
+                build.data_config(config, model), num_frames=frames, think=think,
                 batch_size=config.eval.batch_size)
             result = evaluate(model, tokenizer, data, config.eval.max_new_tokens, cache=cache,
                               engine=engine, records=records, scorer=config.eval.scorer)

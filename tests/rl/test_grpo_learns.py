@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from lvr_jax import train
+from lvr_jax import build, train
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.metrics import read_metrics
 from lvr_jax.rl.learner import GRPOLearner
@@ -93,9 +93,9 @@ def test_one_update_raises_positive_and_lowers_negative_advantage_responses(alwa
                                                                           synthetic_set):
     config = grpo_config(synthetic_set, always_a[1], sft_model, steps=1)
     config.optim.lr = 3e-4
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    batch = next(iter(rl_dataset(train.data_config(config, model), tokenizer)))
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
     rollout, metrics = learner.rollout(batch, jax.random.key(0))
     assert 0 < metrics["mixed_groups"] and metrics["pass_at_g"] > 0, metrics
     rollout, _ = learner.add_logprobs(rollout)
@@ -116,9 +116,9 @@ def test_tokens_outside_the_loss_mask_do_not_change_the_update(always_a, sft_mod
     import jax.numpy as jnp
 
     config = grpo_config(synthetic_set, always_a[1], sft_model, steps=1)
-    tokenizer, model = train.build_model(config)
+    tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    batch = next(iter(rl_dataset(train.data_config(config, model), tokenizer)))
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
     rollout, _ = learner.rollout(batch, jax.random.key(0))
     rollout, _ = learner.add_logprobs(rollout)
     outside = np.asarray(rollout["loss_mask"]) == 0

@@ -7,7 +7,7 @@ embedding cache, with every encode done outside the cache.
 import jax
 import numpy as np
 
-from lvr_jax import train
+from lvr_jax import build
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.rl.learner import GRPOLearner
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
@@ -16,7 +16,7 @@ from lvr_jax.sharding.embedding_cache import EmbeddingCache
 def one_step(config, batch, reencode: bool):
     """(learner, rollout with log-probs, update metrics, encoder calls) after one GRPO step."""
     config.rl.reencode_video = reencode
-    tokenizer, model = train.build_model(config)  # same seed: same weights for both learners
+    tokenizer, model = build.build_model(config)  # same seed: same weights for both learners
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     calls = []
     encode = learner.encoder.encode
@@ -31,8 +31,8 @@ def test_reencoding_learner_matches_the_cached_one_and_bypasses_the_cache(tiny_t
     config = tiny_train_config("grpo", 1)
     config.data.batch_size = 2
     config.rl.update(num_generations=2, max_new_tokens=8, update_batch_size=1)
-    tokenizer, model = train.build_model(config)
-    batch = next(iter(rl_dataset(train.data_config(config, model), tokenizer)))
+    tokenizer, model = build.build_model(config)
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
     cached, cached_out, cached_metrics, cached_calls = one_step(config, batch, False)
     fresh, fresh_out, fresh_metrics, fresh_calls = one_step(config, batch, True)
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lvr_jax import train
+from lvr_jax import build, train
 from rollout_bridge import export
 from tests.rollout_bridge.servers import running_server, start_server, stop_server
 from tests.vllm_env import free_port
@@ -29,7 +29,7 @@ def server_config(tiny_train_config, url, steps, wait_s):
 
 @pytest.fixture
 def llm_dir(tiny_train_config, tmp_path):
-    tokenizer, model = train.build_model(tiny_train_config("grpo", 1))
+    tokenizer, model = build.build_model(tiny_train_config("grpo", 1))
     return export.export_dir(model, str(tmp_path / "llm"), tokenizer)
 
 
