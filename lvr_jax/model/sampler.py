@@ -128,7 +128,7 @@ def generate(llm: Qwen2, prompt_embeds_btd, prompt_valid_bt, params: SamplingPar
     """Samples `params.num_samples` continuations of each left-padded prompt.
 
     `prefill` fills the KV cache from the prompt (`local_prefill`, or a sequence-parallel
-    one made once by `training.prefill_fn`: a new function object recompiles). Decoding
+    one made once by `sharding.forwards.prefill_fn`: a new function object recompiles). Decoding
     attends one query at a time with the dense kernel.
     """
     graphdef, state = nnx.split(llm)

@@ -22,7 +22,7 @@ from lvr_jax.data.video import normalize_frames
 from lvr_jax.model.sampler import Generation, SamplingParams, generate
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rewards
-from lvr_jax.sharding import sequence
+from lvr_jax.sharding import forwards, sequence
 from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
 from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def make_response_logprobs(mesh=None, mesh_config=None):
     response window reaches the vocabulary projection, vocabulary-parallel and in chunks
     (`sharding.sequence.response_logprobs`), so no device holds [T, vocab] logits.
     """
-    hidden_fn = training.hidden_fn(mesh, mesh_config)
+    hidden_fn = forwards.hidden_fn(mesh, mesh_config)
 
     def response_logprobs(llm, prompt_embeds, prompt_valid, tokens, response_mask, temperature):
         t, m = prompt_embeds.shape[1], tokens.shape[1]
@@ -151,7 +151,7 @@ class GRPOLearner:
         self.encoder = model_video_encoder(model, cache)
         self.loss_cfg = loss_config(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
-        self.prefill = training.prefill_fn(mesh, config.mesh)
+        self.prefill = forwards.prefill_fn(mesh, config.mesh)
         self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
                                                  make_loss_fn(config, mesh)),
                                static_argnames="graphdef", donate_argnums=(0, 2))

@@ -16,6 +16,7 @@ from flax import nnx
 from lvr_jax import training
 from lvr_jax.data.video import normalize_frames
 from lvr_jax.model.vlm import LongVILA
+from lvr_jax.sharding import forwards
 from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
 
 
@@ -71,7 +72,7 @@ def trainable_filter(config):
 
 
 def make_loss_fn(config, mesh=None):
-    return functools.partial(sft_loss, hidden_fn=training.hidden_fn(mesh, config.mesh))
+    return functools.partial(sft_loss, hidden_fn=forwards.hidden_fn(mesh, config.mesh))
 
 
 def abstract_batch(config, model_config) -> dict:

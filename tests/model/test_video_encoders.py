@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lvr_jax import training
+from lvr_jax.sharding import forwards
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained, save_pretrained
 from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError, arrange_video,
                                           num_video_tokens, parse_video_encoder, pool_tokens,
@@ -154,11 +154,11 @@ def test_tiny_tsp_model_encodes_pooled_frames_then_newlines_and_trains(tokenizer
     batch = {"input_ids": ids, "token_mask": ids != 0, "frames": frames,
              "loss_mask": jnp.asarray([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0]])}
     assert model(ids, video).shape == (2, 6 - 1 + 12, tokenizer.vocab_size)
-    loss, aux = sft_loss(model, batch, training.hidden_fn())
+    loss, aux = sft_loss(model, batch, forwards.hidden_fn())
     assert np.isfinite(float(loss)) and int(aux["target_tokens"]) == 6
     # SFT's cached path (frozen tower features, projector + pooling in the step) agrees
     features = {**batch, "video_features": jax.vmap(model.vision_tower)(batch.pop("frames"))}
-    np.testing.assert_allclose(sft_loss(model, features, training.hidden_fn())[0], loss, rtol=1e-6)
+    np.testing.assert_allclose(sft_loss(model, features, forwards.hidden_fn())[0], loss, rtol=1e-6)
     with pytest.raises(ValueError, match="tokens_per_frame is not defined for the 'tsp'"):
         model.config.tokens_per_frame
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lvr_jax import training
+from lvr_jax.sharding import forwards
 from lvr_jax.model import PRESETS, LongVILA
 from lvr_jax.sft.learner import sft_loss
 
@@ -21,7 +21,7 @@ def test_sft_loss_equals_nll_of_the_answer_tokens_from_full_logits(tokenizer):
     loss_mask = jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0]])
     batch = {"input_ids": ids, "loss_mask": loss_mask, "token_mask": token_mask,
              "frames": frames}
-    loss, aux = sft_loss(model, batch, training.hidden_fn())
+    loss, aux = sft_loss(model, batch, forwards.hidden_fn())
 
     expected, count = 0.0, 0
     for b in range(2):
