@@ -40,6 +40,8 @@ DRILLS = {"options": option_drill, "story": story_drill}
 def drill_batch(tokenizer: Tokenizer, rng: np.random.Generator, size: int,
                 kind: str = "options") -> dict:
     """`size` fresh drills, right-padded to a bucket: input_ids, loss_mask, token_mask."""
+    if kind not in DRILLS:
+        raise ValueError(f"config.drills.kind must be one of {sorted(DRILLS)}, got {kind!r}")
     examples = []
     for _ in range(size):
         d = DRILLS[kind](rng)

@@ -5,6 +5,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 from lvr_jax import train
 from lvr_jax.data.schema import LETTERS
@@ -64,3 +65,8 @@ def test_story_drills_never_replay_the_synthetic_videos_stories():
     assert not video_reasonings(0, 200) & drills
     # the stream the drills would share by default: its first drill is video 0's story
     assert story_drill(np.random.default_rng(0))["reasoning"] in video_reasonings(0, 1)
+
+
+def test_an_unknown_drill_kind_is_refused_by_name(tokenizer):
+    with pytest.raises(ValueError, match="drills.kind .*'stories'"):
+        drill_batch(tokenizer, drill_rng(0), 2, kind="stories")
