@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -120,8 +119,7 @@ def build(kernel: str, stage: str, args):
         from lvr_jax.rl import learner
     tx = training.make_optimizer(cfg.optim)
     state = training.TrainState.create(model, learner.trainable_filter(cfg), tx)
-    update = jax.jit(functools.partial(training.guarded_update, tx, learner.make_loss_fn(cfg, mesh)),
-                     static_argnames="graphdef", donate_argnums=(0, 2))
+    update = training.jit_update(tx, learner.make_loss_fn(cfg, mesh))
     return mc, cfg, mesh, model, state, update, learner
 
 

@@ -12,7 +12,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def parse_args(argv=None):
@@ -41,7 +40,8 @@ def main(argv=None):
     from lvr_jax.model.sampler import SamplingParams, generate
     from lvr_jax.tokenizer import build_tiny_tokenizer
     from rollout_bridge import export
-    from rollout_bridge.client import RolloutClient, ServerRollout
+    from lvr_jax.rl.rollout import ServerEngine
+    from rollout_bridge.client import RolloutClient
     from tests.rollout_bridge.servers import running_server, tiny_model
     args = parse_args(argv)
     tok = build_tiny_tokenizer()
@@ -60,10 +60,10 @@ def main(argv=None):
             client = RolloutClient([server.url], chunk_bytes=1 << 20)
             mb = sum(len(c) for c in export.iter_chunks(model)) / 1e6
             push_s, _ = timed(lambda: client.push_weights(model, int(time.time() * 1e3)))
-            engine = ServerRollout(client, pad_id=tok.pad_id)
+            engine = ServerEngine(client, pad_id=tok.pad_id)
             engine.version = client.health()["version"]
-            server_s, _ = timed(lambda: engine(model, prompt_embeds, valid, params,
-                                               jax.random.key(2)))
+            server_s, _ = timed(lambda: engine.generate(model, prompt_embeds, valid, params,
+                                                        jax.random.key(2)))
     rows.append((f"{args.engine} server (loopback)", tokens / server_s))
     print(f"weight push: {mb:.2f} MB in {push_s * 1e3:.0f} ms = {mb / push_s:.1f} MB/s "
           "(export + HTTP + validate + apply)")

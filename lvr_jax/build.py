@@ -9,7 +9,6 @@ none of them imports another's entrypoint.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -126,8 +125,7 @@ def compile_step(config, mesh):
         mesh, P(mesh_lib.BATCH_AXES, *([None] * (len(a.shape) - 1))))
     batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
              for k, a in module.abstract_batch(config, model_config).items()}
-    step = jax.jit(functools.partial(training.guarded_update, tx, module.make_loss_fn(config, mesh)),
-                   static_argnames="graphdef")
+    step = training.jit_update(tx, module.make_loss_fn(config, mesh), donate=False)
     return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
 
 
@@ -150,17 +148,16 @@ def make_learner(config, model, tokenizer, cache, mesh=None):
     if config.stage == "sft":
         return module.SFTLearner(model, config, cache, mesh)
     return module.GRPOLearner(model, config, tokenizer, cache, mesh,
-                              rollout_engine=make_rollout_engine(config.rl.rollout, tokenizer))
+                              engine=make_rollout_engine(config, tokenizer, mesh))
 
 
-def make_rollout_engine(rollout, tokenizer):
-    """None for the embedded JAX sampler, else a client of the rollout servers."""
-    if rollout.backend == "jax":
-        return None
-    if rollout.backend == "server":
-        from rollout_bridge.client import make_server_rollout
-        return make_server_rollout(rollout, pad_id=tokenizer.pad_id)
-    raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {rollout.backend!r}")
+def make_rollout_engine(config, tokenizer, mesh=None):
+    """What samples the policy (`config.rl.rollout.backend`): the embedded JAX sampler
+    (its prefill sequence-parallel on a mesh) or a client of the rollout servers."""
+    from lvr_jax.rl import rollout
+    from lvr_jax.sharding import forwards
+    return rollout.make_engine(config.rl.rollout, tokenizer.pad_id,
+                               forwards.prefill_fn(mesh, config.mesh))
 
 
 def make_data(config, model, tokenizer):

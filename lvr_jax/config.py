@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
                    end_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
                    grad_clip=1.0, grad_accum_steps=1)
 
-    c.train = dict(num_steps=100, log_every=1, checkpoint_every=50, keep_checkpoints=3,
+    c.train = dict(num_steps=100, checkpoint_every=50, keep_checkpoints=3,
                    async_checkpoints=True, max_nonfinite_steps=5, export=True)
 
     c.sft = dict(train_vision_tower=False)

@@ -8,6 +8,7 @@ leaves parameters and optimizer state untouched and says so in its metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -84,6 +85,14 @@ def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef
     trainable = keep(optax.apply_updates(trainable, updates), trainable)
     opt_state = keep(new_opt_state, opt_state)
     return trainable, opt_state, {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def jit_update(tx, loss_fn: Callable, donate: bool = True):
+    """`guarded_update` jitted: (trainable, frozen, opt_state, graphdef=, batch=) ->
+    (trainable, opt_state, metrics). `donate` reuses the trainable and optimizer buffers
+    (callers keep no other reference to them); compile-only callers pass False."""
+    return jax.jit(functools.partial(guarded_update, tx, loss_fn), static_argnames="graphdef",
+                   donate_argnums=(0, 2) if donate else ())
 
 
 class NonFiniteGuard:

@@ -5,14 +5,12 @@
     key = client.upload_embeddings(video_embeds_nd)
     client.generate([{"before": ids_a, "embeddings": key, "after": ids_b}], n=8, version=1)
 
-`ServerRollout` wraps a client as GRPOLearner's `rollout_engine`. A server that stops
-answering is waited for (retries with backoff up to `wait_s`); one that comes back as a
-fresh process gets the current weights and embeddings again by itself.
+HTTP only: `lvr_jax.rl.rollout.ServerEngine` makes a client the learner's rollout engine.
+A server that stops answering is waited for (retries with backoff up to `wait_s`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -93,11 +91,11 @@ class RolloutClient:
         return self.request(url or self.urls[0], "GET", "/health").json()
 
     # ---- weights -----------------------------------------------------------------------
-    def push_weights(self, model, version: int) -> int:
-        """Exports the LLM of `model` and pushes it to every server as `version`."""
+    def push_weights(self, model, version: int, urls: Optional[Sequence[str]] = None) -> int:
+        """Exports the LLM of `model` and pushes it to every server (or `urls`) as `version`."""
         from rollout_bridge.export import iter_chunks
         chunks = lambda: iter_chunks(model, self.chunk_bytes, dtype=self.dtype)  # noqa: E731
-        for url in self.urls:
+        for url in urls or self.urls:
             self.push_chunks(url, chunks, version)
         return version
 
@@ -160,88 +158,3 @@ def _checked(url: str, response: httpx2.Response) -> httpx2.Response:
         info = {}
     raise RolloutError(url, response.status_code, info.get("code", "http_error"),
                        info.get("error", response.text[:500] or response.reason_phrase))
-
-
-class ServerRollout:
-    """GRPOLearner's `rollout_engine` backed by rollout servers.
-
-    The prompt embeddings the learner built (text + cached video, constant while the
-    embeddings are frozen) are uploaded once under their content key and reused by all G
-    samples and all later steps. `sync_weights` pushes the policy before each rollout.
-    """
-
-    def __init__(self, client: RolloutClient, pad_id: int = 0):
-        self.client, self.pad_id = client, pad_id
-        self.model, self.version = None, None
-
-    def sync_weights(self, model, step: int) -> None:
-        """Pushes `model` as version step + 1 unless that version is already served."""
-        if self.version != step + 1:
-            self.client.push_weights(model, step + 1)
-        self.model, self.version = model, step + 1
-
-    def __call__(self, model, prompt_embeds, prompt_valid, params, rng):
-        import jax
-        embeds, valid = np.asarray(prompt_embeds, np.float32), np.asarray(prompt_valid, bool)
-        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-        urls = self.client.urls
-        shares = np.array_split(np.arange(embeds.shape[0]), len(urls))
-        with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
-            outputs = pool.map(lambda i: self._generate_share(
-                urls[i], [embeds[p][valid[p]] for p in shares[i]], params, seed + i),
-                range(len(urls)))
-            samples = [s for share in outputs for prompt in share for s in prompt]
-        return _generation(samples, params.max_new_tokens, self.pad_id)
-
-    def _generate_share(self, url: str, prompts_nd: list, params, seed: int) -> list:
-        """One server's prompts; re-uploads or re-pushes when the server lost them (restart)."""
-        if not prompts_nd:
-            return []
-        for attempt in range(3):
-            keys = [self.client.upload_embeddings(p, url) for p in prompts_nd]
-            try:
-                reply = self.client.generate(
-                    [{"embeddings": k} for k in keys], url=url, n=params.num_samples,
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    max_tokens=params.max_new_tokens, stop_token_ids=params.stop_token_ids,
-                    seed=seed, version=self.version)
-                return reply["outputs"]
-            except RolloutError as e:
-                if attempt == 2 or e.code not in ("unknown_embeddings", "version_mismatch"):
-                    raise
-                log.warning("%s; restoring the server's state", e)
-                self.client.forget_embeddings(url)
-                if e.code == "version_mismatch" and self.model is not None:
-                    self.client.push_chunks(url, lambda: _chunks(self.client, self.model),
-                                            self.version)
-
-
-def _chunks(client: RolloutClient, model):
-    from rollout_bridge.export import iter_chunks
-    return iter_chunks(model, client.chunk_bytes, dtype=client.dtype)
-
-
-def _generation(samples: list[dict], max_tokens: int, pad_id: int):
-    """Server samples -> the learner's Generation (rows p * G + g, padded to max_tokens)."""
-    import jax.numpy as jnp
-    from lvr_jax.model.sampler import Generation
-    tokens = np.full((len(samples), max_tokens), pad_id, np.int32)
-    logprobs = np.zeros((len(samples), max_tokens), np.float32)
-    lengths = np.zeros(len(samples), np.int32)
-    for row, sample in enumerate(samples):
-        ids = sample["token_ids"][:max_tokens]
-        tokens[row, :len(ids)], lengths[row] = ids, len(ids)
-        logprobs[row, :len(ids)] = sample["logprobs"][:len(ids)]
-    return Generation(jnp.asarray(tokens), jnp.asarray(logprobs), jnp.asarray(lengths))
-
-
-def make_server_rollout(rollout_config, pad_id: int) -> ServerRollout:
-    """ServerRollout from `config.rl.rollout` (urls, token, timeouts, chunk size, dtype)."""
-    import os
-    r = rollout_config
-    retry = RetryPolicy(timeout_s=r.timeout_s, retries=r.retries, backoff_s=r.backoff_s,
-                        wait_s=r.wait_s)
-    client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
-                           retry=retry, chunk_bytes=int(r.chunk_mb) << 20,
-                           dtype=r.dtype or None)
-    return ServerRollout(client, pad_id)

@@ -264,6 +264,26 @@ TSP_ENCODER = ('{"_target_": "llava.model.encoders.TSPVideoEncoder", '
                '"pool_sizes": [[4, 1, 1], [8, 2, 2]]}')
 
 
+def test_dynamic_sampling_runs_the_log_prob_and_update_passes_on_mixed_groups_only(
+        tiny_train_config):
+    from lvr_jax.data.pipeline import rl_dataset
+    from lvr_jax.rl.learner import GRPOLearner
+    from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+    config = tiny_train_config("grpo", 1)
+    config.rl.update(dynamic_sampling=True, update_batch_size=1)
+    tokenizer, model = build.build_model(config)
+    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
+    train, metrics = learner.rollout(batch, jax.random.key(0))
+    prompts, g = len(batch["ground_truth"]), config.rl.num_generations
+    mixed = round(metrics["kept_groups"] * prompts)
+    assert train["tokens"].shape[0] == max(mixed, 1) * g
+    assert (np.asarray(train["loss_mask"]).sum() > 0) == (mixed > 0)
+    train, _ = learner.add_logprobs(train)
+    assert np.isfinite(float(learner.update(train, jax.random.key(1))["loss"]))
+
+
 def test_a_recipe_with_the_tsp_video_encoder_rolls_out_and_updates_on_pooled_videos(
         tiny_train_config):
     from lvr_jax.data.pipeline import rl_dataset

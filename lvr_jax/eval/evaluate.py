@@ -18,9 +18,9 @@ from tqdm import tqdm
 from lvr_jax.data.pipeline import DataConfig, eval_dataset
 from lvr_jax.data.schema import LETTERS
 from lvr_jax.eval.scoring import DEFAULT_SCORER, get_scorer
-from lvr_jax.model.sampler import SamplingParams, generate
+from lvr_jax.model.sampler import SamplingParams
 from lvr_jax.model.vlm import LongVILA
-from lvr_jax.rl.learner import response_texts
+from lvr_jax.rl.rollout import JaxEngine, response_texts
 from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
 from lvr_jax.tokenizer import Tokenizer
 
@@ -62,21 +62,21 @@ def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_to
              scorer: str = DEFAULT_SCORER) -> EvalResult:
     """Answers every record of `data.records` (or of `records`) once and grades it with `scorer`.
 
-    `engine(llm_model, embeds, valid, params, rng) -> Generation` generates; default the
-    embedded sampler (a rollout_bridge `ServerRollout` generates on a rollout server)."""
+    `engine` (an `rl.rollout.RolloutEngine`) generates; default the embedded sampler
+    (a `ServerEngine` generates on rollout servers)."""
     grade = get_scorer(scorer)
     encoder = model_video_encoder(model, cache or EmbeddingCache())
     embed = jax.jit(lambda ids, video, valid: model.embed_inputs(ids, video, valid))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_token_ids=(tokenizer.eos_id,))
-    engine = engine or (lambda m, *args: generate(m.llm, *args, pad_id=tokenizer.pad_id))
+    engine = engine or JaxEngine(tokenizer.pad_id)
     predictions = []
     batches = eval_dataset(data, tokenizer, records)
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
         video = encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
         embeds, valid = embed(jnp.asarray(batch["prompt_ids"]), video,
                               jnp.asarray(batch["prompt_mask"]).astype(bool))
-        gen = engine(model, embeds, valid, params, jax.random.key(0))
+        gen = engine.generate(model, embeds, valid, params, jax.random.key(0))
         for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
             parsed = grade.extract(text)
             predictions.append({

@@ -28,10 +28,10 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
     """Every (frames, mode) setting of one checkpoint; the video embeddings are shared by modes."""
     config = config.copy_and_resolve_references()
     config.model.init = model_dir(checkpoint)
-    tokenizer, model = build.build_model(config, build.make_run_mesh(config))
-    engine = build.make_rollout_engine(config.rl.rollout, tokenizer)
-    if engine is not None:
-        engine.sync_weights(model, 0)
+    mesh = build.make_run_mesh(config)
+    tokenizer, model = build.build_model(config, mesh)
+    engine = build.make_rollout_engine(config, tokenizer, mesh)
+    engine.sync_weights(model, 0)
     cache = EmbeddingCache(config.cache.budget_mb << 20, config.cache.disk_dir or None)
     rows = []
     for frames in frame_counts:

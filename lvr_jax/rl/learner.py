@@ -1,8 +1,9 @@
-"""GRPO learner: rollouts from cached video embeddings, rule rewards, clipped updates.
+"""GRPO learner: one step is sync -> rollout -> log-probs -> update, in that order.
 
 Per rollout batch of P prompts: each video is encoded once (embedding cache), each prompt
-prefilled once and sampled G times, responses scored, advantages taken per group, then
-old-policy and reference log-probs and several optimizer steps reuse the same prompt
+prefilled once and sampled G times by the rollout engine, responses scored and advantages
+taken per group (`rl/rollout.py`), then old-policy and reference log-probs and the optimizer
+steps run over chunks of `rl.update_batch_size` prompts that reuse the same prompt
 embeddings. Only the LLM trains; vision tower, projector and token embeddings stay frozen.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,9 @@ from flax import nnx
 
 from lvr_jax import training
 from lvr_jax.data.video import normalize_frames
-from lvr_jax.model.sampler import Generation, SamplingParams, generate
+from lvr_jax.model.sampler import SamplingParams
 from lvr_jax.model.vlm import LongVILA
-from lvr_jax.rl import grpo, rewards
+from lvr_jax.rl import grpo, rollout
 from lvr_jax.sharding import forwards, sequence
 from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
 from lvr_jax.sharding.mesh import rules_of
@@ -40,6 +40,15 @@ class LossConfig:
     norm_length: int | None = None
     kl_coef: float = 1e-2
     kl_kind: str = "k3"
+
+    @classmethod
+    def of(cls, rl) -> "LossConfig":
+        """From a recipe's `rl` section; Dr.GRPO's `*-norm` aggregation divides by
+        `rl.max_new_tokens`."""
+        return cls(temperature=rl.temperature, clip_low=rl.clip_low, clip_high=rl.clip_high,
+                   dual_clip=rl.dual_clip, loss_agg=rl.loss_agg,
+                   norm_length=rl.max_new_tokens if rl.loss_agg.endswith("norm") else None,
+                   kl_coef=rl.kl_coef, kl_kind=rl.kl_kind)
 
 
 def make_response_logprobs(mesh=None, mesh_config=None):
@@ -86,42 +95,14 @@ def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, logprobs_fn):
                                         "entropy": token_mean(entropy)}
 
 
-def response_texts(tokenizer: Tokenizer, gen: Generation, stop_ids) -> list[str]:
-    """Decoded responses without their stop token."""
-    texts = []
-    for tokens, length in zip(np.asarray(gen.tokens), np.asarray(gen.lengths)):
-        tokens = tokens[:length]
-        if length and tokens[-1] in stop_ids:
-            tokens = tokens[:-1]
-        texts.append(tokenizer.decode(tokens.tolist()))
-    return texts
-
-
-def score_responses(texts, lengths, truths, rl) -> dict[str, np.ndarray]:
-    """Reward parts per response; `score` is what the advantages see."""
-    acc = np.array([rewards.accuracy_reward(t, a) for t, a in zip(texts, truths)])
-    fmt = np.array([rewards.format_reward(t) for t in texts])
-    score = (1.0 - rl.format_weight) * acc + rl.format_weight * fmt
-    if rl.overlong_buffer > 0:
-        score = score + np.array([rewards.overlong_penalty(int(n), rl.max_new_tokens,
-                                                           rl.overlong_buffer) for n in lengths])
-    return {"score": score, "accuracy": acc, "format": fmt}
-
-
 def trainable_filter(config):
     """Only the LLM trains, its token embeddings frozen unless `rl.freeze_embeddings` is off."""
     return training.param_filter(["llm"],
                                  ["llm.embed_tokens"] if config.rl.freeze_embeddings else [])
 
 
-def loss_config(rl) -> LossConfig:
-    norm_length = rl.max_new_tokens if rl.loss_agg.endswith("norm") else None
-    return LossConfig(rl.temperature, rl.clip_low, rl.clip_high, rl.dual_clip, rl.loss_agg,
-                      norm_length, rl.kl_coef, rl.kl_kind)
-
-
 def make_loss_fn(config, mesh=None):
-    return functools.partial(grpo_loss, cfg=loss_config(config.rl),
+    return functools.partial(grpo_loss, cfg=LossConfig.of(config.rl),
                              logprobs_fn=make_response_logprobs(mesh, config.mesh))
 
 
@@ -138,108 +119,66 @@ def abstract_batch(config, model_config) -> dict:
             "tokens": sds((n, m), jnp.int32), "advantages": sds((n,), jnp.float32), **per_token}
 
 
+SEQUENCE_KEYS = ("tokens", "response_mask", "loss_mask", "advantages", "old_logp", "ref_logp")
+
+
 class GRPOLearner:
-    """Rollout, score and update; `step(batch)` does one rollout batch and returns metrics."""
+    """`step(batch)`: one rollout batch, then its updates; returns the step's metrics.
+
+    `engine` samples the policy (default: the embedded JAX sampler on the learner's mesh)."""
 
     def __init__(self, model: LongVILA, config, tokenizer: Tokenizer, cache: EmbeddingCache,
-                 mesh=None, rollout_engine=None):
+                 mesh=None, engine: rollout.RolloutEngine | None = None):
         self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         # The frozen initial policy: a copy, since each update donates the trainable buffers.
         self.reference = jax.tree.map(jnp.copy, self.state.trainable)
         self.encoder = model_video_encoder(model, cache)
-        self.loss_cfg = loss_config(self.rl)
+        self.loss_cfg = LossConfig.of(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
-        self.prefill = forwards.prefill_fn(mesh, config.mesh)
-        self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
-                                                 make_loss_fn(config, mesh)),
-                               static_argnames="graphdef", donate_argnums=(0, 2))
+        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
         self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
         self._embed = jax.jit(lambda m, ids, video, valid: m.embed_inputs(ids, video, valid))
-        self.rollout_engine = rollout_engine or self._jax_rollout
+        self.engine = engine or rollout.JaxEngine(tokenizer.pad_id,
+                                                  forwards.prefill_fn(mesh, config.mesh))
         self.stop_ids = (tokenizer.eos_id,)
 
-    def sampling(self) -> SamplingParams:
-        rl = self.rl
-        return SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                              top_p=rl.top_p, top_k=rl.top_k, stop_token_ids=self.stop_ids,
-                              num_samples=rl.num_generations)
-
-    def _jax_rollout(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
-        return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
-                        pad_id=self.tokenizer.pad_id, prefill=self.prefill)
-
-    def _logprobs_fn(self, trainable, frozen, graphdef, batch):
-        llm = nnx.merge(graphdef, trainable, frozen).llm
-        embeds, valid = gather_prompts(batch)
-        return self.response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
-                                      self.loss_cfg.temperature)[0]
-
-    def _encode_each(self, frames_bfhwc) -> jax.Array:
-        """Each video through the frozen encoder, bypassing the embedding cache."""
-        return jnp.stack([self.encoder.encode(normalize_frames(f)) for f in frames_bfhwc])
-
-    def _prompts_of(self, train: dict, prompt_index) -> dict:
-        """Prompt embeddings and indices for a forward over the sequences of `prompt_index`.
-
-        Shared rollout embeddings; with `rl.reencode_video` (the reference implementation's
-        baseline) every sequence is its own prompt and its video is encoded again.
-        """
-        if not self.rl.reencode_video:
-            return {"prompt_embeds": train["prompt_embeds"], "prompt_valid": train["prompt_valid"],
-                    "prompt_index": prompt_index}
-        index = np.asarray(prompt_index)
-        embeds, valid = self._embed(self.state.model(), jnp.asarray(train["prompt_ids"][index]),
-                                    self._encode_each(train["frames"][index]),
-                                    jnp.asarray(train["prompt_mask"][index]))
-        return {"prompt_embeds": embeds, "prompt_valid": valid,
-                "prompt_index": jnp.arange(len(index))}
+    # ---- the step, in order ------------------------------------------------------------
+    def step(self, batch: dict) -> dict:
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)
+        self.engine.sync_weights(self.state.model(), self.state.step)
+        train, rollout_metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
+        train, logprob_metrics = self.add_logprobs(train)
+        return {**rollout_metrics, **logprob_metrics,
+                **self.update(train, jax.random.fold_in(rng, 1))}
 
     def rollout(self, batch: dict, rng) -> tuple[dict, dict]:
-        """Samples G responses per prompt and scores them: (training batch, metrics)."""
-        s, g = self.state, self.rl.num_generations
-        model = s.model()
-        video = (self._encode_each(batch["frames"]) if self.rl.reencode_video
-                 else self.encoder(batch["frames"], batch["video_key"], batch["frame_indices"]))
-        embeds, valid = self._embed(model, jnp.asarray(batch["prompt_ids"]), video,
-                                    jnp.asarray(batch["prompt_mask"]).astype(bool))
-        start = time.perf_counter()
-        gen = jax.block_until_ready(self.rollout_engine(model, embeds, valid, self.sampling(), rng))
-        seconds = time.perf_counter() - start
+        """generate -> score -> the training batch: (training batch, metrics)."""
+        g, model = self.rl.num_generations, self.state.model()
+        embeds, valid = self.prompt_embeddings(model, batch)
+        gen, seconds = rollout.timed_generate(self.engine, model, embeds, valid,
+                                              self.sampling(), rng)
         lengths = np.asarray(gen.lengths)
-        texts = response_texts(self.tokenizer, gen, self.stop_ids)
+        texts = rollout.response_texts(self.tokenizer, gen, self.stop_ids)
         truths = [t for t in batch["ground_truth"] for _ in range(g)]
-        parts = score_responses(texts, lengths, truths, self.rl)
-        scores = parts["score"]
-        advantages = np.asarray(grpo.group_advantages(jnp.asarray(scores), g,
-                                                      scale_by_std=self.rl.scale_by_std))
-        groups = {k: float(v) for k, v in grpo.group_stats(scores, parts["accuracy"], g).items()}
-        varied = scores.reshape(-1, g).std(axis=1) > 0
-        keep = np.repeat(varied if self.rl.dynamic_sampling else np.ones_like(varied), g)
-        response_mask = (np.arange(gen.tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
-        train = {"prompt_embeds": embeds, "prompt_valid": valid,
-                 "prompt_index": jnp.repeat(jnp.arange(embeds.shape[0]), g),
-                 "tokens": gen.tokens, "rollout_logp": gen.logprobs,
-                 "response_mask": jnp.asarray(response_mask),
-                 "loss_mask": jnp.asarray(response_mask * keep[:, None]),
-                 "advantages": jnp.asarray(advantages, jnp.float32)}
+        parts = rollout.score(texts, lengths, truths, g, self.rl)
+        order, keep = rollout.select_prompts(parts["score"], g, self.rl.update_batch_size,
+                                             self.rl.dynamic_sampling)
+        train = rollout.training_batch(embeds, valid, gen, parts, order, keep, g)
         if self.rl.reencode_video:  # what each later forward needs to encode its video again
-            train.update(frames=batch["frames"], prompt_ids=np.asarray(batch["prompt_ids"]),
-                         prompt_mask=np.asarray(batch["prompt_mask"]).astype(bool))
-        metrics = {"reward": scores.mean(), "accuracy": parts["accuracy"].mean(),
+            train.update(frames=batch["frames"][order],
+                         prompt_ids=np.asarray(batch["prompt_ids"])[order],
+                         prompt_mask=np.asarray(batch["prompt_mask"]).astype(bool)[order])
+        groups = grpo.group_stats(parts["score"], parts["accuracy"], g)
+        varied = parts["score"].reshape(-1, g).std(axis=1) > 0
+        metrics = {"reward": parts["score"].mean(), "accuracy": parts["accuracy"].mean(),
                    "format": parts["format"].mean(), "response_length": lengths.mean(),
-                   "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0, **groups,
+                   "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0,
+                   **{k: float(v) for k, v in groups.items()},
                    "tokens_per_second": lengths.sum() / seconds,
                    "cache_hit_rate": self.encoder.cache.stats.hit_rate}
         return train, {**metrics, "sample": texts[0]}
-
-    def sequence_logprobs(self, trainable, train: dict) -> jax.Array:
-        """Log-probs [N, M] of every sampled response under the LLM weights `trainable`."""
-        s = self.state  # under rl.reencode_video each call encodes the videos again
-        batch = {"tokens": train["tokens"], "response_mask": train["response_mask"],
-                 **self._prompts_of(train, train["prompt_index"])}
-        return self._logprobs(trainable, s.frozen, graphdef=s.graphdef, batch=batch)
 
     def add_logprobs(self, train: dict) -> tuple[dict, dict]:
         """Old-policy and reference log-probs, computed once per rollout batch.
@@ -258,21 +197,17 @@ class GRPOLearner:
         return train, {"logprob_mismatch": mismatch}
 
     def update(self, train: dict, rng) -> dict:
-        """ppo_epochs passes of mini-batches of update_batch_size prompts x G samples."""
+        """ppo_epochs passes over the prompts, shuffled, in chunks of update_batch_size
+        prompts with their G samples each: one optimizer step per chunk."""
         s = self.state
-        n = train["tokens"].shape[0]
-        size = min(self.rl.update_batch_size * self.rl.num_generations, n)
-        sequence_keys = ("prompt_index", "tokens", "response_mask", "loss_mask", "advantages",
-                         "old_logp", "ref_logp")
         history = []
         for epoch in range(self.rl.ppo_epochs):
-            order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
-            for start in range(0, n - size + 1, size):
-                idx = order[start:start + size]
-                mini = {k: train[k][idx] for k in sequence_keys}
-                mini.update(self._prompts_of(train, mini["prompt_index"]))
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch),
+                                                      self.num_prompts(train)))
+            for prompts in self.chunks(order):
                 s.trainable, s.opt_state, m = self._update(
-                    s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=mini)
+                    s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef,
+                    batch=self.chunk_batch(train, prompts))
                 history.append(m)
         s.step += 1
         metrics = {k: np.mean([np.asarray(m[k]) for m in history]) for k in history[0]}
@@ -288,12 +223,69 @@ class GRPOLearner:
                                       train["loss_mask"])
         return {k: float(v) for k, v in shift.items()}
 
-    def step(self, batch: dict) -> dict:
-        rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)
-        sync = getattr(self.rollout_engine, "sync_weights", None)
-        if sync is not None:  # a rollout server samples the policy of this step: push it first
-            sync(self.state.model(), self.state.step)
-        train, rollout_metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
-        train, logprob_metrics = self.add_logprobs(train)
-        return {**rollout_metrics, **logprob_metrics,
-                **self.update(train, jax.random.fold_in(rng, 1))}
+    # ---- the parts ---------------------------------------------------------------------
+    def sampling(self) -> SamplingParams:
+        rl = self.rl
+        return SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                              top_p=rl.top_p, top_k=rl.top_k, stop_token_ids=self.stop_ids,
+                              num_samples=rl.num_generations)
+
+    def prompt_embeddings(self, model: LongVILA, batch: dict):
+        """Prompt embeddings [P, T, D] and validity: the video from the embedding cache
+        (or encoded again under `rl.reencode_video`) spliced into the prompt."""
+        video = (self._encode_each(batch["frames"]) if self.rl.reencode_video
+                 else self.encoder(batch["frames"], batch["video_key"], batch["frame_indices"]))
+        return self._embed(model, jnp.asarray(batch["prompt_ids"]), video,
+                           jnp.asarray(batch["prompt_mask"]).astype(bool))
+
+    def num_prompts(self, train: dict) -> int:
+        return train["tokens"].shape[0] // self.rl.num_generations
+
+    def chunks(self, prompts):
+        """`prompts` in consecutive chunks of update_batch_size (the passes' one shape)."""
+        size = min(self.rl.update_batch_size, len(prompts))
+        return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+
+    def chunk_batch(self, train: dict, prompts, keys=SEQUENCE_KEYS) -> dict:
+        """The sequences of `prompts` (indices into the training batch) for one pass."""
+        g = self.rl.num_generations
+        rows = (np.asarray(prompts)[:, None] * g + np.arange(g)).reshape(-1)
+        return {**{k: train[k][rows] for k in keys},
+                **self._prompts_of(train, np.asarray(prompts))}
+
+    def _prompts_of(self, train: dict, prompts) -> dict:
+        """Prompt embeddings and per-sequence indices into them for a pass over `prompts`.
+
+        Shared rollout embeddings; with `rl.reencode_video` (the reference implementation's
+        baseline) every sequence is its own prompt and its video is encoded again.
+        """
+        g = self.rl.num_generations
+        if not self.rl.reencode_video:
+            return {"prompt_embeds": train["prompt_embeds"][prompts],
+                    "prompt_valid": train["prompt_valid"][prompts],
+                    "prompt_index": jnp.repeat(jnp.arange(len(prompts)), g)}
+        index = np.repeat(prompts, g)
+        embeds, valid = self._embed(self.state.model(), jnp.asarray(train["prompt_ids"][index]),
+                                    self._encode_each(train["frames"][index]),
+                                    jnp.asarray(train["prompt_mask"][index]))
+        return {"prompt_embeds": embeds, "prompt_valid": valid,
+                "prompt_index": jnp.arange(len(index))}
+
+    def _encode_each(self, frames_bfhwc) -> jax.Array:
+        """Each video through the frozen encoder, bypassing the embedding cache."""
+        return jnp.stack([self.encoder.encode(normalize_frames(f)) for f in frames_bfhwc])
+
+    def _logprobs_fn(self, trainable, frozen, graphdef, batch):
+        llm = nnx.merge(graphdef, trainable, frozen).llm
+        embeds, valid = gather_prompts(batch)
+        return self.response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
+                                      self.loss_cfg.temperature)[0]
+
+    def sequence_logprobs(self, trainable, train: dict) -> jax.Array:
+        """Log-probs [N, M] of every sampled response under the LLM weights `trainable`,
+        one chunk of prompts at a time (under rl.reencode_video each chunk encodes again)."""
+        s = self.state
+        return jnp.concatenate([
+            self._logprobs(trainable, s.frozen, graphdef=s.graphdef,
+                           batch=self.chunk_batch(train, prompts, ("tokens", "response_mask")))
+            for prompts in self.chunks(np.arange(self.num_prompts(train)))])

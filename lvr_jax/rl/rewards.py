@@ -1,11 +1,13 @@
 """Rule-based rewards of REFERENCE.md §4: format, accuracy (library grader), overlong shaping.
 
-Pure functions of a response text; `score` is the one place that weighs them.
+Pure functions of response texts; `weigh` is the one place that weighs accuracy and format.
 """
 
 from __future__ import annotations
 
 import re
+
+import numpy as np
 
 from mathruler.grader import grade_answer
 
@@ -34,6 +36,24 @@ def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
     return -1.0
 
 
+def weigh(accuracy, fmt, format_weight: float = 0.1):
+    """(1 - w) * accuracy + w * format: 0.9 / 0.1 as in LongVILA-R1 (floats or arrays)."""
+    return (1.0 - format_weight) * accuracy + format_weight * fmt
+
+
 def score(text: str, answer: str, format_weight: float = 0.1) -> float:
-    """(1 - w) * accuracy + w * format: 0.9 / 0.1 as in LongVILA-R1."""
-    return (1.0 - format_weight) * accuracy_reward(text, answer) + format_weight * format_reward(text)
+    """The reward of one response."""
+    return weigh(accuracy_reward(text, answer), format_reward(text), format_weight)
+
+
+def score_responses(texts, answers, lengths, *, format_weight: float = 0.1,
+                    max_length: int = 0, overlong_buffer: int = 0) -> dict[str, np.ndarray]:
+    """Reward parts per response: accuracy, format and `score` (the reward, with DAPO's
+    overlong penalty when `overlong_buffer` > 0)."""
+    acc = np.array([accuracy_reward(t, a) for t, a in zip(texts, answers)])
+    fmt = np.array([format_reward(t) for t in texts])
+    reward = weigh(acc, fmt, format_weight)
+    if overlong_buffer > 0:
+        reward = reward + np.array([overlong_penalty(int(n), max_length, overlong_buffer)
+                                    for n in lengths])
+    return {"score": reward, "accuracy": acc, "format": fmt}

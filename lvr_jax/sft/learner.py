@@ -98,9 +98,7 @@ class SFTLearner:
         if not self.train_vision:
             features = jax.jit(lambda x: model.vision_tower(x))
             self.encoder = CachedVideoEncoder(features, nnx.state(model.vision_tower), cache)
-        self._update = jax.jit(functools.partial(training.guarded_update, self.tx,
-                                                 make_loss_fn(config, mesh)),
-                               static_argnames="graphdef", donate_argnums=(0, 2))
+        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
 
     def device_batch(self, batch: dict) -> dict:
         """The arrays the jitted step needs; video features come from the cache."""

@@ -15,9 +15,7 @@ the video and ignores the text before them; drilled, it reasons from its summary
 
 from __future__ import annotations
 
-import functools
 
-import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -71,8 +69,7 @@ def train_drills(config, model, tokenizer: Tokenizer):
     """`drills.steps` steps of the LLM on fresh drills -> the trained model."""
     tx = drill_optimizer(config)
     state = training.TrainState.create(model, training.param_filter(["llm"]), tx)
-    update = jax.jit(functools.partial(training.guarded_update, tx, text_loss),
-                     static_argnames="graphdef", donate_argnums=(0, 2))
+    update = training.jit_update(tx, text_loss)
     rng = drill_rng(config.seed)
     with tqdm(range(config.drills.steps), desc="option drills") as bar:
         for _ in bar:

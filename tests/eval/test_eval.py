@@ -98,7 +98,8 @@ def test_evaluation_on_a_rollout_server_gives_the_embedded_samplers_answers(toke
     from lvr_jax.data.schema import load_eval_records
     from lvr_jax.eval.evaluate import evaluate
     from rollout_bridge import export
-    from rollout_bridge.client import RolloutClient, ServerRollout
+    from lvr_jax.rl.rollout import ServerEngine
+    from rollout_bridge.client import RolloutClient
     from tests.rollout_bridge.servers import running_server, tiny_model
 
     model = tiny_model(tokenizer)
@@ -109,7 +110,7 @@ def test_evaluation_on_a_rollout_server_gives_the_embedded_samplers_answers(toke
     records = load_eval_records(data.records)[:3]
     local = evaluate(model, tokenizer, data, 10, records=records, progress=False)
     with running_server(llm_dir, "transformers", log_dir=str(tmp_path)) as server:
-        engine = ServerRollout(RolloutClient([server.url]), pad_id=tokenizer.pad_id)
+        engine = ServerEngine(RolloutClient([server.url]), pad_id=tokenizer.pad_id)
         engine.sync_weights(model, 0)
         remote = evaluate(model, tokenizer, data, 10, records=records, progress=False,
                           engine=engine)
@@ -118,21 +119,24 @@ def test_evaluation_on_a_rollout_server_gives_the_embedded_samplers_answers(toke
     assert all(p["prediction"] for p in local.predictions)
 
 
-def scripted_engine(tokenizer, completions):
-    """A rollout engine that answers the prompts, in order, with the given completion texts."""
-    from lvr_jax.model.sampler import Generation
+class ScriptedEngine:
+    """A rollout engine that answers the prompts, in order, with the given completion texts
+    (the scorer, not generation, is what its test checks)."""
 
-    remaining = list(completions)
+    def __init__(self, tokenizer, completions):
+        self.tokenizer, self.remaining = tokenizer, list(completions)
 
-    def engine(model, embeds, valid, params, rng):
-        texts = [remaining.pop(0) for _ in range(embeds.shape[0])]
-        ids = [tokenizer.encode(t) for t in texts]
-        tokens = np.full((len(ids), max(map(len, ids))), tokenizer.pad_id, np.int32)
+    def sync_weights(self, model, step):
+        pass
+
+    def generate(self, model, embeds, valid, params, rng):
+        from lvr_jax.model.sampler import Generation
+        ids = [self.tokenizer.encode(self.remaining.pop(0)) for _ in range(embeds.shape[0])]
+        tokens = np.full((len(ids), max(map(len, ids))), self.tokenizer.pad_id, np.int32)
         for row, seq in zip(tokens, ids):
             row[:len(seq)] = seq
         return Generation(tokens, np.zeros(tokens.shape, np.float32),
                           np.array([len(seq) for seq in ids]))
-    return engine
 
 
 def test_the_scorer_decides_the_numbers_and_every_file_names_it(tokenizer, synthetic_set,
@@ -158,7 +162,7 @@ def test_the_scorer_decides_the_numbers_and_every_file_names_it(tokenizer, synth
     rows = []
     for name in ("math", "official"):
         result = evaluate(model, tokenizer, data, 4, records=records, progress=False,
-                          engine=scripted_engine(tokenizer, completions), scorer=name)
+                          engine=ScriptedEngine(tokenizer, completions), scorer=name)
         assert [p["prediction"] for p in result.predictions] == completions
         setting = report.Setting(f"{tmp_path}/ckpt-{name}", 4, True)
         rows.append(report.write_setting(str(tmp_path / "eval"), setting, result))

@@ -1,0 +1,195 @@
+"""GRPO rollouts in three steps: generate -> score -> build the training batch.
+
+- `RolloutEngine` samples G responses per prompt embedding: `JaxEngine` (the embedded
+  sampler, on the trainer's devices) or `ServerEngine` (rollout servers over
+  `rollout_bridge.client`, which speaks HTTP only). `sync_weights` hands an engine the
+  policy it must sample before each rollout.
+- `score`: rewards per response (`rewards.score_responses`), advantages per group.
+- `select_prompts` / `training_batch`: the sequences the log-prob and update passes see,
+  in whole chunks of `rl.update_batch_size` prompts (one compiled shape); with
+  `rl.dynamic_sampling` the groups whose G rewards are all equal, which carry no gradient,
+  are left out before any of those passes instead of being masked through them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvr_jax.model.sampler import Generation, SamplingParams, generate, local_prefill
+from lvr_jax.rl import grpo, rewards
+from rollout_bridge.client import RetryPolicy, RolloutClient, RolloutError
+
+log = logging.getLogger("lvr_jax.rl.rollout")
+
+
+class RolloutEngine(Protocol):
+    """What samples the policy: rows p * G + g of the Generation are sample g of prompt p."""
+
+    def sync_weights(self, model, step: int) -> None:
+        """Makes `model` the policy sampled from now on (`step`: the trainer's step)."""
+
+    def generate(self, model, prompt_embeds, prompt_valid, params: SamplingParams,
+                 rng) -> Generation:
+        """G = params.num_samples responses to each prompt embedding [P, T, D]."""
+
+
+class JaxEngine:
+    """The embedded sampler: samples the model it is handed, on the trainer's devices.
+
+    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`."""
+
+    def __init__(self, pad_id: int, prefill=None):
+        self.pad_id, self.prefill = pad_id, prefill or local_prefill
+
+    def sync_weights(self, model, step: int) -> None:
+        del model, step  # nothing to move: generate() reads the weights it is given
+
+    def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
+        return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
+                        pad_id=self.pad_id, prefill=self.prefill)
+
+
+class ServerEngine:
+    """Rollout servers as an engine.
+
+    The prompt embeddings (text + cached video, constant while the embeddings are frozen)
+    are uploaded once under their content key and reused by all G samples and all later
+    steps. A server that comes back as a fresh process gets weights and embeddings again.
+    """
+
+    def __init__(self, client: RolloutClient, pad_id: int = 0):
+        self.client, self.pad_id = client, pad_id
+        self.model, self.version = None, None
+
+    def sync_weights(self, model, step: int) -> None:
+        """Pushes `model` as version step + 1 unless that version is already served."""
+        if self.version != step + 1:
+            self.client.push_weights(model, step + 1)
+        self.model, self.version = model, step + 1
+
+    def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
+        del model  # the servers sample the version pushed by sync_weights
+        embeds, valid = np.asarray(prompt_embeds, np.float32), np.asarray(prompt_valid, bool)
+        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+        urls = self.client.urls
+        shares = np.array_split(np.arange(embeds.shape[0]), len(urls))
+        with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
+            outputs = pool.map(lambda i: self._generate_share(
+                urls[i], [embeds[p][valid[p]] for p in shares[i]], params, seed + i),
+                range(len(urls)))
+            samples = [s for share in outputs for prompt in share for s in prompt]
+        return generation_of(samples, params.max_new_tokens, self.pad_id)
+
+    def _generate_share(self, url: str, prompts_nd: list, params, seed: int) -> list:
+        """One server's prompts; re-uploads or re-pushes when the server lost them (restart)."""
+        if not prompts_nd:
+            return []
+        for attempt in range(3):
+            keys = [self.client.upload_embeddings(p, url) for p in prompts_nd]
+            try:
+                reply = self.client.generate(
+                    [{"embeddings": k} for k in keys], url=url, n=params.num_samples,
+                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    max_tokens=params.max_new_tokens, stop_token_ids=params.stop_token_ids,
+                    seed=seed, version=self.version)
+                return reply["outputs"]
+            except RolloutError as e:
+                if attempt == 2 or e.code not in ("unknown_embeddings", "version_mismatch"):
+                    raise
+                log.warning("%s; restoring the server's state", e)
+                self.client.forget_embeddings(url)
+                if e.code == "version_mismatch" and self.model is not None:
+                    self.client.push_weights(self.model, self.version, urls=[url])
+
+
+def generation_of(samples: list[dict], max_tokens: int, pad_id: int) -> Generation:
+    """Server samples -> a Generation (rows p * G + g, padded to max_tokens)."""
+    tokens = np.full((len(samples), max_tokens), pad_id, np.int32)
+    logprobs = np.zeros((len(samples), max_tokens), np.float32)
+    lengths = np.zeros(len(samples), np.int32)
+    for row, sample in enumerate(samples):
+        ids = sample["token_ids"][:max_tokens]
+        tokens[row, :len(ids)], lengths[row] = ids, len(ids)
+        logprobs[row, :len(ids)] = sample["logprobs"][:len(ids)]
+    return Generation(jnp.asarray(tokens), jnp.asarray(logprobs), jnp.asarray(lengths))
+
+
+def make_engine(rollout_config, pad_id: int, prefill=None) -> RolloutEngine:
+    """The engine `config.rl.rollout` names: "jax" (embedded) or "server" (its urls, token
+    or $ROLLOUT_TOKEN, timeouts, push chunk size and dtype)."""
+    r = rollout_config
+    if r.backend == "jax":
+        return JaxEngine(pad_id, prefill)
+    if r.backend != "server":
+        raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {r.backend!r}")
+    retry = RetryPolicy(timeout_s=r.timeout_s, retries=r.retries, backoff_s=r.backoff_s,
+                        wait_s=r.wait_s)
+    client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
+                           retry=retry, chunk_bytes=int(r.chunk_mb) << 20, dtype=r.dtype or None)
+    return ServerEngine(client, pad_id)
+
+
+def timed_generate(engine: RolloutEngine, model, embeds, valid, params, rng):
+    """(Generation, seconds spent generating)."""
+    start = time.perf_counter()
+    gen = jax.block_until_ready(engine.generate(model, embeds, valid, params, rng))
+    return gen, time.perf_counter() - start
+
+
+def response_texts(tokenizer, gen: Generation, stop_ids) -> list[str]:
+    """Decoded responses without their stop token."""
+    texts = []
+    for tokens, length in zip(np.asarray(gen.tokens), np.asarray(gen.lengths)):
+        tokens = tokens[:length]
+        if length and tokens[-1] in stop_ids:
+            tokens = tokens[:-1]
+        texts.append(tokenizer.decode(tokens.tolist()))
+    return texts
+
+
+def score(texts, lengths, truths, group_size: int, rl) -> dict[str, np.ndarray]:
+    """Reward parts per response (`score` is the reward) and their group advantages."""
+    parts = rewards.score_responses(texts, truths, lengths, format_weight=rl.format_weight,
+                                    max_length=rl.max_new_tokens,
+                                    overlong_buffer=rl.overlong_buffer)
+    parts["advantages"] = np.asarray(grpo.group_advantages(
+        jnp.asarray(parts["score"]), group_size, scale_by_std=rl.scale_by_std))
+    return parts
+
+
+def select_prompts(scores, group_size: int, chunk: int, drop_uniform: bool):
+    """Which prompts the passes see, in order, and which of them train: (order [K], keep [K]).
+
+    Without `drop_uniform` every prompt, all training. With it the prompts whose G scores
+    differ come first; K is rounded up to whole chunks of `chunk` prompts (at least one) with
+    uniform groups that stay masked, so every pass keeps one compiled shape.
+    """
+    varied = np.asarray(scores).reshape(-1, group_size).std(axis=1) > 0
+    everything = np.arange(len(varied))
+    if not drop_uniform:
+        return everything, np.ones(len(varied), bool)
+    order = np.concatenate([everything[varied], everything[~varied]])
+    size = min(len(order), max(1, -(-int(varied.sum()) // chunk)) * chunk)
+    return order[:size], varied[order[:size]]
+
+
+def training_batch(embeds, valid, gen: Generation, parts: dict, order, keep,
+                   group_size: int) -> dict:
+    """The sequences of the prompts `order`, grouped as generated; `keep` masks prompts out."""
+    rows = (np.asarray(order)[:, None] * group_size + np.arange(group_size)).reshape(-1)
+    lengths = np.asarray(gen.lengths)[rows]
+    response_mask = (np.arange(gen.tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
+    loss_mask = response_mask * np.repeat(keep, group_size)[:, None]
+    return {"prompt_embeds": embeds[order], "prompt_valid": valid[order],
+            "prompt_index": jnp.repeat(jnp.arange(len(order)), group_size),
+            "tokens": gen.tokens[rows], "rollout_logp": gen.logprobs[rows],
+            "response_mask": jnp.asarray(response_mask), "loss_mask": jnp.asarray(loss_mask),
+            "advantages": jnp.asarray(parts["advantages"][rows], jnp.float32)}
