@@ -15,7 +15,6 @@ the video and ignores the text before them; drilled, it reasons from its summary
 
 from __future__ import annotations
 
-
 import ml_collections
 import numpy as np
 from tqdm import tqdm
