@@ -176,7 +176,7 @@ def grpo_step(kernel: str, args, peak: float) -> dict:
     batch = {"prompt_embeds": prompt, "prompt_valid": valid,
              "prompt_index": jnp.zeros((n,), jnp.int32), "tokens": tokens,
              "advantages": jax.random.normal(jax.random.key(5), (n,)), "response_mask": ones,
-             "loss_mask": ones, "old_logp": old, "ref_logp": old}
+             "loss_mask": ones, "old_logp": old, "ref_logp": old, "pg_weight": ones}
 
     def step():
         state.trainable, state.opt_state, metrics = update(

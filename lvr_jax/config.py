@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
         clip_low=0.2, clip_high=0.3, dual_clip=3.0, loss_agg="token-mean",
         kl_coef=1e-2, kl_kind="k3", format_weight=0.1, scale_by_std=True,
         dynamic_sampling=False, overlong_buffer=0,  # 0: no overlong shaping
+        # Rollout/trainer mismatch correction (lvr_jax.rl.grpo.rollout_correction): "none",
+        # "token-tis", "seq-tis" (weights min(r, C)), "token-mis", "seq-mis" (r, rejected
+        # above C), r = the trainer's over the engine's probability, C = correction_threshold.
+        rollout_correction="none", correction_threshold=2.0,
         freeze_embeddings=True,
         # One more forward per step to log how the update moved the sampled responses
         # (logp_shift_pos / logp_shift_neg / update_alignment); its cost is one log-prob pass.

@@ -284,6 +284,28 @@ def test_dynamic_sampling_runs_the_log_prob_and_update_passes_on_mixed_groups_on
     assert np.isfinite(float(learner.update(train, jax.random.key(1))["loss"]))
 
 
+def test_token_mis_leaves_out_the_tokens_the_engine_made_too_unlikely(tiny_train_config):
+    from lvr_jax.data.pipeline import rl_dataset
+    from lvr_jax.rl.learner import GRPOLearner
+    from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+    config = tiny_train_config("grpo", 1)
+    config.rl.update(rollout_correction="token-mis", correction_threshold=1.5)
+    tokenizer, model = build.build_model(config)
+    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
+    train, _ = learner.rollout(batch, jax.random.key(0))
+    # as if the engine gave every other token 1 nat less: r = e > 1.5 there, about 1 elsewhere
+    train["rollout_logp"] = train["rollout_logp"].at[:, ::2].add(-1.0)
+    train, metrics = learner.add_logprobs(train)
+    valid = np.asarray(train["response_mask"]) > 0
+    kept = np.asarray(train["loss_mask"]) > 0
+    assert not kept[:, ::2].any() and (kept[:, 1::2] == valid[:, 1::2]).all()
+    assert metrics["corrected_tokens"] == pytest.approx(valid[:, ::2].sum() / valid.sum())
+    assert metrics["mismatch_kl"] > 0.1 and metrics["ppl_ratio"] < 1.0
+    assert np.isfinite(float(learner.update(train, jax.random.key(1))["loss"]))
+
+
 def test_a_recipe_with_the_tsp_video_encoder_rolls_out_and_updates_on_pooled_videos(
         tiny_train_config):
     from lvr_jax.data.pipeline import rl_dataset

@@ -114,3 +114,45 @@ def update_alignment(old_logp, new_logp, advantages, mask) -> dict:
     positive, negative = mean_where(advantages > 0), mean_where(advantages < 0)
     return {"logp_shift_pos": positive, "logp_shift_neg": negative,
             "update_alignment": positive - negative}
+
+
+CORRECTIONS = ("none", "token-tis", "seq-tis", "token-mis", "seq-mis")
+
+
+def rollout_correction(old_logp, rollout_logp, mask, mode: str = "none", threshold: float = 2.0):
+    """Weights [N, T] for the policy-gradient terms, and which tokens the loss keeps [N, T].
+
+    r = exp(old_logp - rollout_logp): the trainer's probability of a sampled token over the
+    rollout engine's (seq modes: the log-ratio summed over the sequence's valid tokens, one r
+    per sequence). TIS (truncated importance sampling) weighs each term by min(r, C); MIS
+    (masked importance sampling) weighs it by r where r <= C and rejects the rest, tokens
+    or whole sequences. Inputs are log-probs of sampling, so no gradient flows through r.
+    """
+    if mode not in CORRECTIONS:
+        raise ValueError(f"rl.rollout_correction {mode!r} is not one of {CORRECTIONS}")
+    valid = mask > 0
+    if mode == "none":
+        return jnp.ones_like(old_logp), valid
+    log_r = jnp.where(valid, old_logp - rollout_logp, 0.0)
+    if mode.startswith("seq"):
+        log_r = jnp.broadcast_to(jnp.sum(log_r, axis=-1, keepdims=True), log_r.shape)
+    r = jnp.exp(jnp.clip(log_r, -20.0, 20.0))
+    if mode.endswith("tis"):
+        return jnp.minimum(r, threshold), valid
+    keep = valid & (r <= threshold)
+    return jnp.where(keep, r, 0.0), keep
+
+
+def mismatch_stats(old_logp, rollout_logp, mask) -> dict:
+    """How far the rollout engine's log-probs of the sampled tokens are from the trainer's:
+    mean |difference|, k3 estimate of KL(engine || trainer) per token, and the perplexity
+    ratio trainer / engine averaged over sequences (1.0 when they agree)."""
+    m = mask.astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(m), 1.0)
+    delta = jnp.clip((old_logp - rollout_logp) * m, -20.0, 20.0)
+    per_seq = jnp.sum(m, axis=-1)
+    seq_ppl_ratio = jnp.exp(-jnp.sum(delta, axis=-1) / jnp.maximum(per_seq, 1.0))
+    counted = (per_seq > 0).astype(jnp.float32)
+    return {"logprob_mismatch": jnp.sum(jnp.abs(delta)) / tokens,
+            "mismatch_kl": jnp.sum((jnp.exp(delta) - delta - 1.0) * m) / tokens,
+            "ppl_ratio": jnp.sum(seq_ppl_ratio * counted) / jnp.maximum(jnp.sum(counted), 1.0)}

@@ -80,14 +80,16 @@ def gather_prompts(batch):
 
 
 def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, logprobs_fn):
-    """Clipped surrogate plus k3 KL to the reference, over the valid response tokens."""
+    """Clipped surrogate (weighted by the rollout correction) plus k3 KL to the reference,
+    over the response tokens the loss keeps."""
     embeds, valid = gather_prompts(batch)
     logp, entropy = logprobs_fn(model.llm, embeds, valid, batch["tokens"],
                                 batch["response_mask"], cfg.temperature)
     mask = batch["loss_mask"]
     terms, clipped = grpo.policy_loss_terms(logp, batch["old_logp"], batch["advantages"],
                                             cfg.clip_low, cfg.clip_high, cfg.dual_clip)
-    pg_loss = grpo.aggregate(terms, mask, cfg.loss_agg, cfg.norm_length)
+    # pg_weight: the rollout correction (1 without one; rejected tokens are out of the mask)
+    pg_loss = grpo.aggregate(terms * batch["pg_weight"], mask, cfg.loss_agg, cfg.norm_length)
     kl = grpo.aggregate(grpo.kl_penalty(logp, batch["ref_logp"], cfg.kl_kind), mask)
     token_mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask)  # noqa: E731
     return pg_loss + cfg.kl_coef * kl, {"pg_loss": pg_loss, "kl": kl,
@@ -113,13 +115,14 @@ def abstract_batch(config, model_config) -> dict:
     t = config.data.max_length - 1 + model_config.num_video_tokens(config.data.num_frames)
     sds = jax.ShapeDtypeStruct
     per_token = {k: sds((n, m), jnp.float32) for k in
-                 ("response_mask", "loss_mask", "old_logp", "ref_logp")}
+                 ("response_mask", "loss_mask", "old_logp", "ref_logp", "pg_weight")}
     return {"prompt_embeds": sds((p, t, model_config.llm.hidden_size), jnp.dtype(model_config.dtype)),
             "prompt_valid": sds((p, t), jnp.bool_), "prompt_index": sds((n,), jnp.int32),
             "tokens": sds((n, m), jnp.int32), "advantages": sds((n,), jnp.float32), **per_token}
 
 
-SEQUENCE_KEYS = ("tokens", "response_mask", "loss_mask", "advantages", "old_logp", "ref_logp")
+SEQUENCE_KEYS = ("tokens", "response_mask", "loss_mask", "advantages", "old_logp", "ref_logp",
+                 "pg_weight")
 
 
 class GRPOLearner:
@@ -181,20 +184,26 @@ class GRPOLearner:
         return train, {**metrics, "sample": texts[0]}
 
     def add_logprobs(self, train: dict) -> tuple[dict, dict]:
-        """Old-policy and reference log-probs, computed once per rollout batch.
+        """Old-policy and reference log-probs, computed once per rollout batch, and the
+        rollout correction they give (`rl.rollout_correction`, `grpo.rollout_correction`).
 
         Also measures how far the rollout engine's log-probs are from the training
         forward's (a mismatch that grows means the engine and trainer disagree).
         """
         train["old_logp"] = self.sequence_logprobs(self.state.trainable, train)
-        mask = train["response_mask"]
-        gap = jnp.abs(train["old_logp"] - train["rollout_logp"])
-        mismatch = float(jnp.sum(gap * mask) / jnp.maximum(jnp.sum(mask), 1.0))
         if self.loss_cfg.kl_coef > 0:
             train["ref_logp"] = self.sequence_logprobs(self.reference, train)
         else:
             train["ref_logp"] = train["old_logp"]
-        return train, {"logprob_mismatch": mismatch}
+        old, engine, mask = train["old_logp"], train["rollout_logp"], train["loss_mask"]
+        mode, threshold = self.rl.rollout_correction, self.rl.correction_threshold
+        weights, keep = grpo.rollout_correction(old, engine, mask, mode, threshold)
+        valid = mask > 0
+        corrected = valid & (~keep | (weights >= threshold)) if mode != "none" else ~valid
+        train["pg_weight"], train["loss_mask"] = weights, mask * keep
+        metrics = grpo.mismatch_stats(old, engine, train["response_mask"])
+        metrics["corrected_tokens"] = jnp.sum(corrected) / jnp.maximum(jnp.sum(valid), 1)
+        return train, {k: float(v) for k, v in metrics.items()}
 
     def update(self, train: dict, rng) -> dict:
         """ppo_epochs passes over the prompts, shuffled, in chunks of update_batch_size

@@ -144,3 +144,70 @@ def test_update_alignment_is_the_positive_minus_the_negative_log_prob_shift():
     assert float(shift["logp_shift_pos"]) == pytest.approx(0.3)
     assert float(shift["logp_shift_neg"]) == pytest.approx(-0.2)
     assert float(shift["update_alignment"]) == pytest.approx(0.5)
+
+
+def reference_correction(old, rollout, mask, mode, c):
+    """Element by element: r per token (or per sequence), then TIS / MIS."""
+    n, t = old.shape
+    weights, keep = np.ones((n, t)), mask > 0
+    if mode == "none":
+        return weights, keep
+    for i in range(n):
+        seq_log_r = sum(old[i, j] - rollout[i, j] for j in range(t) if mask[i, j] > 0)
+        for j in range(t):
+            if mask[i, j] == 0:
+                weights[i, j] = min(1.0, c) if mode.endswith("tis") else 0.0
+                continue
+            r = math.exp(seq_log_r if mode.startswith("seq") else old[i, j] - rollout[i, j])
+            if mode.endswith("tis"):
+                weights[i, j] = min(r, c)
+            else:
+                keep[i, j] = r <= c
+                weights[i, j] = r if r <= c else 0.0
+    return weights, keep
+
+
+@pytest.mark.parametrize("mode", grpo.CORRECTIONS)
+@pytest.mark.parametrize("threshold", [1.2, 2.0])
+def test_rollout_correction_matches_the_formulas(mode, threshold):
+    k = jax.random.split(jax.random.key(11), 3)
+    old = -jax.random.uniform(k[0], (5, 7)) * 3
+    rollout = old + 0.4 * jax.random.normal(k[1], (5, 7))
+    mask = (jnp.arange(7)[None] < jnp.array([[7], [4], [1], [6], [0]])).astype(jnp.float32)
+    weights, keep = grpo.rollout_correction(old, rollout, mask, mode, threshold)
+    want_w, want_keep = reference_correction(np.asarray(old, np.float64),
+                                             np.asarray(rollout, np.float64),
+                                             np.asarray(mask), mode, threshold)
+    valid = np.asarray(mask) > 0
+    np.testing.assert_array_equal(np.asarray(keep), want_keep)
+    np.testing.assert_allclose(np.asarray(weights)[valid], want_w[valid], rtol=1e-5)
+    if mode.endswith("mis"):  # the random ratios leave some tokens kept and some rejected
+        assert 0 < np.asarray(keep)[valid].mean() < 1
+
+
+def test_seq_mis_rejects_whole_sequences():
+    old = jnp.zeros((2, 4))
+    rollout = jnp.array([[0.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])  # r = e for sequence 0
+    weights, keep = grpo.rollout_correction(old, rollout, jnp.ones((2, 4)), "seq-mis", 2.0)
+    np.testing.assert_array_equal(np.asarray(keep), [[False] * 4, [True] * 4])
+    np.testing.assert_allclose(np.asarray(weights), [[0.0] * 4, [1.0] * 4])
+
+
+def test_an_unknown_correction_is_refused_naming_the_modes():
+    with pytest.raises(ValueError, match="rl.rollout_correction 'tis'.*token-tis"):
+        grpo.rollout_correction(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)), "tis")
+
+
+def test_mismatch_stats_match_the_formulas():
+    old = jnp.array([[-1.0, -2.0, -0.5], [-0.3, -0.1, -4.0]])
+    rollout = jnp.array([[-1.2, -1.5, -0.5], [-0.3, -0.2, 9.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    stats = {k: float(v) for k, v in grpo.mismatch_stats(old, rollout, mask).items()}
+    deltas = [0.2, -0.5, 0.0, 0.0, 0.1]
+    assert stats["logprob_mismatch"] == pytest.approx(sum(map(abs, deltas)) / 5, rel=1e-5)
+    assert stats["mismatch_kl"] == pytest.approx(
+        sum(math.exp(d) - d - 1 for d in deltas) / 5, rel=1e-5)
+    ppl_train = [math.exp((1.0 + 2.0 + 0.5) / 3), math.exp((0.3 + 0.1) / 2)]
+    ppl_engine = [math.exp((1.2 + 1.5 + 0.5) / 3), math.exp((0.3 + 0.2) / 2)]
+    assert stats["ppl_ratio"] == pytest.approx(
+        sum(a / b for a, b in zip(ppl_train, ppl_engine)) / 2, rel=1e-5)

@@ -77,7 +77,7 @@ def grpo_batch(hidden_size: int, vocab: int, prompts=2, group=2, t=37, m=11):
             "tokens": jax.random.randint(keys[1], (n, m), 0, vocab),
             "response_mask": response_mask, "loss_mask": response_mask, "old_logp": old,
             "ref_logp": old - 0.1 * jax.random.normal(keys[3], (n, m)),
-            "advantages": jax.random.normal(keys[4], (n,))}
+            "advantages": jax.random.normal(keys[4], (n,)), "pg_weight": jnp.ones((n, m))}
 
 
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
