@@ -20,7 +20,7 @@ from lvr_jax import training
 from lvr_jax.cli import CommandLineError
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained
-from lvr_jax.model.checkpoint import logical_axes
+from lvr_jax.model.layers import logical_axes
 from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
                                           parse_video_encoder)
 from lvr_jax.sharding import mesh as mesh_lib

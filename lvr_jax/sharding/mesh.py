@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lvr_jax.model import layers
-from lvr_jax.model.checkpoint import load_pretrained, logical_axes, read_config
+from lvr_jax.model.checkpoint import load_pretrained, read_config
+from lvr_jax.model.layers import logical_axes
 
 MESH_AXES = ("data", "fsdp", "sp", "tp")
 BATCH_AXES = ("data", "fsdp")
