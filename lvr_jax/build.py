@@ -20,10 +20,10 @@ from lvr_jax import training
 from lvr_jax.cli import CommandLineError
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained
-from lvr_jax.model.layers import logical_axes
 from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
                                           parse_video_encoder)
 from lvr_jax.sharding import mesh as mesh_lib
+from lvr_jax.sharding.param_placement import load_sharded, param_sharding, shard_model
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 log = logging.getLogger("lvr_jax.build")
@@ -73,12 +73,12 @@ def build_model(config, mesh=None):
         tokenizer = load_tokenizer(m.init)
         kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                   video_encoder=recipe_video_encoder(config, tokenizer))
-        model = (mesh_lib.load_sharded(m.init, mesh, rules, **kw) if mesh
+        model = (load_sharded(m.init, mesh, rules, **kw) if mesh
                  else load_pretrained(m.init, **kw))
         return tokenizer, check_video_frames(config, model)
     tokenizer = build_tiny_tokenizer()
     model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
-    model = mesh_lib.shard_model(model, mesh, rules) if mesh else model
+    model = shard_model(model, mesh, rules) if mesh else model
     return tokenizer, check_video_frames(config, model)
 
 
@@ -113,7 +113,7 @@ def compile_step(config, mesh):
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             v = var.get_value()
-            sharding = mesh_lib.logical_to_sharding(logical_axes(var), mesh, rules, v.shape)
+            sharding = param_sharding(var, mesh, rules)
             var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
     graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)

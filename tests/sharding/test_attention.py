@@ -10,6 +10,7 @@ from lvr_jax.kernels import dot_product_attention
 from lvr_jax.model.qwen2 import positions_from_valid
 from lvr_jax.sharding import attention, mesh as mesh_lib
 from lvr_jax.sharding.frames import encode_video_sharded
+from lvr_jax.sharding.param_placement import shard_model
 from lvr_jax.sharding.sequence import from_zigzag, sp_hidden_states, to_zigzag
 from tests.kernels.helpers import attention_loss, random_qkv
 from tests.sharding.helpers import frames, make_model, mesh_of, rel_err
@@ -91,7 +92,7 @@ def reference():
 def test_sharded_model_equals_unsharded_logits_and_grads(strategy, chunk_tokens, reference):
     video, (want_logits, want_loss, want_grads) = reference
     mesh = mesh_of(sp=8)
-    model = mesh_lib.shard_model(make_model(), mesh)
+    model = shard_model(make_model(), mesh)
     ids, valid = prompt_ids()
     video_embeds, video_valid = encode_video_sharded(model, video, mesh)
     embeds, merged_valid = model.embed_inputs(ids, video_embeds, valid, video_valid)

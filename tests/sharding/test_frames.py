@@ -7,8 +7,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lvr_jax.model import LongVILA
 from lvr_jax.model.video_encoders import VideoEncoderConfig
-from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.frames import encode_video_sharded, padded_frames
+from lvr_jax.sharding.param_placement import shard_model
 from tests.sharding.helpers import frames, make_model, mesh_of, rel_err, sp_config
 
 
@@ -26,7 +26,7 @@ def test_indivisible_frame_count_is_padded_and_masked_not_truncated():
 
 def test_several_videos_split_over_data_and_sp_with_sharded_weights():
     mesh = mesh_of(data=2, sp=2, tp=2)
-    model = mesh_lib.shard_model(make_model(), mesh)
+    model = shard_model(make_model(), mesh)
     videos = jnp.stack([frames(3, seed=1), frames(3, seed=2)])
     embeds, valid = encode_video_sharded(model, videos, mesh)
     assert embeds.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "sp", None)), 3)

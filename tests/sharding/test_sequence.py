@@ -12,6 +12,7 @@ from lvr_jax.config import base_config
 from lvr_jax.model import layers
 from lvr_jax.rl.learner import LossConfig, grpo_loss, make_response_logprobs
 from lvr_jax.sharding import mesh as mesh_lib
+from lvr_jax.sharding.param_placement import shard_model
 from lvr_jax.sharding.sequence import response_logprobs, response_window, token_chunk_count
 from tests.sharding.helpers import make_model, mesh_of, rel_err
 
@@ -40,7 +41,7 @@ def plain_logprobs(llm, hidden, start, targets):
 
 def test_response_logprobs_under_sp_equal_the_plain_slice_with_grads():
     mesh = mesh_of(sp=8)
-    llm = mesh_lib.shard_model(make_model(), mesh).llm
+    llm = shard_model(make_model(), mesh).llm
     hidden = jax.random.normal(jax.random.key(2), (2, 64, llm.config.hidden_size))
     targets = jax.random.randint(jax.random.key(3), (2, 16), 0, llm.config.vocab_size)
 
@@ -96,7 +97,7 @@ def test_grpo_loss_and_grads_under_sp_equal_single_device(strategy):
         return loss, nnx.state(grads, nnx.Param)
 
     want_loss, want_grads = loss_and_grads(model, None)
-    got_loss, got_grads = loss_and_grads(mesh_lib.shard_model(make_model(), mesh), mesh)
+    got_loss, got_grads = loss_and_grads(shard_model(make_model(), mesh), mesh)
     assert rel_err(got_loss, want_loss) < 1e-5
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert rel_err(got, want) < 1e-5
@@ -114,7 +115,7 @@ def test_sequence_parallel_prefill_generates_what_one_device_does(strategy):
     valid = jnp.ones((2, 37), bool).at[0, :6].set(False)
     params = SamplingParams(max_new_tokens=6, temperature=0.0, num_samples=2)
     want = generate(llm, embeds, valid, params)
-    got = generate(mesh_lib.shard_model(make_model(), mesh).llm, embeds, valid, params,
+    got = generate(shard_model(make_model(), mesh).llm, embeds, valid, params,
                    prefill=make_sp_prefill(mesh, strategy, block_size=4))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert rel_err(got.logprobs, want.logprobs) < 1e-5
