@@ -119,6 +119,12 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEF
     return PartitionSpec(*spec)
 
 
+def spec_axes(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
+    """The mesh axes that `spec` splits dimension `dim` over; () when it is whole."""
+    entry = spec[dim] if dim < len(spec) else None
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_sharding(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEFAULT_RULES,
                         shape: Optional[Sequence[int]] = None) -> NamedSharding:
     """NamedSharding on `mesh` for an array with these logical dimension names."""
