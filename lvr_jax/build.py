@@ -122,8 +122,8 @@ def compile_step(config, mesh):
     on_mesh = lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())  # noqa: E731
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
                              jax.eval_shape(tx.init, trainable), opt_shardings)
-    batch_sharding = lambda a: NamedSharding(  # noqa: E731
-        mesh, P(mesh_lib.BATCH_AXES, *([None] * (len(a.shape) - 1))))
+    batch_sharding = lambda a: mesh_lib.logical_to_sharding(  # noqa: E731
+        ("activation_batch",) + (None,) * (len(a.shape) - 1), mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
              for k, a in module.abstract_batch(config, model_config).items()}
     step = jax.jit(functools.partial(training.guarded_update, tx, module.make_loss_fn(config, mesh)),
