@@ -33,6 +33,16 @@ def test_strategy_matches_dense_attention_with_grads(strategy, shape):
         assert rel_err(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("shape, q_spec", [
+    (dict(sp=8), P(None, "sp", None, None)),
+    (dict(fsdp=2, sp=2, tp=2), P("fsdp", "sp", "tp", None)),
+    (dict(data=2, fsdp=2, sp=2), P(("data", "fsdp"), "sp", None, None))])
+def test_default_rules_put_batch_on_data_fsdp_sequence_on_sp_heads_on_tp(shape, q_spec):
+    layout = attention.attention_layout(mesh_of(**shape))
+    assert layout.q == layout.kv == q_spec and layout.pos == P(*q_spec[:2])
+    assert (layout.axis, layout.size) == ("sp", shape["sp"])
+
+
 # A recipe's rules (prepended to the defaults), its mesh, and the query spec they give.
 OVERRIDES = {
     "heads replicated, batch on data only": (
