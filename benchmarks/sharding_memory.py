@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from lvr_jax.model import PRESETS  # noqa: E402
 from lvr_jax.model.qwen2 import Qwen2  # noqa: E402
 from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
+from lvr_jax.sharding.param_placement import param_shardings  # noqa: E402
 from lvr_jax.sharding.sequence import response_logprobs, sp_hidden_states  # noqa: E402
 
 TOKENS_PER_FRAME = 257
@@ -59,7 +60,7 @@ def step_memory(llm_config, frames, sp, strategy, block=512, rules=mesh_lib.DEFA
     llm = nnx.eval_shape(lambda: Qwen2(llm_config, dtype=jnp.bfloat16, remat=True,
                                        rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(llm)
-    shardings = mesh_lib.param_shardings(llm, mesh, rules)
+    shardings = param_shardings(llm, mesh, rules)
     state = jax.tree.map(
         lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                                     sharding=s)),

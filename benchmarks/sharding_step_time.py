@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from benchmarks.sharding_memory import PROMPT, RESPONSE, TOKENS_PER_FRAME, policy_loss_step, small_llm  # noqa: E402
 from lvr_jax.model.qwen2 import Qwen2  # noqa: E402
 from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
+from lvr_jax.sharding.param_placement import shard_model  # noqa: E402
 
 
 def seconds_per_step(frames: int, sp: int, strategy: str, dtype=jnp.float32,
@@ -34,7 +35,7 @@ def seconds_per_step(frames: int, sp: int, strategy: str, dtype=jnp.float32,
     mesh = mesh_lib.make_mesh({"shape": dict(data=1, fsdp=1, sp=sp, tp=1)},
                               devices=jax.devices()[:sp])
     config = small_llm()
-    llm = mesh_lib.shard_model(Qwen2(config, dtype=dtype, remat=True, rngs=nnx.Rngs(0)), mesh)
+    llm = shard_model(Qwen2(config, dtype=dtype, remat=True, rngs=nnx.Rngs(0)), mesh)
     t = frames * TOKENS_PER_FRAME + PROMPT + RESPONSE
     t -= t % (2 * sp)  # keep the toy batch divisible; padding is tested elsewhere
     rng = np.random.default_rng(0)

@@ -19,10 +19,10 @@ from lvr_jax import training
 from lvr_jax.cli import CommandLineError
 from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained
-from lvr_jax.model.checkpoint import logical_axes
 from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
                                           parse_video_encoder)
 from lvr_jax.sharding import mesh as mesh_lib
+from lvr_jax.sharding.param_placement import load_sharded, param_sharding, shard_model
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 log = logging.getLogger("lvr_jax.build")
@@ -72,12 +72,12 @@ def build_model(config, mesh=None):
         tokenizer = load_tokenizer(m.init)
         kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                   video_encoder=recipe_video_encoder(config, tokenizer))
-        model = (mesh_lib.load_sharded(m.init, mesh, rules, **kw) if mesh
+        model = (load_sharded(m.init, mesh, rules, **kw) if mesh
                  else load_pretrained(m.init, **kw))
         return tokenizer, check_video_frames(config, model)
     tokenizer = build_tiny_tokenizer()
     model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
-    model = mesh_lib.shard_model(model, mesh, rules) if mesh else model
+    model = shard_model(model, mesh, rules) if mesh else model
     return tokenizer, check_video_frames(config, model)
 
 
@@ -112,7 +112,7 @@ def compile_step(config, mesh):
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             v = var.get_value()
-            sharding = mesh_lib.logical_to_sharding(logical_axes(var), mesh, rules, v.shape)
+            sharding = param_sharding(var, mesh, rules)
             var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
     graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)
@@ -121,8 +121,8 @@ def compile_step(config, mesh):
     on_mesh = lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())  # noqa: E731
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
                              jax.eval_shape(tx.init, trainable), opt_shardings)
-    batch_sharding = lambda a: NamedSharding(  # noqa: E731
-        mesh, P(mesh_lib.BATCH_AXES, *([None] * (len(a.shape) - 1))))
+    batch_sharding = lambda a: mesh_lib.logical_to_sharding(  # noqa: E731
+        ("activation_batch",) + (None,) * (len(a.shape) - 1), mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
              for k, a in module.abstract_batch(config, model_config).items()}
     step = training.jit_update(tx, module.make_loss_fn(config, mesh), donate=False)

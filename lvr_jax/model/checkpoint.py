@@ -21,6 +21,7 @@ from flax import nnx
 
 from lvr_jax.model import config as cfg_lib
 from lvr_jax.model.config import LongVILAConfig
+from lvr_jax.model.layers import logical_axes
 from lvr_jax.model.projector import layer_names
 from lvr_jax.model.safetensors_io import SafetensorsDir, write_component, write_json
 from lvr_jax.model.video_encoders import to_vila
@@ -205,12 +206,6 @@ def _pooling_head_hint(specs: list[TensorSpec], problems: list[str]) -> list[str
 def _params_by_path(model: nnx.Module) -> dict[tuple, nnx.Param]:
     return {tuple(str(p) for p in path): v for path, v in nnx.iter_graph(model)
             if isinstance(v, nnx.Param)}
-
-
-def logical_axes(var: nnx.Param) -> tuple:
-    """Logical axis names of a parameter, with "layers" for the stacking axis."""
-    axes = tuple(var.get_metadata().get("axes", ()))
-    return ("layers",) * (var.get_value().ndim - len(axes)) + axes
 
 
 @functools.partial(jax.jit, donate_argnums=0)

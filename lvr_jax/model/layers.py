@@ -79,6 +79,13 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param
     return nnx.Param(value, axes=tuple(axes))
 
 
+def logical_axes(var: nnx.Param) -> tuple:
+    """Logical axis names of a parameter made by `param`, with "layers" for the leading
+    axis that `stack_layers` adds."""
+    axes = tuple(var.get_metadata().get("axes", ()))
+    return ("layers",) * (var.get_value().ndim - len(axes)) + axes
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.scale = param(rngs, (dim,), ("embed",), param_dtype, "ones")

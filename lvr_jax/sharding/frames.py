@@ -1,9 +1,10 @@
 """MR-SP stage 1: sequence-parallel frame encoding.
 
-The frames of a video are split over the `sp` mesh axis (several videos also over
-data+fsdp); every device runs the vision tower and projector on its own frames with no
-communication between devices, and the embeddings come out sharded along the sequence,
-the layout the LLM's sequence-parallel forward wants. A frame count that does not divide
+The frames of a video are split over the mesh axes the rules give `activation_frames`
+(`sp` by default; several videos over those of `activation_batch`, data+fsdp); every
+device runs the vision tower and projector on its own frames with no communication
+between devices, and the embeddings come out sharded along the sequence, the layout the
+LLM's sequence-parallel forward wants. A frame count that does not divide
 is padded with blank frames whose tokens are marked invalid, never truncated. The tsp
 video encoder pools across frames, so it arranges the real frames' tokens after the
 per-device encoding (XLA moves what the pooling groups need) and pads the result.
@@ -20,14 +21,25 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lvr_jax.model import video_encoders
-from lvr_jax.sharding.mesh import BATCH_AXES
+from lvr_jax.sharding.mesh import DEFAULT_RULES, logical_to_spec, spec_axes
 
-FRAME_AXES = ("sp",)
+# Logical names of the dimensions of frames [V, F, H, W, 3]; the rules give their mesh axes.
+VIDEO_FRAME_AXES = ("activation_batch", "activation_frames")
 
 
-def padded_frames(num_frames: int, mesh: Mesh, axes=FRAME_AXES) -> int:
+def frame_spec(mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """The spec of frames [V, F, ...] and of their tokens [V, N, ...] under the rules."""
+    return logical_to_spec(VIDEO_FRAME_AXES, mesh, rules)
+
+
+def frame_devices(mesh: Mesh, spec: P) -> int:
+    """How many devices share the frames of one video under `spec`."""
+    return math.prod(mesh.shape[a] for a in spec_axes(spec, 1))
+
+
+def padded_frames(num_frames: int, mesh: Mesh, rules=DEFAULT_RULES) -> int:
     """Frame count rounded up to a multiple of the devices the frames are split over."""
-    n = math.prod(mesh.shape[a] for a in axes)
+    n = frame_devices(mesh, frame_spec(mesh, rules))
     return -(-num_frames // n) * n
 
 
@@ -46,49 +58,46 @@ def _encode_local(graphdef, state, token_embeds, frames_vfhwc, *, arrange):
     return jax.vmap(lambda t: arrange(t, *token_embeds))(tokens_vftd)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "axes", "encoder"))
-def _encode(graphdef, state, token_embeds, frames_vfhwc, *, mesh, axes, encoder):
-    """Pads the frames, encodes each device's share, marks the real tokens valid."""
-    num_frames = frames_vfhwc.shape[1]
-    pad = padded_frames(num_frames, mesh, axes) - num_frames
-    frames_vfhwc = jnp.pad(frames_vfhwc, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1 and a not in axes) or None
-    frame_spec = P(batch, axes)
-    frames_vfhwc = jax.lax.with_sharding_constraint(frames_vfhwc, NamedSharding(mesh, frame_spec))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "spec", "encoder"))
+def _encode(graphdef, state, token_embeds, frames_vfhwc, *, mesh, spec, encoder):
+    """Pads the frames, encodes each device's share (`spec`), marks the real tokens valid."""
+    num_frames, devices = frames_vfhwc.shape[1], frame_devices(mesh, spec)
+    padded = -(-num_frames // devices) * devices
+    frames_vfhwc = jnp.pad(frames_vfhwc, ((0, 0), (0, padded - num_frames), (0, 0), (0, 0), (0, 0)))
+    frames_vfhwc = jax.lax.with_sharding_constraint(frames_vfhwc, NamedSharding(mesh, spec))
     def arrange(tokens_ftd, start, end, sep):
         return video_encoders.arrange_video(tokens_ftd, encoder.pools, start, end, sep)
     local = encoder.kind == "basic"  # frame by frame: arranged on each device
     encode = jax.shard_map(functools.partial(_encode_local, graphdef,
                                              arrange=arrange if local else None),
-                           mesh=mesh, in_specs=(P(), P(), frame_spec),
-                           out_specs=P(batch, axes), check_vma=False)
+                           mesh=mesh, in_specs=(P(), P(), spec), out_specs=spec,
+                           check_vma=False)
     embeds = encode(state, token_embeds, frames_vfhwc)
     if local:
-        tokens = embeds.shape[1] // padded_frames(num_frames, mesh, axes)
-        num_valid = num_frames * tokens
+        num_valid = num_frames * (embeds.shape[1] // padded)
     else:  # pooling spans frames of several devices: arranged on the real frames, then padded
         embeds = jax.vmap(lambda t: arrange(t, *token_embeds))(embeds[:, :num_frames])
         num_valid = embeds.shape[1]
-        devices = math.prod(mesh.shape[a] for a in axes)
         embeds = jnp.pad(embeds, ((0, 0), (0, -num_valid % devices), (0, 0)))
-    embeds = jax.lax.with_sharding_constraint(embeds, NamedSharding(mesh, P(batch, axes, None)))
+    embeds = jax.lax.with_sharding_constraint(embeds, NamedSharding(mesh, P(*spec, None)))
     valid = jnp.arange(embeds.shape[1]) < num_valid
-    return embeds, jax.lax.with_sharding_constraint(valid, NamedSharding(mesh, P(axes)))
+    return embeds, jax.lax.with_sharding_constraint(valid, NamedSharding(mesh, P(spec[1])))
 
 
-def encode_video_sharded(model, frames, mesh: Mesh, axes=FRAME_AXES):
-    """Frames [F, H, W, 3] (or [V, F, H, W, 3]) -> (embeds [N, D], valid [N]) sharded on sp.
+def encode_video_sharded(model, frames, mesh: Mesh, rules=DEFAULT_RULES):
+    """Frames [F, H, W, 3] (or [V, F, H, W, 3]) -> (embeds [N, D], valid [N]) sharded on sp
+    (the axes the rules give `activation_frames`; videos over `activation_batch`'s).
 
     The first `config.num_video_tokens(F)` rows equal `model.encode_video(frames)` and
     `valid` marks them; N rounds up to whole frames per device (basic encoder) or to a
     multiple of the devices (tsp). Pass both to the model (`video_embeds=`,
     `video_valid=`) so the padding is masked.
     """
-    axes = tuple(axes)
     single = frames.ndim == 4
     graphdef, state = nnx.split((model.vision_tower, model.mm_projector))
     model.config.num_video_tokens(frames.shape[-4])  # refuses frame counts pools do not divide
     embeds, valid = _encode(graphdef, state, model.video_token_embeds(),
-                            frames[None] if single else frames, mesh=mesh, axes=axes,
+                            frames[None] if single else frames, mesh=mesh,
+                            spec=frame_spec(mesh, rules),
                             encoder=model.config.video_encoder)
     return (embeds[0], valid) if single else (embeds, valid)

@@ -1,8 +1,9 @@
-"""The device mesh, the one table of logical-axis rules, parameter placement, multi-host.
+"""The device mesh, the one table of logical-axis rules, activation placement, multi-host.
 
 Axes are ("data", "fsdp", "sp", "tp"). Parameters and activations name their dimensions
 logically ("embed", "activation_length", ...); `DEFAULT_RULES` maps each name to mesh
 axes, so the same model runs under any mix of data, FSDP, sequence and tensor parallelism.
+Parameters are placed by these rules in `param_placement.py`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lvr_jax.model import layers
-from lvr_jax.model.checkpoint import load_pretrained, logical_axes, read_config
 
 MESH_AXES = ("data", "fsdp", "sp", "tp")
 BATCH_AXES = ("data", "fsdp")
@@ -120,52 +119,16 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEF
     return PartitionSpec(*spec)
 
 
+def spec_axes(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
+    """The mesh axes that `spec` splits dimension `dim` over; () when it is whole."""
+    entry = spec[dim] if dim < len(spec) else None
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_sharding(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=DEFAULT_RULES,
                         shape: Optional[Sequence[int]] = None) -> NamedSharding:
     """NamedSharding on `mesh` for an array with these logical dimension names."""
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, shape))
-
-
-def param_shapes(config) -> dict[tuple, tuple]:
-    """Shape of every LongVILA parameter by its path (as `load_pretrained` names paths)."""
-    from lvr_jax.model import LongVILA
-
-    model = nnx.eval_shape(lambda: LongVILA(config, rngs=nnx.Rngs(0)))
-    return {tuple(str(p) for p in path): v.get_value().shape
-            for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
-
-
-def sharding_fn(mesh: Mesh, rules=DEFAULT_RULES, shapes: Optional[dict] = None):
-    """`sharding_fn(path, logical_axes)` for `load_pretrained`; `shapes` lets it skip
-    axes that do not divide (from `param_shapes`)."""
-    def fn(path, axes):
-        shape = None if shapes is None else shapes.get(tuple(path))
-        return logical_to_sharding(axes, mesh, rules, shape)
-    return fn
-
-
-def load_sharded(path: str, mesh: Mesh, rules=DEFAULT_RULES, **kw):
-    """`load_pretrained` with every tensor streamed straight into its FSDP/TP sharding."""
-    shapes = param_shapes(read_config(path))
-    return load_pretrained(path, sharding_fn=sharding_fn(mesh, rules, shapes), **kw)
-
-
-def param_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
-    """The sharding of each parameter of a model (abstract or concrete), as a State."""
-    def one(var):
-        return logical_to_sharding(logical_axes(var), mesh, rules, var.get_value().shape)
-    params = nnx.state(model, nnx.Param)
-    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Moves a model's parameters (in place) into their mesh shardings; returns it."""
-    params = nnx.state(model, nnx.Param)
-    shardings = param_shardings(model, mesh, rules)
-    nnx.update(model, jax.tree.map(
-        lambda v, s: v.replace(place_global(np.asarray(v.get_value()), s)),
-        params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    return model
 
 
 def place_global(host_array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

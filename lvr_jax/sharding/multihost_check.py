@@ -24,6 +24,7 @@ from lvr_jax.model import PRESETS, LongVILA
 from lvr_jax.model.qwen2 import positions_from_valid
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.frames import encode_video_sharded
+from lvr_jax.sharding.param_placement import shard_model
 from lvr_jax.sharding.sequence import sp_hidden_states
 
 VIDEO_ID = 151650
@@ -68,7 +69,7 @@ def loss_and_grad_norm(model, frames, ids, valid, mesh, strategy):
 def run(strategy: str = "ring") -> dict:
     """Loss and gradient norm on a mesh over every global device (sp takes them all)."""
     mesh = mesh_lib.make_mesh({"shape": dict(data=1, fsdp=1, sp=-1, tp=1)})
-    model = mesh_lib.shard_model(tiny_model(), mesh)
+    model = shard_model(tiny_model(), mesh)
     replicated = NamedSharding(mesh, P())
     inputs = {k: mesh_lib.place_global(v, replicated) for k, v in batch().items()}
     step = nnx.jit(loss_and_grad_norm, static_argnames=("mesh", "strategy"))

@@ -1,5 +1,9 @@
 """MR-SP stage 2: the LLM forward over the long merged sequence, sharded over `sp`.
 
+The mesh axis is the one the rules give `activation_length` (`sp` by default): the
+shard_maps here and in `attention.py` take their specs from the rules table, and their
+collectives run over that axis (`attention.attention_layout`).
+
 `sp_hidden_states` pads the sequence so it splits, puts it in the strategy's order
 (zig-zag for ring), runs every layer sequence-sharded with the sequence-parallel
 attention, and returns hidden states in the original order. The MLP runs in chunks of
@@ -20,9 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lvr_jax.kernels import MASKED_POSITION
 from lvr_jax.model import layers
 from lvr_jax.model.qwen2 import HIDDEN_AXES, KVCache
-from lvr_jax.sharding.attention import (AXIS, _batch_axes, make_attention_fn, pad_sequence,
-                                        padded_length)
-from lvr_jax.sharding.mesh import DEFAULT_RULES, activation_rules, rules_of
+from lvr_jax.sharding.attention import (attention_layout, make_attention_fn, pad_sequence,
+                                        padded_length, sequence_axis)
+from lvr_jax.sharding.mesh import (DEFAULT_RULES, activation_rules, logical_to_spec, rules_of,
+                                   spec_axes)
 
 
 def to_zigzag(x_bt, sp: int):
@@ -56,16 +61,17 @@ def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
     per device at a time (2048: its temporaries then stay under a fifth of a 256-frame
     step's memory at sp = 8, where 8192 took half); `kernel` is the per-device attention
     (`lvr_jax.kernels.KERNELS`). With `return_kv`, also every layer's keys and values
-    ([layers, B, L, KVH, D] each, original order): a prefill's KV cache.
+    ([layers, B, L, KVH, D] each, original order): a prefill's KV cache. `rules` place
+    the sequence, batch and heads, the attention's shard_map included.
     """
-    sp = mesh.shape["sp"]
+    sp = attention_layout(mesh, rules).size
     chunks = token_chunk_count(embeds_btd.shape[1], sp, chunk_tokens)
     length = padded_length(-(-embeds_btd.shape[1] // chunks), sp, strategy) * chunks
     embeds, valid, positions = pad_sequence(embeds_btd, valid_bt, positions_bt, length)
     zigzag = strategy == "ring" and sp > 1
     if zigzag:
         embeds, valid, positions = (to_zigzag(x, sp) for x in (embeds, valid, positions))
-    attention_fn = make_attention_fn(mesh, strategy, block_size, kernel)
+    attention_fn = make_attention_fn(mesh, strategy, block_size, kernel, rules)
     with activation_rules(mesh, rules), layers.token_chunks(chunks):
         hidden, kv = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn,
                                        return_kv=return_kv)
@@ -82,7 +88,7 @@ def make_sp_prefill(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
     the prompt runs through `sp_hidden_states` with the strategy's attention, and the keys
     and values it computed become the KV cache, left sharded along the sequence so that
     decoding attends to each device's part of a long video where it lies."""
-    seq = NamedSharding(mesh, P(None, _batch_axes(mesh), AXIS, None, None))
+    seq = NamedSharding(mesh, P(None, *attention_layout(mesh, rules).pos, None, None))
 
     def prefill(llm, embeds_btd, valid_bt, positions_bt, cache_len: int):
         t, pad = embeds_btd.shape[1], cache_len - embeds_btd.shape[1]
@@ -108,24 +114,35 @@ def sp_logits(llm, hidden_btd, rules=DEFAULT_RULES, mesh: Mesh | None = None):
             logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
-def response_window(hidden_btd, start: int, length: int, mesh: Mesh):
-    """hidden[:, start:start+length] of a sequence-sharded array, replicated over sp.
+def response_window(hidden_btd, start: int, length: int, mesh: Mesh, rules=DEFAULT_RULES):
+    """hidden[:, start:start+length] of a sequence-sharded array, replicated over its sp axis.
 
-    Each device contributes the rows it holds and a psum joins them; the backward pass
-    scatters the cotangent into each device's own rows (a plain slice would build a
-    full-length, unsharded cotangent).
+    Each device contributes the rows it holds and a psum over the rules' sequence axis
+    joins them; the backward pass scatters the cotangent into each device's own rows (a
+    plain slice would build a full-length, unsharded cotangent).
     """
-    batch = _batch_axes(mesh)
+    spec = logical_to_spec(HIDDEN_AXES, mesh, rules)
+    axis = sequence_axis(spec)
+    if axis is None:  # every device holds whole sequences
+        return hidden_btd[:, start:start + length]
 
     def local(h_btd):
         local_len = h_btd.shape[1]
-        rows = start + jnp.arange(length) - jax.lax.axis_index("sp") * local_len
+        rows = start + jnp.arange(length) - jax.lax.axis_index(axis) * local_len
         mine = (rows >= 0) & (rows < local_len)
         window = jnp.take(h_btd, jnp.clip(rows, 0, local_len - 1), axis=1)
-        return jax.lax.psum(jnp.where(mine[None, :, None], window, 0), "sp")
+        return jax.lax.psum(jnp.where(mine[None, :, None], window, 0), axis)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=P(batch, "sp", None),
-                         out_specs=P(batch, None, None))(hidden_btd)
+    return jax.shard_map(local, mesh=mesh, in_specs=spec,
+                         out_specs=P(spec[0], None, spec[2]))(hidden_btd)
+
+
+def window_vocab_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """Mesh axes for the vocabulary of a response window: the rules' sequence axis, where
+    the window is replicated, then the rules' own `activation_vocab` axes."""
+    seq = spec_axes(logical_to_spec(HIDDEN_AXES, mesh, rules), 1)
+    vocab = spec_axes(logical_to_spec(("activation_vocab",), mesh, rules), 0)
+    return tuple(dict.fromkeys(seq + vocab))
 
 
 def logprobs_and_entropy(logits_btv, targets_bt):
@@ -140,10 +157,10 @@ def response_logprobs(llm, hidden_btd, start: int, targets_bm, mesh: Mesh,
     """Log-probs and entropies [B, M] of `targets_bm` predicted by hidden[:, start:start+M].
 
     Only the response window reaches the vocabulary projection, vocabulary-parallel over
-    sp (and tp): each device scores its slice of the vocabulary, `chunk_tokens`
+    the sequence axis (the window is whole there) and the rules' vocabulary axes (sp and
+    tp by default): each device scores its slice of the vocabulary, `chunk_tokens`
     positions at a time with recomputation, so at most [chunk, V/sp] logits live.
     """
-    rules = (("activation_vocab", ("sp", "tp")),) + tuple(rules_of(rules))
     axes = ("activation_batch", None, "activation_vocab")
     m = targets_bm.shape[1]
 
@@ -151,7 +168,8 @@ def response_logprobs(llm, hidden_btd, start: int, targets_bm, mesh: Mesh,
         logits = layers.constrain_activation(llm.logits(h_btd), axes)
         return logprobs_and_entropy(logits / temperature, t_bt)
 
-    window = response_window(hidden_btd, start, m, mesh)
+    window = response_window(hidden_btd, start, m, mesh, rules)
+    rules = (("activation_vocab", window_vocab_axes(mesh, rules)),) + tuple(rules_of(rules))
     with activation_rules(mesh, rules):
         return layers.map_tokens(one_chunk, (window, targets_bm), axes,
                                  token_chunk_count(m, 1, chunk_tokens))

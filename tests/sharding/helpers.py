@@ -3,7 +3,7 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
+import jax.extend.core as jax_core
 import numpy as np
 from flax import nnx
 
@@ -33,3 +33,18 @@ def frames(num, size=56, seed=1):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def shard_map_specs(fn, *args) -> list[tuple]:
+    """The in_specs of every shard_map that tracing fn(*args) runs, nested ones included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "shard_map":
+                found.append(tuple(eqn.params["in_specs"]))
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

@@ -5,14 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lvr_jax.kernels import dot_product_attention
 from lvr_jax.model.qwen2 import positions_from_valid
 from lvr_jax.sharding import attention, mesh as mesh_lib
 from lvr_jax.sharding.frames import encode_video_sharded
+from lvr_jax.sharding.param_placement import shard_model
 from lvr_jax.sharding.sequence import from_zigzag, sp_hidden_states, to_zigzag
 from tests.kernels.helpers import attention_loss, random_qkv
-from tests.sharding.helpers import frames, make_model, mesh_of, rel_err
+from tests.sharding.helpers import frames, make_model, mesh_of, rel_err, shard_map_specs
 
 VIDEO_ID = 151650  # the config's placeholder id
 
@@ -29,6 +31,55 @@ def test_strategy_matches_dense_attention_with_grads(strategy, shape):
     assert rel_err(got[0], want[0]) < 1e-5
     for g, w in zip(got[1], want[1]):
         assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("shape, q_spec", [
+    (dict(sp=8), P(None, "sp", None, None)),
+    (dict(fsdp=2, sp=2, tp=2), P("fsdp", "sp", "tp", None)),
+    (dict(data=2, fsdp=2, sp=2), P(("data", "fsdp"), "sp", None, None))])
+def test_default_rules_put_batch_on_data_fsdp_sequence_on_sp_heads_on_tp(shape, q_spec):
+    layout = attention.attention_layout(mesh_of(**shape))
+    assert layout.q == layout.kv == q_spec and layout.pos == P(*q_spec[:2])
+    assert (layout.axis, layout.size) == ("sp", shape["sp"])
+
+
+# A recipe's rules (prepended to the defaults), its mesh, and the query spec they give.
+OVERRIDES = {
+    "heads replicated, batch on data only": (
+        (("activation_batch", "data"), ("activation_heads", None), ("activation_kv_heads", None)),
+        dict(fsdp=2, sp=2, tp=2), P(None, "sp", None, None)),
+    "sequence on fsdp": ((("activation_batch", "data"), ("activation_length", "fsdp")),
+                         dict(fsdp=4, sp=2), P(None, "fsdp", None, None)),
+}
+
+
+@pytest.mark.parametrize("strategy", mesh_lib.STRATEGIES)
+@pytest.mark.parametrize("override", OVERRIDES)
+def test_a_rules_override_moves_the_shard_map_and_keeps_the_numbers(override, strategy):
+    """The shard_map's specs, and the axis its collectives use, follow the recipe's rules."""
+    prepend, shape, want_q_spec = OVERRIDES[override]
+    mesh = mesh_of(**shape)
+    q, k, v, pos, kv_pos, valid = random_qkv()
+    fn = attention.make_attention_fn(mesh, strategy, block_size=4,
+                                     rules=prepend + mesh_lib.DEFAULT_RULES)
+    [got_specs] = shard_map_specs(fn, q, k, v, pos, kv_pos)
+    assert got_specs[:3] == (want_q_spec,) * 3 and got_specs[3] == P(*want_q_spec[:2])
+    assert attention.attention_layout(mesh).q != want_q_spec  # the defaults differ
+    dense = jax.value_and_grad(attention_loss, argnums=(1, 2, 3))
+    want = dense(dot_product_attention, q, k, v, pos, kv_pos, valid)
+    got = jax.jit(jax.value_and_grad(lambda *a: attention_loss(fn, *a), argnums=(0, 1, 2)))(
+        q, k, v, pos, kv_pos, valid)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("prepend, rule", [
+    ((("activation_length", ("sp", "tp")),), "activation_length"),
+    ((("activation_heads", None),), "activation_kv_heads")])
+def test_rules_the_attention_cannot_follow_are_refused_naming_the_rule(prepend, rule):
+    with pytest.raises(ValueError, match=rule):
+        attention.make_attention_fn(mesh_of(sp=2, tp=4), "ring",
+                                    rules=prepend + mesh_lib.DEFAULT_RULES)
 
 
 def test_cudnn_kernel_refuses_strategies_that_split_queries_from_keys():
@@ -91,7 +142,7 @@ def reference():
 def test_sharded_model_equals_unsharded_logits_and_grads(strategy, chunk_tokens, reference):
     video, (want_logits, want_loss, want_grads) = reference
     mesh = mesh_of(sp=8)
-    model = mesh_lib.shard_model(make_model(), mesh)
+    model = shard_model(make_model(), mesh)
     ids, valid = prompt_ids()
     video_embeds, video_valid = encode_video_sharded(model, video, mesh)
     embeds, merged_valid = model.embed_inputs(ids, video_embeds, valid, video_valid)

@@ -1,14 +1,10 @@
-"""The mesh, the logical-axis rules and sharded loading."""
+"""The mesh and the logical-axis rules."""
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lvr_jax.model import load_pretrained
 from lvr_jax.sharding import mesh as mesh_lib
-from tests.sharding.helpers import make_model, mesh_of
+from tests.sharding.helpers import mesh_of
 
 
 def test_minus_one_takes_the_remaining_devices():
@@ -36,27 +32,6 @@ def test_rules_map_params_and_activations_once_per_mesh_axis():
         P("fsdp", "sp", None)
     # an indivisible dimension is replicated instead of failing
     assert mesh_lib.logical_to_spec(("embed",), mesh, shape=(3,)) == P(None)
-
-
-def test_load_sharded_streams_each_tensor_into_its_sharding(make_vila_dir):
-    path, _, _, _ = make_vila_dir()
-    mesh = mesh_of(fsdp=4, sp=1, tp=2)
-    sharded = mesh_lib.load_sharded(path, mesh)
-    plain = load_pretrained(path)
-    q_kernel = sharded.llm.layers.self_attn.q_proj.kernel.get_value()
-    assert q_kernel.sharding.spec == P(None, "fsdp", "tp", None)
-    assert len({d for s in q_kernel.addressable_shards for d in [s.device]}) == 8
-    for a, b in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)),
-                    jax.tree.leaves(nnx.state(plain, nnx.Param))):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_shard_model_places_parameters_by_their_logical_axes():
-    mesh = mesh_of(fsdp=4, sp=1, tp=2)
-    model = mesh_lib.shard_model(make_model(), mesh)
-    mlp = model.llm.layers.mlp
-    assert mlp.gate_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tp")
-    assert mlp.down_proj.kernel.get_value().sharding.spec == P(None, "tp", "fsdp")
 
 
 def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):

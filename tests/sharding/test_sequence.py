@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lvr_jax.config import base_config
 from lvr_jax.model import layers
 from lvr_jax.rl.learner import LossConfig, grpo_loss, make_response_logprobs
 from lvr_jax.sharding import mesh as mesh_lib
+from lvr_jax.sharding.param_placement import shard_model
 from lvr_jax.sharding.sequence import response_logprobs, response_window, token_chunk_count
-from tests.sharding.helpers import make_model, mesh_of, rel_err
+from tests.sharding.helpers import make_model, mesh_of, rel_err, shard_map_specs
 
 
 def test_map_tokens_in_chunks_equals_one_pass_with_grads():
@@ -40,7 +42,7 @@ def plain_logprobs(llm, hidden, start, targets):
 
 def test_response_logprobs_under_sp_equal_the_plain_slice_with_grads():
     mesh = mesh_of(sp=8)
-    llm = mesh_lib.shard_model(make_model(), mesh).llm
+    llm = shard_model(make_model(), mesh).llm
     hidden = jax.random.normal(jax.random.key(2), (2, 64, llm.config.hidden_size))
     targets = jax.random.randint(jax.random.key(3), (2, 16), 0, llm.config.vocab_size)
 
@@ -96,7 +98,7 @@ def test_grpo_loss_and_grads_under_sp_equal_single_device(strategy):
         return loss, nnx.state(grads, nnx.Param)
 
     want_loss, want_grads = loss_and_grads(model, None)
-    got_loss, got_grads = loss_and_grads(mesh_lib.shard_model(make_model(), mesh), mesh)
+    got_loss, got_grads = loss_and_grads(shard_model(make_model(), mesh), mesh)
     assert rel_err(got_loss, want_loss) < 1e-5
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert rel_err(got, want) < 1e-5
@@ -114,7 +116,41 @@ def test_sequence_parallel_prefill_generates_what_one_device_does(strategy):
     valid = jnp.ones((2, 37), bool).at[0, :6].set(False)
     params = SamplingParams(max_new_tokens=6, temperature=0.0, num_samples=2)
     want = generate(llm, embeds, valid, params)
-    got = generate(mesh_lib.shard_model(make_model(), mesh).llm, embeds, valid, params,
+    got = generate(shard_model(make_model(), mesh).llm, embeds, valid, params,
                    prefill=make_sp_prefill(mesh, strategy, block_size=4))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert rel_err(got.logprobs, want.logprobs) < 1e-5
+
+
+@pytest.mark.parametrize("prepend, shape, seq_spec", [
+    ((("activation_batch", "data"), ("activation_heads", None), ("activation_kv_heads", None)),
+     dict(fsdp=2, sp=2, tp=2), P(None, "sp")),
+    ((("activation_batch", "data"), ("activation_length", "fsdp")), dict(fsdp=4, sp=2),
+     P(None, "fsdp"))])
+def test_a_recipe_rules_override_reaches_every_shard_map_of_the_grpo_loss(prepend, shape,
+                                                                           seq_spec):
+    """config.mesh.rules place the attention and response-window shard_maps (and the axis of
+    their collectives) as they place the activations; the numbers stay single-device's."""
+    model = make_model()
+    batch = grpo_batch(model.config.llm.hidden_size, model.config.llm.vocab_size)
+    mesh_config = base_config().mesh
+    mesh_config.update(attention="ring", block_size=8, rules=prepend + mesh_lib.DEFAULT_RULES)
+    mesh = mesh_of(**shape)
+
+    def loss_fn(mesh):
+        return functools.partial(grpo_loss, cfg=LossConfig(),
+                                 logprobs_fn=make_response_logprobs(mesh, mesh_config))
+
+    graphdef, state = nnx.split(shard_model(make_model(), mesh))
+    specs = set(shard_map_specs(lambda s: loss_fn(mesh)(nnx.merge(graphdef, s), batch)[0],
+                                state))
+    q_spec = P(*seq_spec, None, None)
+    assert specs == {(q_spec,) * 3 + (seq_spec,) * 2, (P(*seq_spec, None),)}
+    grads_of = lambda m, mesh: nnx.jit(nnx.value_and_grad(  # noqa: E731
+        lambda m: loss_fn(mesh)(m, batch), has_aux=True))(m)
+    (want_loss, _), want_grads = grads_of(model, None)
+    (got_loss, _), got_grads = grads_of(nnx.merge(graphdef, state), mesh)
+    assert rel_err(got_loss, want_loss) < 1e-5
+    for got, want in zip(jax.tree.leaves(nnx.state(got_grads, nnx.Param)),
+                         jax.tree.leaves(nnx.state(want_grads, nnx.Param)), strict=True):
+        assert rel_err(got, want) < 1e-5
