@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         # "token-tis", "seq-tis" (weights min(r, C)), "token-mis", "seq-mis" (r, rejected
         # above C), r = the trainer's over the engine's probability, C = correction_threshold.
         rollout_correction="none", correction_threshold=2.0,
+        # 1: one-step off-policy on rollout servers: while the trainer updates on batch k the
+        # servers generate batch k+1 with the weights before that update (0: strictly in turn).
+        off_policy_steps=0,
         freeze_embeddings=True,
         # One more forward per step to log how the update moved the sampled responses
         # (logp_shift_pos / logp_shift_neg / update_alignment); its cost is one log-prob pass.
@@ -113,3 +116,17 @@ def check_model_init(config: ml_collections.ConfigDict) -> None:
         "stage 'grpo' has no model.init, so it would train a randomly initialised "
         f"{model.preset!r} model: pass --config.model.init=<VILA directory> (e.g. the SFT run's "
         "<workdir>/model), or --config.model.allow_random_init=True if that is intended")
+
+
+def check_off_policy(config: ml_collections.ConfigDict) -> None:
+    """One-step off-policy overlaps generation with the update: only rollout servers can."""
+    rl = config.get("rl")
+    if rl is None or config.stage != "grpo" or not rl.off_policy_steps:
+        return
+    if rl.off_policy_steps != 1:
+        raise ConfigError(f"rl.off_policy_steps must be 0 or 1, got {rl.off_policy_steps}")
+    if rl.rollout.backend != "server":
+        raise ConfigError("rl.off_policy_steps=1 generates the next batch on rollout servers "
+                          "while the trainer updates; the embedded sampler shares the trainer's "
+                          "devices and weights: set --config.rl.rollout.backend=server (with "
+                          "rl.rollout.urls) or rl.off_policy_steps=0")

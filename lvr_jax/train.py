@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -24,7 +25,7 @@ from lvr_jax.build import (build_model, compile_step, data_config, make_data, ma
                            make_run_mesh)
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
-from lvr_jax.config import check_model_init
+from lvr_jax.config import check_model_init, check_off_policy
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.eval.evaluate import evaluate
@@ -44,6 +45,32 @@ CURVES = {"sft": ("loss", "grad_norm", "cache_hit_rate", "val_accuracy"),
                    "response_length", "logprob_mismatch")}
 
 
+class Lookahead:
+    """A data iterator one batch ahead; its state is that after the last batch handed out,
+    so a resumed run neither skips nor repeats the batch it had only looked at."""
+
+    def __init__(self, data):
+        self.data, self.ahead = data, None
+
+    def _fetch(self):
+        return next(self.data), self.data.get_state()
+
+    def __next__(self):
+        batch, self.state = self.ahead or self._fetch()
+        self.ahead = self._fetch()
+        return batch
+
+    def peek(self):
+        return self.ahead[0]
+
+    def get_state(self):
+        return self.state if self.ahead else self.data.get_state()
+
+    def set_state(self, state) -> None:
+        self.data.set_state(state)
+        self.ahead = None
+
+
 class Run:
     """One stage in one workdir: resumes, steps, logs, checkpoints, exports."""
 
@@ -56,6 +83,8 @@ class Run:
         self.cache = EmbeddingCache(config.cache.budget_mb << 20, cache_dir)
         self.learner = make_learner(config, model, self.tokenizer, self.cache, mesh)
         self.data = make_data(config, model, self.tokenizer)
+        if config.stage == "grpo" and config.rl.off_policy_steps:
+            self.data = Lookahead(self.data)  # the learner generates the next batch early
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                                  config.train.keep_checkpoints, config.train.async_checkpoints)
         self.guard = NonFiniteGuard(config.train.max_nonfinite_steps)
@@ -81,8 +110,13 @@ class Run:
         log.warning("resumed %s from step %d in %s", self.config.stage, step, self.workdir)
 
     def step_once(self) -> dict:
+        start = time.perf_counter()
         batch = next(self.data)
-        out = self.learner.step(batch)
+        if isinstance(self.data, Lookahead):
+            out = self.learner.step(batch, upcoming=self.data.peek())
+        else:
+            out = self.learner.step(batch)
+        out["step_seconds"] = time.perf_counter() - start
         message = self.guard.check(bool(out.get("finite", True)), self.learner.state.step,
                                    batch.get("record", []))
         if message:
@@ -173,6 +207,7 @@ def drilled_init(config, workdir: str) -> str:
 def run(config, workdir: str) -> dict:
     """Trains one stage in `workdir`; returns the last step's metrics."""
     check_model_init(config)
+    check_off_policy(config)
     if config.stage == "sft" and config.drills.steps and not config.model.init:
         config.model.init = drilled_init(config, workdir)
     return Run(config, workdir).run()

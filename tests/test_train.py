@@ -346,3 +346,44 @@ def test_a_video_encoder_the_recipe_cannot_run_is_a_usage_error(tiny_train_confi
     config.model.video_encoder = value
     with pytest.raises(CommandLineError, match=message):
         build.build_model(config)
+
+
+class CountingData:
+    """A grain-like iterator over 0, 1, 2, ... with get_state / set_state."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __next__(self):
+        self.position += 1
+        return self.position - 1
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def test_lookahead_saves_the_state_of_the_batches_handed_out_not_the_one_peeked():
+    data = train.Lookahead(CountingData())
+    assert [next(data), next(data)] == [0, 1] and data.peek() == 2
+    state = data.get_state()
+    assert state == {"position": 2}
+    resumed = train.Lookahead(CountingData())
+    resumed.set_state(state)
+    assert next(resumed) == 2 and resumed.peek() == 3
+
+
+def test_off_policy_needs_rollout_servers(tiny_train_config):
+    from lvr_jax.config import ConfigError, check_off_policy
+    config = tiny_train_config("grpo", 1)
+    config.rl.off_policy_steps = 1
+    with pytest.raises(ConfigError, match="rl.off_policy_steps=1 .*rl.rollout.backend=server"):
+        check_off_policy(config)
+    config.rl.off_policy_steps = 2
+    with pytest.raises(ConfigError, match="must be 0 or 1, got 2"):
+        check_off_policy(config)
+    config.rl.update(off_policy_steps=1)
+    config.rl.rollout.update(backend="server", urls=["http://127.0.0.1:9"])
+    check_off_policy(config)

@@ -9,6 +9,7 @@ embeddings. Only the LLM trains; vision tower, projector and token embeddings st
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 
@@ -146,20 +147,62 @@ class GRPOLearner:
         self.engine = engine or rollout.JaxEngine(tokenizer.pad_id,
                                                   forwards.prefill_fn(mesh, config.mesh))
         self.stop_ids = (tokenizer.eos_id,)
+        if self.rl.off_policy_steps and isinstance(self.engine, rollout.JaxEngine):
+            raise ValueError("rl.off_policy_steps=1 needs rollout servers (rl.rollout.backend="
+                             "'server'): the embedded sampler reads the weights the update donates")
+        # rl.off_policy_steps: the next batch's rollout, generating on this thread meanwhile
+        self.background = concurrent.futures.ThreadPoolExecutor(1, "rollout")
+        self.ahead: concurrent.futures.Future | None = None
 
     # ---- the step, in order ------------------------------------------------------------
-    def step(self, batch: dict) -> dict:
-        rng = jax.random.fold_in(jax.random.key(self.config.seed), self.state.step)
+    def step(self, batch: dict, upcoming: dict | None = None) -> dict:
+        """Rollout of `batch`, log-probs, update. With `rl.off_policy_steps` = 1 and the next
+        batch given as `upcoming`, see `step_ahead`."""
+        if self.rl.off_policy_steps and upcoming is not None:
+            return self.step_ahead(batch, upcoming)
         self.engine.sync_weights(self.state.model(), self.state.step)
-        train, rollout_metrics = self.rollout(batch, jax.random.fold_in(rng, 0))
-        train, logprob_metrics = self.add_logprobs(train)
-        return {**rollout_metrics, **logprob_metrics,
-                **self.update(train, jax.random.fold_in(rng, 1))}
+        train, rollout_metrics = self.rollout(batch, self.rollout_rng(self.state.step))
+        return self.train_on(train, rollout_metrics)
 
-    def rollout(self, batch: dict, rng) -> tuple[dict, dict]:
-        """generate -> score -> the training batch: (training batch, metrics)."""
-        g, model = self.rl.num_generations, self.state.model()
-        embeds, valid = self.prompt_embeddings(model, batch)
+    def step_ahead(self, batch: dict, upcoming: dict) -> dict:
+        """One-step off-policy: trains on `batch`'s rollout, generated during the previous
+        step with the weights before it, while the engine generates `upcoming` with the
+        weights before this step's update (the rollout correction reweighs the lag)."""
+        s = self.state
+        if self.ahead is None:  # the first step (or the first after a resume) waits for its own
+            self.engine.sync_weights(s.model(), s.step)
+            self.ahead = self.submit_rollout(batch, s.step)
+        train, rollout_metrics = self.ahead.result()
+        self.engine.sync_weights(s.model(), s.step)  # generation is idle: push, then go on
+        self.ahead = self.submit_rollout(upcoming, s.step + 1)
+        return self.train_on(train, rollout_metrics)
+
+    def train_on(self, train: dict, rollout_metrics: dict) -> dict:
+        rollout_metrics["rollout_staleness"] = self.state.step - train.pop("weights_step")
+        train, logprob_metrics = self.add_logprobs(train)
+        update_rng = jax.random.fold_in(self.step_rng(self.state.step), 1)
+        return {**rollout_metrics, **logprob_metrics, **self.update(train, update_rng)}
+
+    def step_rng(self, step: int):
+        return jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+    def rollout_rng(self, step: int):
+        return jax.random.fold_in(self.step_rng(step), 0)
+
+    def submit_rollout(self, batch: dict, step: int) -> concurrent.futures.Future:
+        """The rollout of `batch` (the rollout of step `step`) on the background thread; its
+        prompt embeddings are taken here, with the current (frozen) video encoder."""
+        model = self.state.model()  # a server samples the pushed copy, never these buffers
+        return self.background.submit(self.rollout, batch, self.rollout_rng(step),
+                                      self.prompt_embeddings(model, batch), self.state.step,
+                                      model)
+
+    def rollout(self, batch: dict, rng, prompts=None, weights_step=None,
+                model=None) -> tuple[dict, dict]:
+        """generate -> score -> the training batch: (training batch, metrics). `prompts`:
+        embeddings already taken; `weights_step`: the step whose weights the engine samples."""
+        g, model = self.rl.num_generations, model or self.state.model()
+        embeds, valid = prompts or self.prompt_embeddings(model, batch)
         gen, seconds = rollout.timed_generate(self.engine, model, embeds, valid,
                                               self.sampling(), rng)
         lengths = np.asarray(gen.lengths)
@@ -169,6 +212,7 @@ class GRPOLearner:
         order, keep = rollout.select_prompts(parts["score"], g, self.rl.update_batch_size,
                                              self.rl.dynamic_sampling)
         train = rollout.training_batch(embeds, valid, gen, parts, order, keep, g)
+        train["weights_step"] = self.state.step if weights_step is None else weights_step
         if self.rl.reencode_video:  # what each later forward needs to encode its video again
             train.update(frames=batch["frames"][order],
                          prompt_ids=np.asarray(batch["prompt_ids"])[order],

@@ -67,6 +67,23 @@ def test_top_p_sampling_on_two_servers_matches_the_trainer_with_the_kl_term_on(
     assert all(h["embeddings"]["entries"] > 0 for h in healths)  # prompts went to both
 
 
+def test_one_step_off_policy_trains_each_batch_one_update_after_its_weights(
+        tiny_train_config, llm_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    with running_server(llm_dir, "transformers", log_dir=str(tmp_path)) as server:
+        config = server_config(tiny_train_config, server.url, 3, wait_s=60)
+        config.rl.update(off_policy_steps=1, rollout_correction="token-tis", temperature=1.0)
+        train.run(config, workdir)
+        health = httpx2.get(server.url + "/health").json()
+    rows = [r for r in metrics_rows(workdir) if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the first batch waits for its own rollout; later ones were generated one update earlier
+    assert [r["rollout_staleness"] for r in rows] == [0, 1, 1]
+    assert rows[0]["logprob_mismatch"] < 1e-4  # same weights: engine and trainer agree
+    assert all(0 <= r["corrected_tokens"] <= 1 and r["finite"] == 1.0 for r in rows)
+    assert health["version"] == 3  # the weights before the last update generated batch 4
+
+
 def test_run_recovers_when_a_killed_server_restarts(tiny_train_config, llm_dir, tmp_path):
     port, workdir = free_port(), str(tmp_path / "run")
     config = server_config(tiny_train_config, f"http://127.0.0.1:{port}", 4, wait_s=180)
