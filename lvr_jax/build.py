@@ -157,7 +157,8 @@ def make_rollout_engine(config, tokenizer, mesh=None):
     from lvr_jax.rl import rollout
     from lvr_jax.sharding import forwards
     return rollout.make_engine(config.rl.rollout, tokenizer.pad_id,
-                               forwards.prefill_fn(mesh, config.mesh))
+                               forwards.prefill_fn(mesh, config.mesh),
+                               keep_pushed=bool(config.rl.off_policy_steps))
 
 
 def make_data(config, model, tokenizer):

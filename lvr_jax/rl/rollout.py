@@ -25,6 +25,7 @@ import numpy as np
 
 from lvr_jax.model.sampler import Generation, SamplingParams, generate, local_prefill
 from lvr_jax.rl import grpo, rewards
+from rollout_bridge import export
 from rollout_bridge.client import RetryPolicy, RolloutClient, RolloutError
 
 log = logging.getLogger("lvr_jax.rl.rollout")
@@ -65,15 +66,31 @@ class ServerEngine:
     steps. A server that comes back as a fresh process gets weights and embeddings again.
     """
 
-    def __init__(self, client: RolloutClient, pad_id: int = 0):
-        self.client, self.pad_id = client, pad_id
-        self.model, self.version = None, None
+    def __init__(self, client: RolloutClient, pad_id: int = 0, keep_pushed: bool = False):
+        self.client, self.pad_id, self.keep_pushed = client, pad_id, keep_pushed
+        self.model, self.version, self.pushed = None, None, None
 
     def sync_weights(self, model, step: int) -> None:
-        """Pushes `model` as version step + 1 unless that version is already served."""
+        """Pushes `model` as version step + 1 unless that version is already served.
+
+        With `keep_pushed` (one-step off-policy: the update frees the model's buffers while
+        the servers still generate with it) the serialised chunks are kept on the host, so
+        a server that restarts mid-rollout gets this exact version again."""
         if self.version != step + 1:
-            self.client.push_weights(model, step + 1)
+            if self.keep_pushed:
+                self.pushed = list(export.iter_chunks(model, self.client.chunk_bytes,
+                                                      dtype=self.client.dtype))
+                for url in self.client.urls:
+                    self.client.push_chunks(url, lambda: self.pushed, step + 1)
+            else:
+                self.client.push_weights(model, step + 1)
         self.model, self.version = model, step + 1
+
+    def _push_again(self, url: str) -> None:
+        if self.pushed is not None:
+            self.client.push_chunks(url, lambda: self.pushed, self.version)
+        elif self.model is not None:
+            self.client.push_weights(self.model, self.version, urls=[url])
 
     def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
         del model  # the servers sample the version pushed by sync_weights
@@ -106,8 +123,8 @@ class ServerEngine:
                     raise
                 log.warning("%s; restoring the server's state", e)
                 self.client.forget_embeddings(url)
-                if e.code == "version_mismatch" and self.model is not None:
-                    self.client.push_weights(self.model, self.version, urls=[url])
+                if e.code == "version_mismatch":
+                    self._push_again(url)
 
 
 def generation_of(samples: list[dict], max_tokens: int, pad_id: int) -> Generation:
@@ -122,9 +139,10 @@ def generation_of(samples: list[dict], max_tokens: int, pad_id: int) -> Generati
     return Generation(jnp.asarray(tokens), jnp.asarray(logprobs), jnp.asarray(lengths))
 
 
-def make_engine(rollout_config, pad_id: int, prefill=None) -> RolloutEngine:
+def make_engine(rollout_config, pad_id: int, prefill=None,
+                keep_pushed: bool = False) -> RolloutEngine:
     """The engine `config.rl.rollout` names: "jax" (embedded) or "server" (its urls, token
-    or $ROLLOUT_TOKEN, timeouts, push chunk size and dtype)."""
+    or $ROLLOUT_TOKEN, timeouts, push chunk size and dtype; `keep_pushed`: see ServerEngine)."""
     r = rollout_config
     if r.backend == "jax":
         return JaxEngine(pad_id, prefill)
@@ -134,7 +152,7 @@ def make_engine(rollout_config, pad_id: int, prefill=None) -> RolloutEngine:
                         wait_s=r.wait_s)
     client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
                            retry=retry, chunk_bytes=int(r.chunk_mb) << 20, dtype=r.dtype or None)
-    return ServerEngine(client, pad_id)
+    return ServerEngine(client, pad_id, keep_pushed)
 
 
 def timed_generate(engine: RolloutEngine, model, embeds, valid, params, rng):

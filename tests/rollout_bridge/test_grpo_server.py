@@ -84,9 +84,13 @@ def test_one_step_off_policy_trains_each_batch_one_update_after_its_weights(
     assert health["version"] == 3  # the weights before the last update generated batch 4
 
 
-def test_run_recovers_when_a_killed_server_restarts(tiny_train_config, llm_dir, tmp_path):
+@pytest.mark.parametrize("off_policy_steps", [0, 1])
+def test_run_recovers_when_a_killed_server_restarts(tiny_train_config, llm_dir, tmp_path,
+                                                    off_policy_steps):
     port, workdir = free_port(), str(tmp_path / "run")
     config = server_config(tiny_train_config, f"http://127.0.0.1:{port}", 4, wait_s=180)
+    # off-policy: the kill lands while the next batch is generating beside an update
+    config.rl.off_policy_steps = off_policy_steps
     first = start_server(llm_dir, "transformers", port=port, log_dir=str(tmp_path))
     result = {}
     runner = threading.Thread(target=lambda: result.update(train.run(config, workdir)))
