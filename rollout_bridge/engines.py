@@ -147,7 +147,9 @@ class TransformersEngine(Engine):
     def _load(self, tensors):
         state = self.model.state_dict()  # views of the parameters (tied ones share storage)
         for name, value in tensors.items():
-            state[name].copy_(value)  # casts and transposes in the one copy
+            # Cast first (an elementwise pass that keeps the strides), then transpose in
+            # the copy: torch's copy that casts and transposes at once is 2.5x slower.
+            state[name].copy_(value.to(self.dtype))
 
     @torch.no_grad()
     def _sample_one(self, embeds_td: torch.Tensor, s: Sampling, gen: torch.Generator):

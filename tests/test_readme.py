@@ -35,6 +35,7 @@ SHORTEN = {
     "benchmarks.sharding_step_time": "--frames 2 --strategies ring",
     "benchmarks.rollout_bridge": "--prompts 1 --group 2 --max-tokens 4 --video-tokens 8 "
         "--layers 1",
+    "benchmarks.weight_sync": "--size_mb 8 --repeats 1",
     "benchmarks.rl_cache_speedup": "--frames 16 --repeats 1 --max_new_tokens 2",
     "benchmarks.gpu_step": "--model tiny --tokens 300 --text 64 --response 8 --generations 2 "
         "--kernels blockwise --repeats 1 --out runs/gpu_step",
