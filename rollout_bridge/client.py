@@ -11,10 +11,11 @@ A server that stops answering is waited for (retries with backoff up to `wait_s`
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import httpx2
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from rollout_bridge import wire
 
 log = logging.getLogger("rollout_bridge.client")
+Body = Union[bytes, list]  # a chunk: bytes, or buffers sent one after another (no join)
 RETRY_STATUS = (502, 503, 504)  # a proxy or a server still starting; a 500 is a bug: raise it
 
 
@@ -58,11 +60,12 @@ class RolloutClient:
 
     def __init__(self, urls: Sequence[str], token: Optional[str] = None,
                  retry: RetryPolicy = RetryPolicy(), chunk_bytes: int = 64 << 20,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, upload_threads: int = 4):
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL (config.rl.rollout.urls)")
         self.urls = [u.rstrip("/") for u in urls]
         self.retry, self.chunk_bytes, self.dtype = retry, chunk_bytes, dtype
+        self.upload_threads = upload_threads
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx2.Client(headers=headers, timeout=retry.timeout_s)
         self.known_keys: dict[str, set[str]] = {u: set() for u in self.urls}
@@ -92,21 +95,26 @@ class RolloutClient:
 
     # ---- weights -----------------------------------------------------------------------
     def push_weights(self, model, version: int, urls: Optional[Sequence[str]] = None) -> int:
-        """Exports the LLM of `model` and pushes it to every server (or `urls`) as `version`."""
-        from rollout_bridge.export import iter_chunks
-        chunks = lambda: iter_chunks(model, self.chunk_bytes, dtype=self.dtype)  # noqa: E731
+        """Exports the LLM of `model` and pushes it to every server (or `urls`) as `version`;
+        the next chunk is exported while `upload_threads` earlier ones upload."""
+        from rollout_bridge.export import iter_weight_chunks
+        chunks = lambda: iter_weight_chunks(model, self.chunk_bytes, dtype=self.dtype)  # noqa: E731
         for url in urls or self.urls:
-            self.push_chunks(url, chunks, version)
+            self.push_chunks(url, chunks, version, threads=self.upload_threads)
         return version
 
-    def push_chunks(self, url: str, chunks: Callable[[], Iterable[bytes]], version: int) -> None:
-        """One push (begin, chunks, commit); restarted if the server restarts mid-push."""
+    def push_chunks(self, url: str, chunks: Callable[[], Iterable[Body]], version: int,
+                    threads: int = 1) -> None:
+        """One push (begin, chunks, commit); restarted if the server restarts mid-push.
+        A body is bytes or a list of buffers; `threads` > 1 uploads that many at once."""
         for attempt in range(3):
             try:
                 push_id = self.request(url, "POST", "/weights").json()["push_id"]
-                for body in chunks():
-                    self.request(url, "PUT", f"/weights/{push_id}", content=body,
-                                 headers={"Content-Type": "application/octet-stream"})
+                put = lambda body: self.request(  # noqa: E731
+                    url, "PUT", f"/weights/{push_id}", content=body, headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(body_size(body))})
+                upload_all(put, chunks(), threads)
                 self.request(url, "POST", f"/weights/{push_id}/commit", json={"version": version})
                 return
             except RolloutError as e:
@@ -147,6 +155,36 @@ class RolloutClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+def body_size(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else sum(memoryview(b).nbytes for b in body)
+
+
+def upload_all(put: Callable[[Body], object], bodies: Iterable[Body], threads: int) -> None:
+    """put(body) for every body, `threads` at a time while the next bodies are made (at most
+    threads + 1 exist at once). After a failure the uploads in flight finish; the error
+    raised is the first that is not `unknown_push` (the server drops a push on a bad chunk,
+    so the chunks after it only report that)."""
+    if threads <= 1:
+        for body in bodies:
+            put(body)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads, "weight-upload") as pool:
+        pending: list[concurrent.futures.Future] = []
+        for body in bodies:
+            pending.append(pool.submit(put, body))
+            if len(pending) > threads:
+                done, running = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                if any(f.exception() for f in done):
+                    break
+                pending = list(running)
+        concurrent.futures.wait(pending)
+    errors = [f.exception() for f in pending if f.exception()]
+    if errors:
+        raise next((e for e in errors if not (isinstance(e, RolloutError)
+                                             and e.code == "unknown_push")), errors[0])
 
 
 def _checked(url: str, response: httpx2.Response) -> httpx2.Response:

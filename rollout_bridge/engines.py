@@ -91,10 +91,10 @@ class Engine:
         return self.embed_table[torch.as_tensor(ids, dtype=torch.long)]
 
     def apply(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Loads a complete, validated state dict in place."""
-        tensors = {k: v.to(self.dtype) for k, v in tensors.items()}
+        """Loads a complete, validated state dict in place; tensors may be in any float dtype
+        and strided (transposed views of the received chunks): `_load` converts."""
         self._load(tensors)
-        self.embed_table = tensors[EMBED_NAME]
+        self.embed_table = tensors[EMBED_NAME].to(self.dtype)
 
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
@@ -147,7 +147,9 @@ class TransformersEngine(Engine):
     def _load(self, tensors):
         state = self.model.state_dict()  # views of the parameters (tied ones share storage)
         for name, value in tensors.items():
-            state[name].copy_(value)
+            # Cast first (an elementwise pass that keeps the strides), then transpose in
+            # the copy: torch's copy that casts and transposes at once is 2.5x slower.
+            state[name].copy_(value.to(self.dtype))
 
     @torch.no_grad()
     def _sample_one(self, embeds_td: torch.Tensor, s: Sampling, gen: torch.Generator):
@@ -218,8 +220,9 @@ class VllmEngine(Engine):
     def _load(self, tensors):
         # reload_weights, not model.load_weights: the CPU and quantised backends repack
         # weights after loading, and vLLM's layer-wise reload redoes that processing.
+        weights = [(k, v.to(self.dtype).contiguous()) for k, v in tensors.items()]
         self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": list(tensors.items()), "is_checkpoint_format": True})
+            "weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
 
     def generate(self, prompts, s):

@@ -15,9 +15,10 @@ import numpy as np
 from safetensors.numpy import save, save_file
 
 from lvr_jax.model import config as cfg_lib
-from lvr_jax.model.checkpoint import COMPONENTS, iter_hf_tensors, save_pretrained
+from lvr_jax.model.checkpoint import COMPONENTS, iter_hf_tensors, iter_hf_views, save_pretrained
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.tokenizer import Tokenizer
+from rollout_bridge import wire
 
 LLM_ONLY = ("llm",)  # what a rollout server needs while the vision side is frozen
 DTYPES = (None, "float32", "bfloat16")
@@ -56,6 +57,25 @@ def iter_chunks(model: LongVILA, chunk_bytes: int = 256 << 20,
         yield save(group)
 
 
+def iter_weight_chunks(model: LongVILA, chunk_bytes: int = 64 << 20,
+                       components: Sequence[str] = LLM_ONLY,
+                       dtype: Optional[str] = None) -> Iterator[list]:
+    """What a push sends: chunks as in `iter_chunks`, each a list of buffers (header, then
+    views of the parameters' own memory; kernels in their [in, out] layout, marked
+    transposed), so f32 costs no copy and bf16 one conversion on the device."""
+    _check_dtype(dtype)
+    group, size = [], 0
+    for component, name, tensor, transposed in iter_hf_views(model, tuple(components), dtype):
+        if group and size + tensor.nbytes > chunk_bytes:
+            yield wire.weight_chunk(group)
+            group, size = [], 0
+        name = name if component == "llm" else f"{component}.{name}"
+        group.append((name, tensor, transposed))
+        size += tensor.nbytes
+    if group:
+        yield wire.weight_chunk(group)
+
+
 def save_llm_dir(model: LongVILA, path: str, tokenizer: Optional[Tokenizer] = None,
                  dtype: Optional[str] = None) -> None:
     """A Hugging Face Qwen2ForCausalLM directory (what a rollout server starts from)."""
@@ -81,4 +101,5 @@ def export_dir(model: LongVILA, path: str, tokenizer: Optional[Tokenizer] = None
 
 
 __all__ = ["COMPONENTS", "LLM_ONLY", "iter_tensors", "to_hf_state_dict", "iter_chunks",
+           "iter_weight_chunks",
            "save_llm_dir", "export_dir"]

@@ -30,7 +30,8 @@ from safetensors.torch import load as load_safetensors
 
 from rollout_bridge import wire
 from rollout_bridge.requests import BadRequest, parse_generate
-from rollout_bridge.store import EmbeddingStore, PushError, StagedPush, count_non_finite
+from rollout_bridge.store import (EmbeddingStore, PushError, StagedPush, count_non_finite,
+                                  parse_weight_chunk)
 
 log = logging.getLogger("rollout_bridge.server")
 VERSION_HEADER = "X-Weight-Version"
@@ -119,18 +120,29 @@ class RolloutServer:
         return self.push
 
     async def push_chunk(self, request):
+        """One chunk, in any order and in parallel with others: parsed as views of the body,
+        names claimed on the loop, finiteness checked in a worker thread, then staged."""
         push = self._staged(request)
-        body = await request.read()
+        body = await read_body(request)
         try:
-            push.add(load_safetensors(body))
+            tensors = parse_weight_chunk(body)
+        except Exception as e:  # not a safetensors body
+            self._drop(push)
+            raise BadRequest(400, "bad_body", f"weight chunk is not a safetensors body: {e}")
+        try:
+            push.claim(tensors)
+            await self._in_thread(push.check, tensors)
         except PushError as e:
-            self.push = None
+            self._drop(push)
             raise BadRequest(422, "bad_weights", f"{e}; push dropped, serving version "
                              f"{self.version}") from None
-        except Exception as e:  # not a safetensors body
-            self.push = None
-            raise BadRequest(400, "bad_body", f"weight chunk is not a safetensors body: {e}")
+        push = self._staged(request)  # still the push in progress after the wait
+        push.stage(tensors)
         return web.json_response({"received": len(push.tensors), "version": self.version})
+
+    def _drop(self, push: StagedPush) -> None:
+        if self.push is push:
+            self.push = None
 
     async def commit_push(self, request):
         push = self._staged(request)
@@ -235,6 +247,23 @@ class RolloutServer:
                         web.put("/embeddings/{key}", self.put_embeddings),
                         web.post("/generate", self.generate)])
         return app
+
+
+async def read_body(request: web.Request) -> bytearray:
+    """The body in one writable buffer sized from Content-Length (one copy out of the
+    socket's buffers, none for joining), so tensors can view it."""
+    size = request.content_length
+    if size is None:
+        return bytearray(await request.read())
+    if size > request.client_max_size:
+        raise web.HTTPRequestEntityTooLarge(request.client_max_size, size)
+    body, filled = bytearray(size), 0
+    async for data in request.content.iter_any():
+        body[filled:filled + len(data)] = data
+        filled += len(data)
+    if filled != size:
+        raise BadRequest(400, "bad_body", f"body has {filled} bytes; Content-Length said {size}")
+    return body
 
 
 def is_loopback(host: str) -> bool:

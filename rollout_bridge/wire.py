@@ -14,6 +14,10 @@ from safetensors.numpy import save
 
 EMBEDS_NAME = "embeds"  # the one tensor of an embeddings upload
 PROTOCOL_VERSION = 1  # bumped when a route or a body changes incompatibly
+# Weight chunks may name, in their safetensors __metadata__, tensors sent as the transpose
+# of their Hugging Face layout (a JAX [in, out] kernel as is); the server reads them as `.T`.
+TRANSPOSED_KEY = "transposed"
+ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
 def content_key(body: bytes) -> str:
@@ -37,3 +41,21 @@ def safetensors_header(body: bytes) -> dict:
     header = json.loads(body[8:8 + size])
     header.pop("__metadata__", None)
     return header
+
+
+def weight_chunk(tensors: list[tuple[str, np.ndarray, bool]]) -> list:
+    """A safetensors body of (name, array, transposed) as [header, data views...], so that an
+    upload sends the arrays' own memory; `b"".join(...)` is the same body as bytes."""
+    header, offset, views = {}, 0, []
+    for name, array, _ in tensors:
+        array = np.ascontiguousarray(array)
+        header[name] = {"dtype": ST_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        views.append(memoryview(array.reshape(-1).view(np.uint8)))
+    transposed = [name for name, _, t in tensors if t]
+    if transposed:
+        header["__metadata__"] = {TRANSPOSED_KEY: json.dumps(transposed)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return [len(text).to_bytes(8, "little") + text, *views]

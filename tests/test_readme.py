@@ -37,6 +37,7 @@ SHORTEN = {
         "--layers 1",
     "benchmarks.off_policy": "--init '' --steps 2 --prompts 2 --max-new-tokens 4 "
         "--out runs/off_policy.png",
+    "benchmarks.weight_sync": "--size_mb 8 --repeats 1",
     "benchmarks.rl_cache_speedup": "--frames 16 --repeats 1 --max_new_tokens 2",
     "benchmarks.gpu_step": "--model tiny --tokens 300 --text 64 --response 8 --generations 2 "
         "--kernels blockwise --repeats 1 --out runs/gpu_step",

@@ -30,7 +30,7 @@ from lvr_jax.model.vlm import LongVILA
 from lvr_jax.tokenizer import Tokenizer
 
 __all__ = ["CheckpointError", "check_checkpoint", "load_pretrained", "read_config",
-           "save_pretrained", "tensor_specs", "iter_hf_tensors"]
+           "save_pretrained", "tensor_specs", "iter_hf_tensors", "iter_hf_views"]
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 # (path, logical axes) -> sharding of that parameter; None places on the default device.
@@ -278,6 +278,33 @@ def iter_hf_tensors(model: LongVILA, components=COMPONENTS,
         else:
             for i, name in enumerate(spec.hf_names()):
                 yield spec.component, name, spec.to_hf(value[i])
+
+
+def iter_hf_views(model: LongVILA, components=COMPONENTS, dtype: Optional[str] = None
+                  ) -> Iterator[tuple[str, str, np.ndarray, bool]]:
+    """(component, HF name, tensor, transposed) without copying f32 parameters: a "linear"
+    kernel comes as its [in, out] NNX layout (transposed=True; the HF tensor is its `.T`),
+    so the reader can fuse the transpose into a copy it makes anyway. A dtype conversion
+    runs on an accelerator before the transfer (fewer bytes), on the host per layer (numpy's
+    cast is faster than XLA's on CPU, and each layer is converted only when it is sent)."""
+    params, target = _params_by_path(model), jnp.dtype(dtype or "float32")
+    for spec in tensor_specs(model.config, components):
+        value = params[spec.path].get_value()
+        if dtype is not None and value.dtype != target and _on_accelerator(value):
+            value = value.astype(target)
+        value = np.asarray(jax.device_get(value))
+        layers = [value] if spec.num_layers is None else list(value)
+        if dtype is not None and value.dtype != target:
+            layers = (layer.astype(target) for layer in layers)
+        for name, layer in zip(spec.hf_names(), layers):
+            if spec.kind == "linear":
+                yield spec.component, name, layer.reshape(spec.hf_shape[::-1]), True
+            else:
+                yield spec.component, name, spec.to_hf(layer), False
+
+
+def _on_accelerator(value: jax.Array) -> bool:
+    return any(d.platform != "cpu" for d in value.devices())
 
 
 def save_pretrained(model: LongVILA, path: str, *, tokenizer: Optional[Tokenizer] = None,

@@ -78,3 +78,19 @@ def test_full_vila_directory_reloads(model, tokenizer, tmp_path):
 def test_unknown_dtype_is_refused(model):
     with pytest.raises(ValueError, match="export dtype 'int8'"):
         list(export.iter_chunks(model, dtype="int8"))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_push_chunks_are_safetensors_whose_transposed_kernels_read_as_the_hf_tensors(model,
+                                                                                      dtype):
+    from rollout_bridge.store import parse_weight_chunk
+    state = {}
+    for parts in export.iter_weight_chunks(model, 20_000, dtype=dtype):
+        body = b"".join(parts)
+        assert load_torch(body).keys() == parse_weight_chunk(bytearray(body)).keys()
+        state.update(parse_weight_chunk(bytearray(body)))
+    f32 = export.to_hf_state_dict(model)
+    assert state.keys() == f32.keys()
+    for name, value in f32.items():
+        want = torch.from_numpy(value).to(torch.bfloat16 if dtype else torch.float32)
+        torch.testing.assert_close(state[name], want, rtol=0, atol=0)

@@ -255,3 +255,57 @@ def test_prompt_plus_new_tokens_over_the_model_length_gets_400_stating_both(serv
     fits = {**too_long, "max_tokens": 24}
     reply = httpx2.post(f"{server.url}/generate", json=fits)
     assert reply.status_code == 200, reply.text
+
+
+def weight_chunks(model, chunk_bytes=20_000, dtype=None):
+    return list(export.iter_weight_chunks(model, chunk_bytes, dtype=dtype))
+
+
+def test_chunks_in_reverse_order_uploaded_in_parallel_serve_the_pushed_weights(
+        server, client, models, tokenizer):
+    video, before, after = video_and_text(tokenizer, seed=3)
+    version = client.health()["version"] + 1
+    chunks = weight_chunks(models[2])[::-1]
+    assert len(chunks) > 4
+    client.push_chunks(server.url, lambda: chunks, version, threads=4)
+    got_version, samples = server_greedy(client, tokenizer, video, before, after)
+    assert got_version == version
+    assert_same_as_jax(samples, jax_greedy(models[2], tokenizer, video, before, after))
+
+
+def nan_chunk(model):
+    """One chunk holding 'model.norm.weight' with a NaN (as the parallel push sends it)."""
+    norm = export.to_hf_state_dict(model)["model.norm.weight"].copy()
+    norm[0] = np.nan
+    return wire.weight_chunk([("model.norm.weight", norm, False)])
+
+
+@pytest.mark.parametrize("fault", ["nan_half_way", "chunk_twice"])
+def test_a_parallel_push_failing_half_way_keeps_the_old_version_serving(
+        server, client, models, tokenizer, fault):
+    video, before, after = video_and_text(tokenizer, seed=4)
+    base = push_version(client, models[1], client.health()["version"] + 1)
+    expected = jax_greedy(models[1], tokenizer, video, before, after)
+    chunks = weight_chunks(models[2])
+    half = len(chunks) // 2
+    if fault == "nan_half_way":
+        chunks = chunks[:half] + [nan_chunk(models[2])] + chunks[half:]
+        message = "non-finite|sent twice"  # the NaN chunk, or the norm's own chunk after it
+    else:
+        chunks = chunks[:half] + [chunks[0]] + chunks[half:]
+        message = "sent twice"
+    with pytest.raises(RolloutError, match=message) as info:
+        client.push_chunks(server.url, lambda: chunks, base + 1, threads=4)
+    assert info.value.status == 422 and info.value.code == "bad_weights"
+    version, samples = server_greedy(client, tokenizer, video, before, after)
+    assert version == base == client.health()["version"]
+    assert_same_as_jax(samples, expected)
+
+
+def test_bf16_on_the_wire_serves_the_rounded_weights(server, models, tokenizer):
+    video, before, after = video_and_text(tokenizer, seed=6)
+    bf16 = RolloutClient([server.url], chunk_bytes=20_000, dtype="bfloat16")
+    version = bf16.push_weights(models[2], bf16.health()["version"] + 1)
+    got_version, samples = server_greedy(bf16, tokenizer, video, before, after)
+    assert got_version == version and samples[0]["token_ids"]
+    bf16.close()
