@@ -77,20 +77,22 @@ class ServerEngine:
         the servers still generate with it) the serialised chunks are kept on the host, so
         a server that restarts mid-rollout gets this exact version again."""
         if self.version != step + 1:
-            if self.keep_pushed:
-                self.pushed = list(export.iter_chunks(model, self.client.chunk_bytes,
-                                                      dtype=self.client.dtype))
+            if self.keep_pushed:  # bytes: copies, not views of buffers the update frees
+                self.pushed = [_as_bytes(body) for body in export.iter_weight_chunks(
+                    model, self.client.chunk_bytes, dtype=self.client.dtype)]
                 for url in self.client.urls:
-                    self.client.push_chunks(url, lambda: self.pushed, step + 1)
+                    self._push_again(url, step + 1)
             else:
                 self.client.push_weights(model, step + 1)
         self.model, self.version = model, step + 1
 
-    def _push_again(self, url: str) -> None:
+    def _push_again(self, url: str, version: int | None = None) -> None:
+        version = version or self.version
         if self.pushed is not None:
-            self.client.push_chunks(url, lambda: self.pushed, self.version)
+            self.client.push_chunks(url, lambda: self.pushed, version,
+                                    threads=self.client.upload_threads)
         elif self.model is not None:
-            self.client.push_weights(self.model, self.version, urls=[url])
+            self.client.push_weights(self.model, version, urls=[url])
 
     def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
         del model  # the servers sample the version pushed by sync_weights
@@ -125,6 +127,11 @@ class ServerEngine:
                 self.client.forget_embeddings(url)
                 if e.code == "version_mismatch":
                     self._push_again(url)
+
+
+def _as_bytes(body) -> bytes:
+    """A weight chunk body (bytes, or a list of buffers viewing the parameters) as bytes."""
+    return body if isinstance(body, bytes) else b"".join(bytes(b) for b in body)
 
 
 def generation_of(samples: list[dict], max_tokens: int, pad_id: int) -> Generation:
