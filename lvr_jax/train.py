@@ -88,7 +88,8 @@ class Run:
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                                  config.train.keep_checkpoints, config.train.async_checkpoints)
         self.guard = NonFiniteGuard(config.train.max_nonfinite_steps)
-        self.validation = Validation(config, model, self.tokenizer) if config.eval.every else None
+        self.validation = (Validation(config, model, self.tokenizer, mesh) if config.eval.every
+                           else None)
 
     def train_state(self) -> dict:
         s = self.learner.state
@@ -179,8 +180,9 @@ class Validation:
     the first `eval.val_size` records of `eval.val_records` (else of `eval.records`), graded
     by `eval.scorer`."""
 
-    def __init__(self, config, model: LongVILA, tokenizer):
+    def __init__(self, config, model: LongVILA, tokenizer, mesh=None):
         e = config.eval
+        self.mesh, self.rules = mesh, mesh_lib.rules_of(config.mesh)
         self.records = load_eval_records(e.val_records or e.records)[:e.val_size or None]
         self.data = dataclasses.replace(data_config(config, model), batch_size=e.batch_size)
         self.tokenizer, self.max_new_tokens = tokenizer, e.max_new_tokens
@@ -189,7 +191,8 @@ class Validation:
 
     def __call__(self, model: LongVILA) -> dict:
         result = evaluate(model, self.tokenizer, self.data, self.max_new_tokens, cache=self.cache,
-                          progress=False, records=self.records, scorer=self.scorer)
+                          progress=False, records=self.records, scorer=self.scorer,
+                          mesh=self.mesh, rules=self.rules)
         return {"val_accuracy": result.accuracy, "val_unparseable": result.unparseable}
 
 

@@ -25,7 +25,8 @@ from lvr_jax import build, demo
 from lvr_jax.data.pipeline import eval_dataset
 from lvr_jax.data.schema import LETTERS, load_eval_records
 from lvr_jax.data.synthetic_script import CORNERS, OPTION_COLOURS
-from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
+from lvr_jax.sharding.video_embeddings import VideoEmbedder
 
 CONCLUSION = re.compile(r"So the answer is the (.+?) (object|corner), option")
 OPTIONS = {"object": list(OPTION_COLOURS), "corner": list(CORNERS)}
@@ -52,13 +53,11 @@ def probe(model_dir: str, data_dir: str, n: int) -> dict[str, float]:
     with open(val, encoding="utf-8") as f:
         targets = [json.loads(line)["answer"] for line, _ in zip(f, range(n))]
     data = dataclasses.replace(build.data_config(config, model), think=True, batch_size=16)
-    encoder = model_video_encoder(model, EmbeddingCache())
+    videos = VideoEmbedder(model, EmbeddingCache())
     letter_ids = jnp.asarray([tokenizer.encode(f"option {x}")[-1] for x in LETTERS[:4]])
     counts, k = collections.Counter(), 0
     for batch in eval_dataset(data, tokenizer, load_eval_records(val)[:n]):
-        video = encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
-        embeds, valid = model.embed_inputs(jnp.asarray(batch["prompt_ids"]), video,
-                                           jnp.asarray(batch["prompt_mask"]).astype(bool))
+        embeds, valid = videos.prompts(model, batch)
         for i, truth in enumerate(batch["answer"]):
             for kind, (text, named) in conclusion_prefixes(targets[k]).items():
                 ids = jnp.asarray(tokenizer.encode(text))[None]

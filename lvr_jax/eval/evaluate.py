@@ -11,7 +11,6 @@ import collections
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -21,7 +20,9 @@ from lvr_jax.eval.scoring import DEFAULT_SCORER, get_scorer
 from lvr_jax.model.sampler import SamplingParams
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl.rollout import JaxEngine, response_texts
-from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
+from lvr_jax.sharding.mesh import DEFAULT_RULES
+from lvr_jax.sharding.video_embeddings import VideoEmbedder
 from lvr_jax.tokenizer import Tokenizer
 
 
@@ -59,23 +60,21 @@ class EvalResult:
 def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_tokens: int = 256,
              temperature: float = 0.0, cache: EmbeddingCache | None = None,
              progress: bool = True, engine=None, records=None,
-             scorer: str = DEFAULT_SCORER) -> EvalResult:
+             scorer: str = DEFAULT_SCORER, mesh=None, rules=DEFAULT_RULES) -> EvalResult:
     """Answers every record of `data.records` (or of `records`) once and grades it with `scorer`.
 
     `engine` (an `rl.rollout.RolloutEngine`) generates; default the embedded sampler
-    (a `ServerEngine` generates on rollout servers)."""
+    (a `ServerEngine` generates on rollout servers). With a `mesh` each video's frames are
+    encoded split over it (`rules`: the recipe's `mesh.rules`)."""
     grade = get_scorer(scorer)
-    encoder = model_video_encoder(model, cache or EmbeddingCache())
-    embed = jax.jit(lambda ids, video, valid: model.embed_inputs(ids, video, valid))
+    videos = VideoEmbedder(model, cache, mesh, rules)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_token_ids=(tokenizer.eos_id,))
     engine = engine or JaxEngine(tokenizer.pad_id)
     predictions = []
     batches = eval_dataset(data, tokenizer, records)
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
-        video = encoder(batch["frames"], batch["video_key"], batch["frame_indices"])
-        embeds, valid = embed(jnp.asarray(batch["prompt_ids"]), video,
-                              jnp.asarray(batch["prompt_mask"]).astype(bool))
+        embeds, valid = videos.prompts(model, batch)
         gen = engine.generate(model, embeds, valid, params, jax.random.key(0))
         for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
             parsed = grade.extract(text)

@@ -10,6 +10,7 @@ from lvr_jax import build
 from lvr_jax.eval import report
 from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
+from lvr_jax.sharding.mesh import rules_of
 
 log = logging.getLogger("lvr_jax.eval")
 
@@ -41,7 +42,8 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
                 build.data_config(config, model), num_frames=frames, think=think,
                 batch_size=config.eval.batch_size)
             result = evaluate(model, tokenizer, data, config.eval.max_new_tokens, cache=cache,
-                              engine=engine, records=records, scorer=config.eval.scorer)
+                              engine=engine, records=records, scorer=config.eval.scorer,
+                              mesh=mesh, rules=rules_of(config.mesh))
             rows.append(report.write_setting(out_dir, setting, result))
             log.warning("%s: %.1f%% of %d (%d unparseable), scorer %s", setting.label,
                         100 * result.accuracy, len(result.predictions), result.unparseable,

@@ -19,13 +19,13 @@ import numpy as np
 from flax import nnx
 
 from lvr_jax import training
-from lvr_jax.data.video import normalize_frames
 from lvr_jax.model.sampler import SamplingParams
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rollout
 from lvr_jax.sharding import forwards, sequence
-from lvr_jax.sharding.embedding_cache import EmbeddingCache, model_video_encoder
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sharding.mesh import rules_of
+from lvr_jax.sharding.video_embeddings import VideoEmbedder
 from lvr_jax.tokenizer import Tokenizer
 
 
@@ -138,12 +138,11 @@ class GRPOLearner:
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         # The frozen initial policy: a copy, since each update donates the trainable buffers.
         self.reference = jax.tree.map(jnp.copy, self.state.trainable)
-        self.encoder = model_video_encoder(model, cache)
+        self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh))
         self.loss_cfg = LossConfig.of(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
         self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
         self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
-        self._embed = jax.jit(lambda m, ids, video, valid: m.embed_inputs(ids, video, valid))
         self.engine = engine or rollout.JaxEngine(tokenizer.pad_id,
                                                   forwards.prefill_fn(mesh, config.mesh))
         self.stop_ids = (tokenizer.eos_id,)
@@ -224,7 +223,7 @@ class GRPOLearner:
                    "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0,
                    **{k: float(v) for k, v in groups.items()},
                    "tokens_per_second": lengths.sum() / seconds,
-                   "cache_hit_rate": self.encoder.cache.stats.hit_rate}
+                   "cache_hit_rate": self.videos.cache.stats.hit_rate}
         return train, {**metrics, "sample": texts[0]}
 
     def add_logprobs(self, train: dict) -> tuple[dict, dict]:
@@ -286,10 +285,8 @@ class GRPOLearner:
     def prompt_embeddings(self, model: LongVILA, batch: dict):
         """Prompt embeddings [P, T, D] and validity: the video from the embedding cache
         (or encoded again under `rl.reencode_video`) spliced into the prompt."""
-        video = (self._encode_each(batch["frames"]) if self.rl.reencode_video
-                 else self.encoder(batch["frames"], batch["video_key"], batch["frame_indices"]))
-        return self._embed(model, jnp.asarray(batch["prompt_ids"]), video,
-                           jnp.asarray(batch["prompt_mask"]).astype(bool))
+        video = self._encode_each(batch["frames"]) if self.rl.reencode_video else None
+        return self.videos.prompts(model, batch, video)
 
     def num_prompts(self, train: dict) -> int:
         return train["tokens"].shape[0] // self.rl.num_generations
@@ -318,15 +315,15 @@ class GRPOLearner:
                     "prompt_valid": train["prompt_valid"][prompts],
                     "prompt_index": jnp.repeat(jnp.arange(len(prompts)), g)}
         index = np.repeat(prompts, g)
-        embeds, valid = self._embed(self.state.model(), jnp.asarray(train["prompt_ids"][index]),
-                                    self._encode_each(train["frames"][index]),
-                                    jnp.asarray(train["prompt_mask"][index]))
+        prompt = {"prompt_ids": train["prompt_ids"][index], "prompt_mask": train["prompt_mask"][index]}
+        embeds, valid = self.videos.prompts(self.state.model(), prompt,
+                                            self._encode_each(train["frames"][index]))
         return {"prompt_embeds": embeds, "prompt_valid": valid,
                 "prompt_index": jnp.arange(len(index))}
 
     def _encode_each(self, frames_bfhwc) -> jax.Array:
         """Each video through the frozen encoder, bypassing the embedding cache."""
-        return jnp.stack([self.encoder.encode(normalize_frames(f)) for f in frames_bfhwc])
+        return jnp.stack([self.videos.encode(f) for f in frames_bfhwc])
 
     def _logprobs_fn(self, trainable, frozen, graphdef, batch):
         llm = nnx.merge(graphdef, trainable, frozen).llm

@@ -11,13 +11,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lvr_jax import training
 from lvr_jax.data.video import normalize_frames
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.sharding import forwards
-from lvr_jax.sharding.embedding_cache import CachedVideoEncoder, EmbeddingCache
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
+from lvr_jax.sharding.mesh import rules_of
+from lvr_jax.sharding.video_embeddings import VideoEmbedder
 
 
 def token_cross_entropy(logits_btv, targets_bt, mask_bt):
@@ -95,9 +96,8 @@ class SFTLearner:
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         self.train_vision = config.sft.train_vision_tower
-        if not self.train_vision:
-            features = jax.jit(lambda x: model.vision_tower(x))
-            self.encoder = CachedVideoEncoder(features, nnx.state(model.vision_tower), cache)
+        # the frozen tower's features through the cache (the projector trains on top)
+        self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh), output="features")
         self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
 
     def device_batch(self, batch: dict) -> dict:
@@ -106,8 +106,7 @@ class SFTLearner:
         if self.train_vision:
             out["frames"] = normalize_frames(jnp.asarray(batch["frames"]))
         else:
-            out["video_features"] = self.encoder(batch["frames"], batch["video_key"],
-                                                 batch["frame_indices"])
+            out["video_features"] = self.videos.videos(batch)
         return out
 
     def step(self, batch: dict) -> dict:

@@ -18,10 +18,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from safetensors.numpy import load_file, save_file
-
-from lvr_jax.data.video import normalize_frames
 
 
 def weights_fingerprint(params) -> str:
@@ -111,28 +108,21 @@ class EmbeddingCache:
 class CachedVideoEncoder:
     """Encodes a batch's videos through a frozen encoder, each distinct video once ever.
 
-    `encode` maps normalised frames [F, H, W, 3] to an embedding array; `frozen_params`
-    are the weights it depends on and `tag` names anything else it depends on (both are
-    part of every key).
+    `encode` maps one video's frames, as decoded, to an embedding array (normalising them
+    is its business: `video_embeddings.VideoEmbedder`); `frozen_params` are the weights it
+    depends on and `tag` names anything else it depends on (both are part of every key).
     """
 
-    def __init__(self, encode: Callable[[jax.Array], jax.Array], frozen_params,
+    def __init__(self, encode: Callable[[np.ndarray], jax.Array], frozen_params,
                  cache: EmbeddingCache, tag: str = ""):
         self.encode, self.cache = encode, cache
         self.fingerprint = weights_fingerprint(frozen_params) + (f"|{tag}" if tag else "")
 
     def __call__(self, frames_bfhwc: np.ndarray, video_keys: Sequence[str],
                  frame_indices: np.ndarray) -> jax.Array:
-        """uint8 frames of B videos -> stacked embeddings [B, ...]."""
+        """Frames of B videos -> stacked embeddings [B, ...]."""
         outputs = []
         for frames, video_key, indices in zip(frames_bfhwc, video_keys, frame_indices):
             key = entry_key(video_key, indices, self.fingerprint)
-            outputs.append(self.cache.get(key, lambda f=frames: self.encode(normalize_frames(f))))
+            outputs.append(self.cache.get(key, lambda f=frames: self.encode(f)))
         return jax.numpy.stack(outputs)
-
-
-def model_video_encoder(model, cache: EmbeddingCache) -> CachedVideoEncoder:
-    """`model.encode_video` behind `cache`, for a frozen tower and projector (RL, evaluation)."""
-    frozen = (nnx.state(model.vision_tower), nnx.state(model.mm_projector))
-    return CachedVideoEncoder(jax.jit(lambda x: model.encode_video(x)), frozen, cache,
-                              tag=model.config.video_encoder.cache_tag())

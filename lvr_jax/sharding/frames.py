@@ -27,9 +27,14 @@ from lvr_jax.sharding.mesh import DEFAULT_RULES, logical_to_spec, spec_axes
 VIDEO_FRAME_AXES = ("activation_batch", "activation_frames")
 
 
-def frame_spec(mesh: Mesh, rules=DEFAULT_RULES) -> P:
-    """The spec of frames [V, F, ...] and of their tokens [V, N, ...] under the rules."""
-    return logical_to_spec(VIDEO_FRAME_AXES, mesh, rules)
+def frame_spec(mesh: Mesh, rules=DEFAULT_RULES, num_videos: int | None = None) -> P:
+    """The spec of frames [V, F, ...] and of their tokens [V, N, ...] under the rules; the
+    videos stay unsplit where the batch axes do not divide `num_videos` (e.g. one video)."""
+    spec = logical_to_spec(VIDEO_FRAME_AXES, mesh, rules)
+    batch = math.prod(mesh.shape[a] for a in spec_axes(spec, 0))
+    if num_videos is not None and num_videos % batch:
+        return P(None, *spec[1:])
+    return spec
 
 
 def frame_devices(mesh: Mesh, spec: P) -> int:
@@ -96,8 +101,34 @@ def encode_video_sharded(model, frames, mesh: Mesh, rules=DEFAULT_RULES):
     single = frames.ndim == 4
     graphdef, state = nnx.split((model.vision_tower, model.mm_projector))
     model.config.num_video_tokens(frames.shape[-4])  # refuses frame counts pools do not divide
-    embeds, valid = _encode(graphdef, state, model.video_token_embeds(),
-                            frames[None] if single else frames, mesh=mesh,
-                            spec=frame_spec(mesh, rules),
+    frames = frames[None] if single else frames
+    embeds, valid = _encode(graphdef, state, model.video_token_embeds(), frames, mesh=mesh,
+                            spec=frame_spec(mesh, rules, frames.shape[0]),
                             encoder=model.config.video_encoder)
     return (embeds[0], valid) if single else (embeds, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "spec"))
+def _tower(graphdef, state, frames_vfhwc, *, mesh, spec):
+    """Vision features [V, F', P, C] of frames padded to whole frames per device."""
+    num_frames, devices = frames_vfhwc.shape[1], frame_devices(mesh, spec)
+    padded = -(-num_frames // devices) * devices
+    frames_vfhwc = jnp.pad(frames_vfhwc, ((0, 0), (0, padded - num_frames), (0, 0), (0, 0), (0, 0)))
+    frames_vfhwc = jax.lax.with_sharding_constraint(frames_vfhwc, NamedSharding(mesh, spec))
+
+    def local(state, frames):
+        tower = nnx.merge(graphdef, state)
+        v, f = frames.shape[:2]
+        features = tower(frames.reshape(v * f, *frames.shape[2:]))
+        return features.reshape(v, f, *features.shape[1:])
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec,
+                         check_vma=False)(state, frames_vfhwc)
+
+
+def tower_features_sharded(model, frames, mesh: Mesh, rules=DEFAULT_RULES):
+    """Frames [F, H, W, 3] -> the vision tower's features [F, patches, C], each device
+    running the tower on its own frames (SFT caches these and trains the projector)."""
+    graphdef, state = nnx.split(model.vision_tower)
+    features = _tower(graphdef, state, frames[None], mesh=mesh,
+                      spec=frame_spec(mesh, rules, num_videos=1))
+    return features[0, :frames.shape[0]]

@@ -19,8 +19,8 @@ def one_step(config, batch, reencode: bool):
     tokenizer, model = build.build_model(config)  # same seed: same weights for both learners
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     calls = []
-    encode = learner.encoder.encode
-    learner.encoder.encode = lambda frames: calls.append(1) or encode(frames)
+    encode = learner.videos.encode_normalised
+    learner.videos.encode_normalised = lambda frames: calls.append(1) or encode(frames)
     rollout, _ = learner.rollout(batch, jax.random.key(3))
     rollout, _ = learner.add_logprobs(rollout)
     metrics = learner.update(rollout, jax.random.key(4))
@@ -49,6 +49,6 @@ def test_reencoding_learner_matches_the_cached_one_and_bypasses_the_cache(tiny_t
     # Rollout: once per prompt (G samples share the prefill); then once per sequence for the
     # old-policy, reference, (one epoch of) update and update-measuring forwards.
     assert fresh_calls == prompts + 4 * sequences
-    stats = fresh.encoder.cache.stats
-    assert stats.hits == stats.disk_hits == stats.misses == 0 and not fresh.encoder.cache.entries
+    stats = fresh.videos.cache.stats
+    assert stats.hits == stats.disk_hits == stats.misses == 0 and not fresh.videos.cache.entries
     assert cached_calls == len(set(batch["video_key"]))
