@@ -35,6 +35,7 @@ SHORTEN = {
     "benchmarks.sharding_step_time": "--frames 2 --strategies ring",
     "benchmarks.rollout_bridge": "--prompts 1 --group 2 --max-tokens 4 --video-tokens 8 "
         "--layers 1",
+    "benchmarks.frame_encoding": "--frames 8 --repeats 1",
     "benchmarks.off_policy": "--init '' --steps 2 --prompts 2 --max-new-tokens 4 "
         "--out runs/off_policy.png",
     "benchmarks.weight_sync": "--size_mb 8 --repeats 1",
