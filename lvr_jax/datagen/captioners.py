@@ -6,13 +6,13 @@ Both expose `frame_size` (the side to decode frames at) and `async caption(clips
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from typing import Sequence
 
 import numpy as np
 
 from lvr_jax.data.templates import SYSTEM_PROMPT
-from lvr_jax.data.video import normalize_frames
 from lvr_jax.datagen.client import ChatClient, image_part
 from lvr_jax.datagen.clips import Clip
 from lvr_jax.datagen.prompts import CAPTION_INSTRUCTION, caption_messages
@@ -70,7 +70,7 @@ class EmbeddedCaptioner:
                                      stop_token_ids=(self.tokenizer.eos_id,))
         self._rng = jax.random.key(seed)
         self._lock = threading.Lock()
-        self._embed = jax.jit(_embed_prompts)
+        self.videos = clip_embedder(self.model)
 
     def _caption_batch(self, clips: Sequence[Clip]) -> list[str]:
         import jax
@@ -83,7 +83,7 @@ class EmbeddedCaptioner:
         frames = np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
         ids = jnp.broadcast_to(jnp.asarray(self.prompt_ids), (self.batch_size, len(self.prompt_ids)))
         with self._lock:
-            embeds, valid = self._embed(self.model, ids, jnp.asarray(frames))
+            embeds, valid = clip_prompts(self.videos, self.model, ids, frames)
             self._rng, key = jax.random.split(self._rng)
             out = generate(self.model.llm, embeds, valid, self.params, key,
                            pad_id=self.tokenizer.pad_id)
@@ -101,13 +101,19 @@ class EmbeddedCaptioner:
         return None
 
 
-def _embed_prompts(model, ids_bt, frames_bfhw3):
-    """Prompt embeddings with each row's clip frames spliced in: ([B, T', D], [B, T'])."""
-    import jax
+def clip_embedder(model):
+    """The one video path (`sharding.video_embeddings`) for clips: each captioned once, so
+    the cache only has to hold a batch."""
+    from lvr_jax.sharding.embedding_cache import EmbeddingCache
+    from lvr_jax.sharding.video_embeddings import VideoEmbedder
+    return VideoEmbedder(model, EmbeddingCache(256 << 20))
 
-    b, f = frames_bfhw3.shape[:2]
-    frames_fhw3 = frames_bfhw3.reshape(b * f, *frames_bfhw3.shape[2:])
-    features = model.vision_tower(normalize_frames(frames_fhw3))
-    # arranged per clip: a pooling video encoder must not pool across clips
-    video = jax.vmap(model.project_features)(features.reshape(b, f, *features.shape[1:]))
-    return model.embed_inputs(ids_bt, video)
+
+def clip_prompts(videos, model, ids_bt, frames_bfhw3):
+    """Prompt embeddings with each row's clip spliced in, every clip encoded on its own (a
+    pooling video encoder must not pool across clips): ([B, T', D], [B, T'])."""
+    frames = np.asarray(frames_bfhw3)
+    batch = {"frames": frames, "prompt_ids": ids_bt, "prompt_mask": np.ones(ids_bt.shape, bool),
+             "video_key": [hashlib.sha256(f.tobytes()).hexdigest() for f in frames],
+             "frame_indices": np.tile(np.arange(frames.shape[1]), (len(frames), 1))}
+    return videos.prompts(model, batch)

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvr_jax import training
-from lvr_jax.data.video import normalize_frames
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.sharding import forwards
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
@@ -104,7 +103,7 @@ class SFTLearner:
         """The arrays the jitted step needs; video features come from the cache."""
         out = {k: jnp.asarray(batch[k]) for k in ("input_ids", "loss_mask", "token_mask")}
         if self.train_vision:
-            out["frames"] = normalize_frames(jnp.asarray(batch["frames"]))
+            out["frames"] = self.videos.normalised(batch)
         else:
             out["video_features"] = self.videos.videos(batch)
         return out

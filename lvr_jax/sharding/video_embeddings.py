@@ -64,6 +64,10 @@ class VideoEmbedder:
         """One video's uint8 frames, encoded now (bypassing the cache)."""
         return self.encode_normalised(normalize_frames(frames_fhwc))
 
+    def normalised(self, batch: dict) -> jax.Array:
+        """The batch's frames as the vision tower's input, uncached (SFT that trains the tower)."""
+        return normalize_frames(jnp.asarray(batch["frames"]))
+
     def videos(self, batch: dict) -> jax.Array:
         """Each video of the batch through the cache: [B, ...]."""
         return self.cached(batch["frames"], batch["video_key"], batch["frame_indices"])

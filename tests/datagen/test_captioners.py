@@ -1,12 +1,12 @@
-"""The JAX captioner's prompt embeddings: each clip's video arranged on its own."""
+"""The JAX captioner's prompt embeddings: each clip's video arranged on its own, through the
+one video path (normalised, cached by content)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lvr_jax.data.video import normalize_frames
-from lvr_jax.datagen.captioners import _embed_prompts
+from lvr_jax.datagen.captioners import clip_embedder, clip_prompts
 from lvr_jax.model import PRESETS, LongVILA
 from lvr_jax.model.video_encoders import VideoEncoderConfig
 
@@ -18,7 +18,10 @@ def test_a_pooling_video_encoder_never_pools_across_the_clips_of_a_batch(tokeniz
     model = LongVILA(config, rngs=nnx.Rngs(0))
     frames = np.random.default_rng(0).integers(0, 255, (2, 4, 56, 56, 3), dtype=np.uint8)
     ids = jnp.asarray([[1, tokenizer.video_id, 5]] * 2)
-    embeds, _ = jax.jit(_embed_prompts)(model, ids, jnp.asarray(frames))
+    videos = clip_embedder(model)
+    embeds, _ = clip_prompts(videos, model, ids, frames)
+    clip_prompts(videos, model, ids, frames)
+    assert videos.cache.stats.misses == 2 and videos.cache.stats.hits == 2
     for i in range(2):
         video = model.encode_video(normalize_frames(jnp.asarray(frames[i])))
         expected, _ = model.embed_inputs(ids[i:i + 1], video)

@@ -35,3 +35,26 @@ def test_sft_loss_equals_nll_of_the_answer_tokens_from_full_logits(tokenizer):
             count += 1
     assert int(aux["target_tokens"]) == count == 7
     np.testing.assert_allclose(float(loss), expected / count, rtol=1e-5)
+
+
+def test_sft_that_trains_the_tower_feeds_it_normalised_frames_and_caches_nothing(
+        tiny_train_config):
+    from lvr_jax import build
+    from lvr_jax.data.pipeline import sft_dataset
+    from lvr_jax.sft.learner import SFTLearner
+    from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+    config = tiny_train_config("sft", 2)
+    config.sft.train_vision_tower = True
+    tokenizer, model = build.build_model(config)
+    before = jax.tree.map(np.asarray, nnx.state(model.vision_tower, nnx.Param))
+    learner = SFTLearner(model, config, EmbeddingCache())
+    batch = next(iter(sft_dataset(build.data_config(config, model), tokenizer)))
+    frames = learner.device_batch(batch)["frames"]
+    assert frames.dtype == jnp.float32 and -1.0 <= float(frames.min()) <= float(frames.max()) <= 1.0
+    for _ in range(2):  # the first step's learning rate is 0 (warm-up)
+        assert np.isfinite(float(learner.step(batch)["loss"]))
+    after = nnx.state(learner.state.model().vision_tower, nnx.Param)
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert not learner.videos.cache.entries
