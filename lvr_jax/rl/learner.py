@@ -216,12 +216,13 @@ class GRPOLearner:
             train.update(frames=batch["frames"][order],
                          prompt_ids=np.asarray(batch["prompt_ids"])[order],
                          prompt_mask=np.asarray(batch["prompt_mask"]).astype(bool)[order])
-        groups = grpo.group_stats(parts["score"], parts["accuracy"], g)
-        varied = parts["score"].reshape(-1, g).std(axis=1) > 0
+        groups = {k: float(v) for k, v in
+                  grpo.group_stats(parts["score"], parts["accuracy"], g).items()}
         metrics = {"reward": parts["score"].mean(), "accuracy": parts["accuracy"].mean(),
                    "format": parts["format"].mean(), "response_length": lengths.mean(),
-                   "kept_groups": varied.mean() if self.rl.dynamic_sampling else 1.0,
-                   **{k: float(v) for k, v in groups.items()},
+                   # dynamic sampling keeps exactly the mixed groups
+                   "kept_groups": groups["mixed_groups"] if self.rl.dynamic_sampling else 1.0,
+                   **groups,
                    "tokens_per_second": lengths.sum() / seconds,
                    "cache_hit_rate": self.videos.cache.stats.hit_rate}
         return train, {**metrics, "sample": texts[0]}
