@@ -21,6 +21,7 @@ from lvr_jax.data.pipeline import DataConfig, rl_dataset, sft_dataset
 from lvr_jax.model import PRESETS, LongVILA, load_pretrained
 from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
                                           parse_video_encoder)
+from lvr_jax.sharding import hosts
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.param_placement import load_sharded, param_sharding, shard_model
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
@@ -129,24 +130,36 @@ def compile_step(config, mesh):
     return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
 
 
-def data_config(config, model: LongVILA) -> DataConfig:
-    """The pipeline's settings; the frame size is the vision tower's, decided by the model."""
+def row_share(config, mesh=None) -> hosts.RowShare:
+    """Which rows of each training batch this process reads. SFT: its row block's share
+    (`hosts.row_share`). GRPO: every prompt, on every process: the group advantages, dynamic
+    sampling and update chunks are decisions over the whole rollout batch that every process
+    takes alike, and a rollout batch has few prompts."""
+    if config.stage != "sft":
+        return hosts.RowShare()
+    return hosts.row_share(mesh, mesh_lib.rules_of(config.mesh), config.data.batch_size)
+
+
+def data_config(config, model: LongVILA, share: hosts.RowShare = hosts.RowShare()) -> DataConfig:
+    """The pipeline's settings; the frame size is the vision tower's, decided by the model;
+    `share`: this process's rows of each batch (`row_share`; default: all of them)."""
     d = config.data
     return DataConfig(records=d.records, video_root=d.video_root, num_frames=d.num_frames,
                       frame_size=model.config.vision.image_size, video_backend=d.video_backend,
                       on_bad_video=d.on_bad_video, cache_dir=d.cache_dir or None,
-                      batch_size=d.batch_size, max_length=d.max_length, seed=config.seed,
+                      batch_size=share.local_rows(d.batch_size), max_length=d.max_length,
+                      seed=config.seed,
                       num_epochs=None if d.num_epochs < 0 else d.num_epochs,
-                      num_workers=d.num_workers, shard_index=jax.process_index(),
-                      shard_count=jax.process_count(), read_threads=d.read_threads,
+                      num_workers=d.num_workers, shard_index=share.index,
+                      shard_count=share.count, read_threads=d.read_threads,
                       read_buffer=d.read_buffer, worker_buffer_size=d.worker_buffer_size,
                       max_video_pixels=d.max_video_pixels)
 
 
-def make_learner(config, model, tokenizer, cache, mesh=None):
+def make_learner(config, model, tokenizer, cache, mesh=None, share=hosts.RowShare()):
     module = learner_module(config.stage)
     if config.stage == "sft":
-        return module.SFTLearner(model, config, cache, mesh)
+        return module.SFTLearner(model, config, cache, mesh, share)
     return module.GRPOLearner(model, config, tokenizer, cache, mesh,
                               engine=make_rollout_engine(config, tokenizer, mesh))
 
@@ -161,7 +174,7 @@ def make_rollout_engine(config, tokenizer, mesh=None):
                                keep_pushed=bool(config.rl.off_policy_steps))
 
 
-def make_data(config, model, tokenizer):
+def make_data(config, model, tokenizer, share=hosts.RowShare()):
     build = sft_dataset if config.stage == "sft" else rl_dataset
     report = lambda r: log.warning("%s", r)  # noqa: E731  skipped records, once per epoch
-    return iter(build(data_config(config, model), tokenizer, on_epoch_end=report))
+    return iter(build(data_config(config, model, share), tokenizer, on_epoch_end=report))

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
 from lvr_jax.build import (build_model, compile_step, data_config, make_data, make_learner,
-                           make_run_mesh)
+                           make_run_mesh, row_share)
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.config import check_model_init, check_off_policy
@@ -31,6 +32,7 @@ from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.eval.evaluate import evaluate
 from lvr_jax.eval.scoring import get_scorer
 from lvr_jax.model import LongVILA, save_pretrained
+from lvr_jax.sharding import hosts
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sft import option_drills
@@ -72,7 +74,13 @@ class Lookahead:
 
 
 class Run:
-    """One stage in one workdir: resumes, steps, logs, checkpoints, exports."""
+    """One stage in one workdir: resumes, steps, logs, checkpoints, exports.
+
+    On several processes every one runs this; each reads its share of the data
+    (`build.row_share`), all take part in checkpoints (orbax writes each array once, the
+    meta keeps every process's data position), and only the first writes metrics, plots
+    and the export.
+    """
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
@@ -81,8 +89,9 @@ class Run:
         self.tokenizer, model = build_model(config, mesh)
         cache_dir = config.cache.disk_dir or None
         self.cache = EmbeddingCache(config.cache.budget_mb << 20, cache_dir)
-        self.learner = make_learner(config, model, self.tokenizer, self.cache, mesh)
-        self.data = make_data(config, model, self.tokenizer)
+        share = row_share(config, mesh)
+        self.learner = make_learner(config, model, self.tokenizer, self.cache, mesh, share)
+        self.data = make_data(config, model, self.tokenizer, share)
         if config.stage == "grpo" and config.rl.off_policy_steps:
             self.data = Lookahead(self.data)  # the learner generates the next batch early
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -96,8 +105,9 @@ class Run:
         return {"trainable": s.trainable, "opt_state": s.opt_state}
 
     def save(self, force: bool = False) -> None:
-        meta = {"step": self.learner.state.step, "data": self.data.get_state(),
-                "cache": self.cache.manifest()}
+        data = self.data.get_state()
+        meta = {"step": self.learner.state.step, "cache": self.cache.manifest(),
+                "data": hosts.gather_json(data) if hosts.multiprocess() else data}
         self.ckpt.save(self.learner.state.step, self.train_state(), meta, force=force)
 
     def resume(self) -> None:
@@ -107,8 +117,24 @@ class Run:
         step, restored, meta = latest
         s = self.learner.state
         s.trainable, s.opt_state, s.step = restored["trainable"], restored["opt_state"], meta["step"]
-        self.data.set_state(meta["data"])
+        self.data.set_state(self.data_position(meta["data"]))
         log.warning("resumed %s from step %d in %s", self.config.stage, step, self.workdir)
+
+    @staticmethod
+    def data_position(saved):
+        """This process's data iterator state from a checkpoint's meta."""
+        if not isinstance(saved, list):  # written by one process
+            if hosts.multiprocess():
+                raise SystemExit("the checkpoint was written by one process; resume it on one")
+            return saved
+        if len(saved) != jax.process_count():
+            raise SystemExit(f"the checkpoint was written by {len(saved)} processes; resume it "
+                             f"on as many (this run has {jax.process_count()})")
+        return saved[jax.process_index()]
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.writer:
+            self.writer.write(step, metrics)
 
     def step_once(self) -> dict:
         start = time.perf_counter()
@@ -126,12 +152,14 @@ class Run:
 
     def run(self) -> dict:
         self.resume()
-        self.writer = metrics_lib.MetricsWriter(self.workdir, self.config.stage,
-                                                self.learner.state.step)
+        self.writer = (metrics_lib.MetricsWriter(self.workdir, self.config.stage,
+                                                 self.learner.state.step)
+                       if hosts.is_writer() else None)
         train = self.config.train
         if self.validation and self.learner.state.step == 0:  # where the curve starts
-            self.writer.write(0, self.validation(self.learner.state.model()))
-        bar = tqdm(total=train.num_steps, initial=self.learner.state.step, desc=self.config.stage)
+            self.log(0, self.validation(self.learner.state.model()))
+        bar = tqdm(total=train.num_steps, initial=self.learner.state.step, desc=self.config.stage,
+                   disable=not hosts.is_writer())
         last = {}
         while self.learner.state.step < train.num_steps:
             try:
@@ -150,7 +178,7 @@ class Run:
             step = self.learner.state.step
             if self.validation and (step % self.config.eval.every == 0 or step == train.num_steps):
                 last.update(self.validation(self.learner.state.model()))
-            self.writer.write(step, last)
+            self.log(step, last)
             bar.set_postfix(metrics_lib.short_summary(last))
             bar.update(1)
             if self.guard.exhausted:
@@ -166,13 +194,17 @@ class Run:
 
     def finish(self) -> None:
         self.ckpt.wait()
-        self.writer.close()
-        metrics_lib.plot_curves(self.writer.path, CURVES[self.config.stage],
-                                os.path.join(self.workdir, f"{self.config.stage}_curves.png"),
-                                f"{self.config.stage} ({self.workdir})")
+        if self.writer:
+            self.writer.close()
+            metrics_lib.plot_curves(self.writer.path, CURVES[self.config.stage],
+                                    os.path.join(self.workdir, f"{self.config.stage}_curves.png"),
+                                    f"{self.config.stage} ({self.workdir})")
         if self.config.train.export:
-            save_pretrained(self.learner.state.model(), os.path.join(self.workdir, "model"),
-                            tokenizer=self.tokenizer)
+            model = self.learner.state.model()
+            model = hosts.on_host(model) if hosts.multiprocess() else model  # all gather
+            if hosts.is_writer():
+                save_pretrained(model, os.path.join(self.workdir, "model"), tokenizer=self.tokenizer)
+            hosts.barrier("export")  # the next stage may read it as soon as this one returns
 
 
 class Validation:
@@ -200,10 +232,11 @@ def drilled_init(config, workdir: str) -> str:
     """The preset model after `drills.steps` option drills, exported once to
     `workdir/drills/model` (an SFT stage from scratch starts there)."""
     out = os.path.join(workdir, "drills", "model")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        tokenizer, model = build_model(config)
+    if hosts.is_writer() and not os.path.exists(os.path.join(out, "config.json")):
+        tokenizer, model = build_model(config)  # on one device of the first process
         trained = option_drills.train_drills(config, model, tokenizer)
         save_pretrained(trained, out, tokenizer=tokenizer)
+    hosts.barrier("drills")  # the other processes load what the first wrote
     return out
 
 
@@ -211,6 +244,7 @@ def run(config, workdir: str) -> dict:
     """Trains one stage in `workdir`; returns the last step's metrics."""
     check_model_init(config)
     check_off_policy(config)
+    mesh_lib.initialize_distributed(config.get("distributed"))  # before the drills
     if config.stage == "sft" and config.drills.steps and not config.model.init:
         config.model.init = drilled_init(config, workdir)
     return Run(config, workdir).run()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 
@@ -51,6 +52,21 @@ def param_filter(trainable_prefixes: Sequence[str], frozen_paths: Sequence[str] 
     return is_trainable
 
 
+def init_opt_state(tx: optax.GradientTransformation, trainable):
+    """The optimizer state placed beside the parameters: on a mesh each moment takes its
+    parameter's sharding and the counters sit replicated on the mesh (left to itself, jit
+    puts an initial state that does not read the values on one device)."""
+    placed = [x.sharding for x in jax.tree.leaves(trainable)
+              if isinstance(getattr(x, "sharding", None), NamedSharding)]
+    if not placed:
+        return jax.jit(tx.init)(trainable)
+    replicated = NamedSharding(placed[0].mesh, PartitionSpec())
+    shardings = optax.tree_map_params(
+        tx, lambda _, param: param.sharding, jax.eval_shape(tx.init, trainable), trainable,
+        transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(trainable)
+
+
 @dataclasses.dataclass
 class TrainState:
     """Parameters split for training, plus the optimizer state and step."""
@@ -64,8 +80,7 @@ class TrainState:
     @classmethod
     def create(cls, model: nnx.Module, is_trainable, tx: optax.GradientTransformation):
         graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
-        # jit places the optimizer state beside the (possibly sharded) parameters.
-        return cls(graphdef, trainable, frozen, jax.jit(tx.init)(trainable))
+        return cls(graphdef, trainable, frozen, init_opt_state(tx, trainable))
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)

@@ -56,19 +56,9 @@ def synthetic_set(tmp_path_factory):
 @pytest.fixture
 def tiny_train_config(synthetic_set):
     """configs/demo.py shrunk further: a training step takes well under a second."""
-    from lvr_jax.demo import stage_config
+    from tests.tiny_recipe import tiny_config
 
-    def make(stage, steps):
-        c = stage_config(stage, synthetic_set, steps)
-        c.model.llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-        c.data.update(num_frames=8, batch_size=4)
-        c.rl.update(num_generations=4, max_new_tokens=24, update_batch_size=2)
-        c.train.update(checkpoint_every=2, keep_checkpoints=10)
-        c.drills.steps = 0  # tests/sft/test_option_drills.py runs them
-        c.model.allow_random_init = stage == "grpo"  # tests that set model.init override it
-        return c
-
-    return make
+    return lambda stage, steps: tiny_config(stage, synthetic_set, steps)
 
 
 # The README's demo command, shortened (tests/test_entrypoints.py reads its output).

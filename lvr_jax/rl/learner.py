@@ -22,7 +22,7 @@ from lvr_jax import training
 from lvr_jax.model.sampler import SamplingParams
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rollout
-from lvr_jax.sharding import forwards, sequence
+from lvr_jax.sharding import forwards, hosts, sequence
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
@@ -204,7 +204,7 @@ class GRPOLearner:
         embeds, valid = prompts or self.prompt_embeddings(model, batch)
         gen, seconds = rollout.timed_generate(self.engine, model, embeds, valid,
                                               self.sampling(), rng)
-        lengths = np.asarray(gen.lengths)
+        lengths = hosts.fetch(gen.lengths)
         texts = rollout.response_texts(self.tokenizer, gen, self.stop_ids)
         truths = [t for t in batch["ground_truth"] for _ in range(g)]
         parts = rollout.score(texts, lengths, truths, g, self.rl)

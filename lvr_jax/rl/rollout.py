@@ -25,6 +25,7 @@ import numpy as np
 
 from lvr_jax.model.sampler import Generation, SamplingParams, generate, local_prefill
 from lvr_jax.rl import grpo, rewards
+from lvr_jax.sharding import hosts
 from rollout_bridge import export
 from rollout_bridge.client import RetryPolicy, RolloutClient, RolloutError
 
@@ -155,6 +156,9 @@ def make_engine(rollout_config, pad_id: int, prefill=None,
         return JaxEngine(pad_id, prefill)
     if r.backend != "server":
         raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {r.backend!r}")
+    if hosts.multiprocess():  # each process would push and sample on its own
+        raise ValueError("rollout servers are driven from one trainer process; a multi-host "
+                         "GRPO run samples with the embedded engine (rl.rollout.backend='jax')")
     retry = RetryPolicy(timeout_s=r.timeout_s, retries=r.retries, backoff_s=r.backoff_s,
                         wait_s=r.wait_s)
     client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
@@ -172,7 +176,7 @@ def timed_generate(engine: RolloutEngine, model, embeds, valid, params, rng):
 def response_texts(tokenizer, gen: Generation, stop_ids) -> list[str]:
     """Decoded responses without their stop token."""
     texts = []
-    for tokens, length in zip(np.asarray(gen.tokens), np.asarray(gen.lengths)):
+    for tokens, length in zip(hosts.fetch(gen.tokens), hosts.fetch(gen.lengths)):
         tokens = tokens[:length]
         if length and tokens[-1] in stop_ids:
             tokens = tokens[:-1]
@@ -210,7 +214,7 @@ def training_batch(embeds, valid, gen: Generation, parts: dict, order, keep,
                    group_size: int) -> dict:
     """The sequences of the prompts `order`, grouped as generated; `keep` masks prompts out."""
     rows = (np.asarray(order)[:, None] * group_size + np.arange(group_size)).reshape(-1)
-    lengths = np.asarray(gen.lengths)[rows]
+    lengths = hosts.fetch(gen.lengths)[rows]
     response_mask = (np.arange(gen.tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
     loss_mask = response_mask * np.repeat(keep, group_size)[:, None]
     return {"prompt_embeds": embeds[order], "prompt_valid": valid[order],

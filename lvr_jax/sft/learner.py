@@ -14,7 +14,7 @@ import numpy as np
 
 from lvr_jax import training
 from lvr_jax.model.vlm import LongVILA
-from lvr_jax.sharding import forwards
+from lvr_jax.sharding import forwards, hosts
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
@@ -91,17 +91,25 @@ def abstract_batch(config, model_config) -> dict:
 class SFTLearner:
     """Holds the train state and the cached video encoder; `step(batch)` trains on a batch."""
 
-    def __init__(self, model: LongVILA, config, cache: EmbeddingCache, mesh=None):
+    TEXT_PADS = {"input_ids": 0, "loss_mask": 0, "token_mask": 0}  # masked: any id will do
+
+    def __init__(self, model: LongVILA, config, cache: EmbeddingCache, mesh=None,
+                 share: hosts.RowShare = hosts.RowShare()):
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         self.train_vision = config.sft.train_vision_tower
         # the frozen tower's features through the cache (the projector trains on top)
-        self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh), output="features")
+        self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh), output="features",
+                                    share=share)
         self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
 
     def device_batch(self, batch: dict) -> dict:
-        """The arrays the jitted step needs; video features come from the cache."""
-        out = {k: jnp.asarray(batch[k]) for k in ("input_ids", "loss_mask", "token_mask")}
+        """The arrays the jitted step needs (global arrays of every process's rows, their text
+        padded to the longest process's); video features come from the cache."""
+        if hosts.multiprocess():
+            length = hosts.agreed_length(np.shape(batch["input_ids"])[1])
+            batch = hosts.pad_to(batch, self.TEXT_PADS, length, side="right")
+        out = {k: self.videos.global_batch(batch[k]) for k in self.TEXT_PADS}
         if self.train_vision:
             out["frames"] = self.videos.normalised(batch)
         else:

@@ -168,6 +168,8 @@ def initialize_distributed(config: Any = None) -> bool:
                          f"JAX_PROCESS_ID); got {address!r}, {num!r}, {pid!r}")
     if int(num) <= 1:
         return False
+    if jax.distributed.is_initialized():  # started already (by the run, before its drills)
+        return True
     bind = get("coordinator_bind_address") or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
                                process_id=int(pid), coordinator_bind_address=bind)

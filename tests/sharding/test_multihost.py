@@ -17,16 +17,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, devices: int, process_id: int, num_processes: int, port: int):
+def launch(args, devices: int, process_id: int, num_processes: int, port: int):
+    """`python *args` as process `process_id` of `num_processes` with `devices` CPU devices."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     address = f"127.0.0.1:{port}"
     env.update(JAX_COORDINATOR_ADDRESS=address, JAX_COORDINATOR_BIND_ADDRESS=address,
                JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(process_id))
-    return subprocess.Popen([sys.executable, "-m", "lvr_jax.sharding.multihost_check",
-                             "--out", str(out)], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_processes(args, num_processes: int = 2, devices: int = 4) -> None:
+    """`python *args` on `num_processes` x `devices` on loopback; each must exit 0."""
+    port = free_port()
+    procs = [launch(args, devices, i, num_processes, port) for i in range(num_processes)]
+    for proc in procs:
+        finish(proc)
 
 
 def finish(proc):
@@ -36,7 +44,8 @@ def finish(proc):
 
 def test_two_processes_match_one_process(tmp_path):
     port = free_port()
-    procs = [launch(tmp_path / "two.json", 4, i, 2, port) for i in range(2)]
+    args = ["-m", "lvr_jax.sharding.multihost_check", "--out", str(tmp_path / "two.json")]
+    procs = [launch(args, 4, i, 2, port) for i in range(2)]
     one = multihost_check.run()  # this process: 1 x 8 simulated devices
     for proc in procs:
         finish(proc)
