@@ -57,6 +57,7 @@ ELSEWHERE = {
     "lvr_jax.train --config=configs/longvila_r1_7b_grpo.py":
         "tests/rollout_bridge/test_grpo_server.py::test_run_recovers_when_a_killed_server",
     "lvr_jax.sharding.multihost_check": "tests/sharding/test_multihost.py::test_two_processes",
+    "JAX_PROCESS_ID=": "tests/test_train_mesh.py::test_two_processes_end_where_one_device_ends",
     "lvr_jax.model.assemble": "needs a SigLIP and a Qwen2 download; the command on tiny parts "
         "written by transformers is tests/model/test_assemble.py::"
         "test_command_line_writes_a_loadable_directory_and_names_bad_inputs",

@@ -59,7 +59,10 @@ class DataConfig:
     worker_buffer_size: int = 2  # examples each worker process holds ready
     read_threads: int = 0  # videos decoded at once per process; 0: sized from the batch
     read_buffer: int = 0  # examples read ahead per process; 0: its share of one batch
-    shard_index: int = 0  # this host's share of the data
+    # This host's share: records index, index + count, ... of each shuffled epoch, so that
+    # the batches of the `count` shards together hold the records of one batch of
+    # count x batch_size (`build.row_share` picks them for a multi-host run).
+    shard_index: int = 0
     shard_count: int = 1
     think: bool = True  # evaluation prompts: ask for reasoning, or for the letter alone
 
