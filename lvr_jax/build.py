@@ -13,7 +13,6 @@ import logging
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lvr_jax import training
 from lvr_jax.cli import CommandLineError
@@ -117,11 +116,9 @@ def compile_step(config, mesh):
             var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
     graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)
-    # Adam moments take their parameter's sharding; counters are replicated.
-    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
-    on_mesh = lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())  # noqa: E731
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
-                             jax.eval_shape(tx.init, trainable), opt_shardings)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(tx.init, trainable),
+                             training.opt_state_shardings(tx, trainable))
     batch_sharding = lambda a: mesh_lib.logical_to_sharding(  # noqa: E731
         ("activation_batch",) + (None,) * (len(a.shape) - 1), mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))

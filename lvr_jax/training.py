@@ -52,19 +52,23 @@ def param_filter(trainable_prefixes: Sequence[str], frozen_paths: Sequence[str] 
     return is_trainable
 
 
-def init_opt_state(tx: optax.GradientTransformation, trainable):
-    """The optimizer state placed beside the parameters: on a mesh each moment takes its
-    parameter's sharding and the counters sit replicated on the mesh (left to itself, jit
-    puts an initial state that does not read the values on one device)."""
+def opt_state_shardings(tx: optax.GradientTransformation, trainable):
+    """Where the optimizer state of `trainable` (arrays or shape structs with a sharding) lives:
+    each moment beside its parameter, counters replicated on the mesh; None off a mesh."""
     placed = [x.sharding for x in jax.tree.leaves(trainable)
               if isinstance(getattr(x, "sharding", None), NamedSharding)]
     if not placed:
-        return jax.jit(tx.init)(trainable)
+        return None
     replicated = NamedSharding(placed[0].mesh, PartitionSpec())
-    shardings = optax.tree_map_params(
+    return optax.tree_map_params(
         tx, lambda _, param: param.sharding, jax.eval_shape(tx.init, trainable), trainable,
         transform_non_params=lambda _: replicated)
-    return jax.jit(tx.init, out_shardings=shardings)(trainable)
+
+
+def init_opt_state(tx: optax.GradientTransformation, trainable):
+    """The optimizer state, placed by `opt_state_shardings` (left to itself, jit puts an
+    initial state that does not read the values on one device)."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable))(trainable)
 
 
 @dataclasses.dataclass
