@@ -123,7 +123,8 @@ def compile_step(config, mesh):
         ("activation_batch",) + (None,) * (len(a.shape) - 1), mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
              for k, a in module.abstract_batch(config, model_config).items()}
-    step = training.jit_update(tx, module.make_loss_fn(config, mesh), donate=False)
+    step = training.jit_update(tx, module.make_loss_fn(config, mesh), donate=False,
+                               micro=module.micro_batches(config))
     return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
 
 

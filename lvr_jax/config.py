@@ -47,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=10, decay_steps=1000,
                    end_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                   grad_clip=1.0, grad_accum_steps=1)
+                   grad_clip=1.0, grad_accum_steps=1,
+                   # rows of one update's batch run at a time, their gradients summed inside
+                   # the jitted step (SFT: sequences, GRPO: prompts with their samples; 0: all)
+                   micro_batch_size=0)
 
     c.train = dict(num_steps=100, checkpoint_every=50, keep_checkpoints=3,
                    async_checkpoints=True, max_nonfinite_steps=5, export=True)

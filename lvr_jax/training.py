@@ -90,12 +90,64 @@ class TrainState:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
 
 
-def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef, batch):
-    """One optimizer step of loss_fn(model, batch) -> (loss, aux), skipped when not finite."""
-    def loss_of(t):
-        return loss_fn(nnx.merge(graphdef, t, frozen), batch)
+@dataclasses.dataclass(frozen=True)
+class MicroBatches:
+    """Gradient accumulation inside the jitted step: the batch's rows (SFT: sequences, GRPO:
+    prompts with their samples) `size` at a time. `split(batch, micro)` -> the batch as
+    `micro.count(rows)` stacked micro-batches, each carrying the whole batch's loss
+    denominators, so that each micro-batch's loss (and metric) is its share of the whole
+    batch's and the sums are exact."""
 
-    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    size: int
+    split: Callable
+
+    def count(self, rows: int) -> int:
+        """How many micro-batches a batch of `rows` rows makes (at least one)."""
+        if rows > self.size and rows % self.size:
+            raise ValueError(f"a batch of {rows} rows does not split into micro-batches of "
+                             f"optim.micro_batch_size={self.size}")
+        return max(1, rows // self.size)
+
+
+def micro_batching(optim, split: Callable) -> MicroBatches | None:
+    """`optim.micro_batch_size` rows at a time (0: the whole batch at once)."""
+    size = int(optim.get("micro_batch_size", 0))
+    return MicroBatches(size, split) if size else None
+
+
+def split_rows(x, count: int, group: int = 1):
+    """Rows [count * R * group, ...] -> [count, R * group, ...]: micro-batch i takes groups
+    i, i + count, ... (strided, so each stays spread over the devices that hold the batch)."""
+    rows = x.shape[0] // (count * group)
+    x = x.reshape(rows, count, group, *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(count, rows * group, *x.shape[3:])
+
+
+def summed_over_micro_batches(loss_and_grad: Callable, trainable, micro_batches):
+    """(loss, aux) and gradients summed over the leading micro-batch axis with `lax.scan`:
+    one micro-batch's activations alive at a time."""
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(loss_and_grad, trainable, first))
+
+    def add(total, micro_batch):
+        return jax.tree.map(jnp.add, total, loss_and_grad(trainable, micro_batch)), None
+    return jax.lax.scan(add, zeros, micro_batches)[0]
+
+
+def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef, batch,
+                   micro: MicroBatches | None = None):
+    """One optimizer step of loss_fn(model, batch) -> (loss, aux), skipped when not finite;
+    with `micro`, the gradients accumulated over micro-batches inside the step."""
+    def loss_of(t, b):
+        return loss_fn(nnx.merge(graphdef, t, frozen), b)
+
+    loss_and_grad = jax.value_and_grad(loss_of, has_aux=True)
+    if micro is None:
+        (loss, aux), grads = loss_and_grad(trainable, batch)
+    else:
+        (loss, aux), grads = summed_over_micro_batches(loss_and_grad, trainable,
+                                                       micro.split(batch, micro))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
@@ -106,12 +158,12 @@ def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef
     return trainable, opt_state, {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-def jit_update(tx, loss_fn: Callable, donate: bool = True):
+def jit_update(tx, loss_fn: Callable, donate: bool = True, micro: MicroBatches | None = None):
     """`guarded_update` jitted: (trainable, frozen, opt_state, graphdef=, batch=) ->
     (trainable, opt_state, metrics). `donate` reuses the trainable and optimizer buffers
     (callers keep no other reference to them); compile-only callers pass False."""
-    return jax.jit(functools.partial(guarded_update, tx, loss_fn), static_argnames="graphdef",
-                   donate_argnums=(0, 2) if donate else ())
+    return jax.jit(functools.partial(guarded_update, tx, loss_fn, micro=micro),
+                   static_argnames="graphdef", donate_argnums=(0, 2) if donate else ())
 
 
 class NonFiniteGuard:

@@ -49,17 +49,21 @@ def policy_loss_terms(logp, old_logp, advantages, clip_low: float = 0.2, clip_hi
     return loss, clipped > unclipped
 
 
-def aggregate(loss_nt, mask_nt, agg: str = "token-mean", norm_length: int | None = None):
-    """Reduces per-token losses to a scalar; `norm_length` is Dr.GRPO's constant divisor."""
+def aggregate(loss_nt, mask_nt, agg: str = "token-mean", norm_length: int | None = None,
+              totals: tuple | None = None):
+    """Reduces per-token losses to a scalar; `norm_length` is Dr.GRPO's constant divisor.
+    `totals`: (tokens, sequences) of the whole batch when these rows are one micro-batch of
+    it; the result is then this micro-batch's share of the whole batch's value."""
     mask = mask_nt.astype(loss_nt.dtype)
     per_token = loss_nt * mask
+    tokens, sequences = totals if totals is not None else (jnp.sum(mask), loss_nt.shape[0])
     if agg == "token-mean":
-        return jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jnp.sum(per_token) / jnp.maximum(tokens, 1.0)
     seq_sum = jnp.sum(per_token, axis=-1)
     if agg == "seq-mean-token-mean":
-        return jnp.mean(seq_sum / jnp.maximum(jnp.sum(mask, axis=-1), 1.0))
+        return jnp.sum(seq_sum / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)) / sequences
     if agg == "seq-mean-token-sum":
-        return jnp.mean(seq_sum)
+        return jnp.sum(seq_sum) / sequences
     if agg == "seq-mean-token-sum-norm":
         return jnp.sum(seq_sum) / (norm_length or loss_nt.shape[-1])
     raise ValueError(f"loss aggregation {agg!r} is not one of {AGGREGATIONS}")

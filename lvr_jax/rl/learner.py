@@ -87,12 +87,14 @@ def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, logprobs_fn):
     logp, entropy = logprobs_fn(model.llm, embeds, valid, batch["tokens"],
                                 batch["response_mask"], cfg.temperature)
     mask = batch["loss_mask"]
+    totals = batch.get("totals")  # the whole batch's, in a micro-batch (split_micro_batches)
     terms, clipped = grpo.policy_loss_terms(logp, batch["old_logp"], batch["advantages"],
                                             cfg.clip_low, cfg.clip_high, cfg.dual_clip)
     # pg_weight: the rollout correction (1 without one; rejected tokens are out of the mask)
-    pg_loss = grpo.aggregate(terms * batch["pg_weight"], mask, cfg.loss_agg, cfg.norm_length)
-    kl = grpo.aggregate(grpo.kl_penalty(logp, batch["ref_logp"], cfg.kl_kind), mask)
-    token_mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask)  # noqa: E731
+    pg_loss = grpo.aggregate(terms * batch["pg_weight"], mask, cfg.loss_agg, cfg.norm_length,
+                             totals)
+    token_mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask, totals=totals)  # noqa: E731
+    kl = token_mean(grpo.kl_penalty(logp, batch["ref_logp"], cfg.kl_kind))
     return pg_loss + cfg.kl_coef * kl, {"pg_loss": pg_loss, "kl": kl,
                                         "clip_fraction": token_mean(clipped),
                                         "entropy": token_mean(entropy)}
@@ -102,6 +104,25 @@ def trainable_filter(config):
     """Only the LLM trains, its token embeddings frozen unless `rl.freeze_embeddings` is off."""
     return training.param_filter(["llm"],
                                  ["llm.embed_tokens"] if config.rl.freeze_embeddings else [])
+
+
+def split_micro_batches(batch: dict, micro: training.MicroBatches) -> dict:
+    """The batch as micro-batches of `micro.size` prompts with their samples, each with the
+    whole batch's (tokens, sequences) for the loss (`training.MicroBatches`)."""
+    prompts = batch["prompt_embeds"].shape[0]
+    count, group = micro.count(prompts), batch["tokens"].shape[0] // prompts
+    micro_batches = {k: training.split_rows(v, count, 1 if v.shape[0] == prompts else group)
+                     for k, v in batch.items() if k != "prompt_index"}
+    micro_batches["prompt_index"] = jnp.tile(jnp.repeat(jnp.arange(prompts // count), group),
+                                             (count, 1))
+    mask = batch["loss_mask"].astype(jnp.float32)
+    totals = (jnp.sum(mask), jnp.float32(mask.shape[0]))
+    micro_batches["totals"] = tuple(jnp.full((count,), t) for t in totals)
+    return micro_batches
+
+
+def micro_batches(config) -> training.MicroBatches | None:
+    return training.micro_batching(config.optim, split_micro_batches)
 
 
 def make_loss_fn(config, mesh=None):
@@ -141,7 +162,8 @@ class GRPOLearner:
         self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh))
         self.loss_cfg = LossConfig.of(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
-        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
+        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh),
+                                           micro=micro_batches(config))
         self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
         self.engine = engine or rollout.JaxEngine(tokenizer.pad_id,
                                                   forwards.prefill_fn(mesh, config.mesh))

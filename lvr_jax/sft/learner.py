@@ -20,12 +20,13 @@ from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
 
 
-def token_cross_entropy(logits_btv, targets_bt, mask_bt):
-    """Mean negative log-likelihood of targets over the masked positions, and the count."""
+def token_cross_entropy(logits_btv, targets_bt, mask_bt, total=None):
+    """Mean negative log-likelihood of targets over the masked positions, and the count;
+    `total`: the whole batch's count when this is one micro-batch of it."""
     logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
     count = jnp.sum(mask_bt)
-    return jnp.sum(nll * mask_bt) / jnp.maximum(count, 1.0), count
+    return jnp.sum(nll * mask_bt) / jnp.maximum(count if total is None else total, 1.0), count
 
 
 def predicting_slots(input_ids_bt, num_video: int, video_token_id: int):
@@ -52,9 +53,22 @@ def sft_loss(model: LongVILA, batch: dict, hidden_fn):
     hidden = hidden_fn(model.llm, embeds, valid)
     slots = predicting_slots(ids, video.shape[1], model.config.video_token_id)
     text_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1)
-    mask = mask.at[:, 0].set(0.0)  # the first token has no prediction
-    loss, count = token_cross_entropy(model.llm.logits(text_hidden), ids, mask)
+    loss, count = token_cross_entropy(model.llm.logits(text_hidden), ids, target_mask(mask),
+                                      batch.get("total_tokens"))
     return loss, {"target_tokens": count}
+
+
+def target_mask(loss_mask):
+    return loss_mask.at[:, 0].set(0.0)  # the first token has no prediction
+
+
+def split_micro_batches(batch: dict, micro: training.MicroBatches) -> dict:
+    """The batch as micro-batches of `micro.size` sequences, each with the whole batch's
+    count of target tokens (`training.MicroBatches`)."""
+    count = micro.count(batch["input_ids"].shape[0])
+    total = jnp.sum(target_mask(batch["loss_mask"].astype(jnp.float32)))
+    return {**{k: training.split_rows(v, count) for k, v in batch.items()},
+            "total_tokens": jnp.full((count,), total)}
 
 
 def text_loss(model: LongVILA, batch: dict):
@@ -69,6 +83,10 @@ def trainable_filter(config):
     """LLM and projector train; the vision tower only if `sft.train_vision_tower`."""
     return training.param_filter(["llm", "mm_projector"] +
                                  (["vision_tower"] if config.sft.train_vision_tower else []))
+
+
+def micro_batches(config) -> training.MicroBatches | None:
+    return training.micro_batching(config.optim, split_micro_batches)
 
 
 def make_loss_fn(config, mesh=None):
@@ -101,7 +119,8 @@ class SFTLearner:
         # the frozen tower's features through the cache (the projector trains on top)
         self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh), output="features",
                                     share=share)
-        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh))
+        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh),
+                                           micro=micro_batches(config))
 
     def device_batch(self, batch: dict) -> dict:
         """The arrays the jitted step needs (global arrays of every process's rows, their text

@@ -1,0 +1,72 @@
+"""Gradient accumulation inside the jitted step (`optim.micro_batch_size`): an update over
+micro-batches is the update over the whole batch (loss, metrics, gradient norm, weights),
+for SFT and for GRPO under every loss aggregation."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lvr_jax import build
+from lvr_jax.data.pipeline import rl_dataset, sft_dataset
+from lvr_jax.rl.learner import GRPOLearner
+from lvr_jax.sft.learner import SFTLearner
+from lvr_jax.sharding.embedding_cache import EmbeddingCache
+
+
+def params(learner):
+    return [np.asarray(x, np.float64) for x in
+            jax.tree.leaves(nnx.state(learner.state.model(), nnx.Param))]
+
+
+def assert_same_update(whole, micro, metrics_whole, metrics_micro, keys):
+    for k in keys:
+        assert metrics_micro[k] == pytest.approx(metrics_whole[k], rel=1e-5, abs=1e-7), k
+    for a, b in zip(params(whole), params(micro)):
+        assert np.linalg.norm(b - a) <= 1e-5 * max(np.linalg.norm(a), 1e-6)
+
+
+def test_sft_micro_batches_give_the_whole_batch_update(tiny_train_config):
+    learners, metrics = [], []
+    for size in (0, 1, 2):  # the tiny recipe's batch holds 4 sequences
+        config = tiny_train_config("sft", 2)
+        config.optim.update(micro_batch_size=size, warmup_steps=0)
+        tokenizer, model = build.build_model(config)
+        learner = SFTLearner(model, config, EmbeddingCache())
+        batch = next(iter(sft_dataset(build.data_config(config, model), tokenizer)))
+        metrics.append(learner.step(batch))
+        learners.append(learner)
+    for micro, m in zip(learners[1:], metrics[1:]):
+        assert_same_update(learners[0], micro, metrics[0], m, ("loss", "grad_norm",
+                                                               "target_tokens"))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_grpo_micro_batches_give_the_whole_batch_update(tiny_train_config, agg):
+    learners, metrics = [], []
+    for size in (0, 1):  # updates of 2 prompts x 4 samples: one prompt at a time
+        config = tiny_train_config("grpo", 1)
+        config.rl.update(temperature=1.0, loss_agg=agg, kl_coef=0.1)
+        config.optim.update(micro_batch_size=size, warmup_steps=0, lr=1e-3)
+        tokenizer, model = build.build_model(config)
+        learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+        batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
+        train, _ = learner.rollout(batch, jax.random.key(0))
+        # advantages that are not zero (a random model's rewards all equal): the update moves
+        train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
+        train, _ = learner.add_logprobs(train)
+        metrics.append(learner.update(train, jax.random.key(2)))
+        learners.append(learner)
+    assert metrics[0]["grad_norm"] > 0
+    assert_same_update(*learners, *metrics, ("loss", "pg_loss", "kl", "entropy",
+                                             "clip_fraction", "grad_norm"))
+
+
+def test_a_batch_that_does_not_split_is_refused(tiny_train_config):
+    config = tiny_train_config("sft", 1)
+    config.optim.micro_batch_size = 3
+    tokenizer, model = build.build_model(config)
+    learner = SFTLearner(model, config, EmbeddingCache())
+    batch = next(iter(sft_dataset(build.data_config(config, model), tokenizer)))
+    with pytest.raises(ValueError, match="micro_batch_size=3"):
+        learner.step(batch)
