@@ -8,7 +8,7 @@
 `tpu`: a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence).
 """
 
-from lvr_jax.config import RECIPE_MESHES, base_config
+from lvr_jax.config import RECIPE_MESHES, RECIPE_MICRO_BATCH, base_config
 
 
 def get_config(platform: str = "gpu8"):
@@ -16,6 +16,7 @@ def get_config(platform: str = "gpu8"):
     c.stage = "grpo"
     c.model.update(preset="longvila_r1_7b", dtype="bfloat16", param_dtype="float32", remat=True)
     c.mesh.update(RECIPE_MESHES[platform])
+    c.optim.micro_batch_size = RECIPE_MICRO_BATCH[platform]  # gradients summed in the step
     c.data.update(num_frames=256, batch_size=512, max_length=2048, num_workers=8)
     c.optim.update(lr=1e-6, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
                    weight_decay=1e-2, grad_clip=1.0)

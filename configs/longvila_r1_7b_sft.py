@@ -8,7 +8,7 @@ The vision tower stays frozen, so its features are computed once per video (embe
 cache). `gpu8` / `tpu` meshes as in lvr_jax.config.RECIPE_MESHES.
 """
 
-from lvr_jax.config import RECIPE_MESHES, base_config
+from lvr_jax.config import RECIPE_MESHES, RECIPE_MICRO_BATCH, base_config
 
 
 def get_config(platform: str = "gpu8"):
@@ -16,6 +16,7 @@ def get_config(platform: str = "gpu8"):
     c.stage = "sft"
     c.model.update(preset="longvila_r1_7b", dtype="bfloat16", param_dtype="float32", remat=True)
     c.mesh.update(RECIPE_MESHES[platform])
+    c.optim.micro_batch_size = RECIPE_MICRO_BATCH[platform]  # gradients summed in the step
     c.data.update(num_frames=256, batch_size=8, max_length=4096, num_workers=8)
     c.optim.update(lr=1e-5, schedule="cosine", warmup_steps=100, decay_steps=5000,
                    weight_decay=0.0, grad_clip=1.0, grad_accum_steps=16)  # 128 per update

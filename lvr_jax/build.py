@@ -103,7 +103,8 @@ def learner_module(stage: str):
 def compile_step(config, mesh):
     """Compiles one optimizer step of a recipe on `mesh` from shapes alone (no weights).
 
-    Returns the compiled step; `.memory_analysis()` says what one device needs.
+    Returns the compiled step; `.memory_analysis()` says what one device needs
+    (`peak_bytes`). The parameters and optimizer state are donated, as in a run.
     """
     rules = mesh_lib.rules_of(config.mesh)
     module = learner_module(config.stage)
@@ -119,13 +120,22 @@ def compile_step(config, mesh):
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, trainable),
                              training.opt_state_shardings(tx, trainable))
-    batch_sharding = lambda a: mesh_lib.logical_to_sharding(  # noqa: E731
-        ("activation_batch",) + (None,) * (len(a.shape) - 1), mesh, rules)
-    batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(a))
-             for k, a in module.abstract_batch(config, model_config).items()}
-    step = training.jit_update(tx, module.make_loss_fn(config, mesh), donate=False,
+    def batch_sharding(key, a):  # rows over the batch axes; the learner's own layouts
+        axes = module.BATCH_LAYOUT.get(key, ("activation_batch",))
+        return mesh_lib.logical_to_sharding(axes + (None,) * (len(a.shape) - len(axes)), mesh,
+                                            rules, a.shape)
+    batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(k, a))
+             for k, a in module.abstract_batch(config, model_config, mesh).items()}
+    step = training.jit_update(tx, module.make_loss_fn(config, mesh),  # donating, as a run
                                micro=module.micro_batches(config))
     return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
+
+
+def peak_bytes(memory) -> int:
+    """What one device holds at the step's peak by XLA's memory analysis: arguments,
+    temporaries and outputs, the outputs that reuse donated arguments counted once."""
+    return (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
 
 
 def row_share(config, mesh=None) -> hosts.RowShare:

@@ -48,8 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=10, decay_steps=1000,
                    end_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
                    grad_clip=1.0, grad_accum_steps=1,
-                   # rows of one update's batch run at a time, their gradients summed inside
-                   # the jitted step (SFT: sequences, GRPO: prompts with their samples; 0: all)
+                   # sequences of one update's batch run at a time, their gradients summed
+                   # inside the jitted step (0: the whole batch at once)
                    micro_batch_size=0)
 
     c.train = dict(num_steps=100, checkpoint_every=50, keep_checkpoints=3,
@@ -102,6 +102,9 @@ RECIPE_MESHES = {
     "gpu8": dict(shape=dict(data=1, fsdp=-1, sp=4, tp=1), attention="ulysses"),
     "tpu": dict(shape=dict(data=1, fsdp=-1, sp=8, tp=1), attention="ring"),
 }
+# Sequences per micro-batch of the 7B recipes' updates (`optim.micro_batch_size`): one per
+# group of devices that splits the batch (data x fsdp: 2 on gpu8's 8 devices, 1 on tpu).
+RECIPE_MICRO_BATCH = {"gpu8": 2, "tpu": 1}
 
 
 class ConfigError(CommandLineError):

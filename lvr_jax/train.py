@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
 from lvr_jax.build import (build_model, compile_step, data_config, make_data, make_learner,
-                           make_run_mesh, row_share)
+                           make_run_mesh, peak_bytes, row_share)
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.config import check_model_init, check_off_policy
@@ -266,7 +266,8 @@ def report_compiled_memory(config) -> None:
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     print(f"{config.stage} step on {dict(mesh.shape)}: arguments {gib(memory.argument_size_in_bytes)}, "
           f"temporaries {gib(memory.temp_size_in_bytes)}, outputs {gib(memory.output_size_in_bytes)} "
-          "per device")
+          f"({gib(memory.alias_size_in_bytes)} of them in donated arguments), "
+          f"peak {gib(peak_bytes(memory))} per device")
 
 
 def main(argv) -> None:

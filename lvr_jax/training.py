@@ -92,9 +92,10 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class MicroBatches:
-    """Gradient accumulation inside the jitted step: the batch's rows (SFT: sequences, GRPO:
-    prompts with their samples) `size` at a time. `split(batch, micro)` -> the batch as
-    `micro.count(rows)` stacked micro-batches, each carrying the whole batch's loss
+    """Gradient accumulation inside the jitted step: the batch's rows (SFT and GRPO:
+    sequences) `size` at a time. `split(batch, micro)` -> (shared, stacked): what every
+    micro-batch reads whole (e.g. GRPO's prompt embeddings, indexed by each sequence) and the
+    `micro.count(rows)` micro-batches stacked, each carrying the whole batch's loss
     denominators, so that each micro-batch's loss (and metric) is its share of the whole
     batch's and the sums are exact."""
 
@@ -115,24 +116,24 @@ def micro_batching(optim, split: Callable) -> MicroBatches | None:
     return MicroBatches(size, split) if size else None
 
 
-def split_rows(x, count: int, group: int = 1):
-    """Rows [count * R * group, ...] -> [count, R * group, ...]: micro-batch i takes groups
-    i, i + count, ... (strided, so each stays spread over the devices that hold the batch)."""
-    rows = x.shape[0] // (count * group)
-    x = x.reshape(rows, count, group, *x.shape[1:]).swapaxes(0, 1)
-    return x.reshape(count, rows * group, *x.shape[3:])
+def split_rows(x, count: int):
+    """Rows [count * R, ...] -> [count, R, ...]: micro-batch i takes rows i, i + count, ...
+    (strided, so each stays spread over the devices that hold the batch)."""
+    return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
 
 
-def summed_over_micro_batches(loss_and_grad: Callable, trainable, micro_batches):
-    """(loss, aux) and gradients summed over the leading micro-batch axis with `lax.scan`:
-    one micro-batch's activations alive at a time."""
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(loss_and_grad, trainable, first))
+def summed_over_micro_batches(loss_and_grad: Callable, trainable, shared: dict, stacked: dict):
+    """(loss, aux) and gradients summed over the micro-batches `stacked` (leading axis) with
+    `lax.scan`, each seeing `shared` too: one micro-batch's activations alive at a time."""
+    def of(micro_batch):
+        return loss_and_grad(trainable, {**shared, **micro_batch})
+
+    first = jax.tree.map(lambda x: x[0], stacked)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(of, first))
 
     def add(total, micro_batch):
-        return jax.tree.map(jnp.add, total, loss_and_grad(trainable, micro_batch)), None
-    return jax.lax.scan(add, zeros, micro_batches)[0]
+        return jax.tree.map(jnp.add, total, of(micro_batch)), None
+    return jax.lax.scan(add, zeros, stacked)[0]
 
 
 def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef, batch,
@@ -147,7 +148,7 @@ def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef
         (loss, aux), grads = loss_and_grad(trainable, batch)
     else:
         (loss, aux), grads = summed_over_micro_batches(loss_and_grad, trainable,
-                                                       micro.split(batch, micro))
+                                                       *micro.split(batch, micro))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)

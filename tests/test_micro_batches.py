@@ -44,7 +44,7 @@ def test_sft_micro_batches_give_the_whole_batch_update(tiny_train_config):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_grpo_micro_batches_give_the_whole_batch_update(tiny_train_config, agg):
     learners, metrics = [], []
-    for size in (0, 1):  # updates of 2 prompts x 4 samples: one prompt at a time
+    for size in (0, 2):  # updates of 2 prompts x 4 samples: two sequences at a time
         config = tiny_train_config("grpo", 1)
         config.rl.update(temperature=1.0, loss_agg=agg, kl_coef=0.1)
         config.optim.update(micro_batch_size=size, warmup_steps=0, lr=1e-3)

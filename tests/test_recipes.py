@@ -19,15 +19,20 @@ def recipe(name: str, platform: str):
     return module.get_config(platform)
 
 
+GPU_80GB = 80e9 - 5.5 * 2**30  # what an 80 GB GPU leaves to XLA (about 74.5 GiB)
+
+
 @pytest.mark.parametrize("name", ["longvila_r1_7b_sft", "longvila_r1_7b_grpo"])
 @pytest.mark.parametrize("platform", ["gpu8", "tpu"])
-def test_7b_recipe_step_compiles_on_8_devices(name, platform):
+def test_7b_recipe_update_fits_80gb_per_device_as_shipped(name, platform):
+    """The optimizer step of the recipe as shipped (256 frames, its batch sizes, its mesh)
+    compiled for 8 devices from shapes alone: its peak by XLA's memory analysis (on this
+    CPU; the same figure on a GPU is `benchmarks/gpu_step`'s to check) fits 80 GB."""
     assert jax.device_count() == 8
     config = recipe(name, platform)
-    # Real 7B shapes; only the lengths shrink so that compiling on 2 CPU cores stays short.
-    config.data.update(num_frames=8, max_length=256, batch_size=2)
-    config.rl.update(update_batch_size=2, max_new_tokens=64)
+    assert config.data.num_frames == 256
     mesh = mesh_lib.make_mesh(config.mesh)
-    compiled = build.compile_step(config, mesh)
-    assert compiled.memory_analysis() is not None
+    memory = build.compile_step(config, mesh).memory_analysis()
+    peak = build.peak_bytes(memory)
+    assert peak < GPU_80GB, f"{name}:{platform} needs {peak / 2**30:.1f} GiB per device"
     assert build.preset_config(config).llm.num_hidden_layers == 28

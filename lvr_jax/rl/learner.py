@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo, rollout
 from lvr_jax.sharding import forwards, hosts, sequence
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
-from lvr_jax.sharding.mesh import rules_of
+from lvr_jax.sharding.mesh import logical_to_sharding, rules_of
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
 from lvr_jax.tokenizer import Tokenizer
 
@@ -106,19 +107,16 @@ def trainable_filter(config):
                                  ["llm.embed_tokens"] if config.rl.freeze_embeddings else [])
 
 
-def split_micro_batches(batch: dict, micro: training.MicroBatches) -> dict:
-    """The batch as micro-batches of `micro.size` prompts with their samples, each with the
-    whole batch's (tokens, sequences) for the loss (`training.MicroBatches`)."""
-    prompts = batch["prompt_embeds"].shape[0]
-    count, group = micro.count(prompts), batch["tokens"].shape[0] // prompts
-    micro_batches = {k: training.split_rows(v, count, 1 if v.shape[0] == prompts else group)
-                     for k, v in batch.items() if k != "prompt_index"}
-    micro_batches["prompt_index"] = jnp.tile(jnp.repeat(jnp.arange(prompts // count), group),
-                                             (count, 1))
+def split_micro_batches(batch: dict, micro: training.MicroBatches) -> tuple[dict, dict]:
+    """The batch as micro-batches of `micro.size` sequences; the prompt embeddings stay
+    whole, each sequence reading its own through `prompt_index`; the whole batch's (tokens,
+    sequences) for the loss (`training.MicroBatches`)."""
+    sequences = batch["tokens"].shape[0]
+    count = micro.count(sequences)
     mask = batch["loss_mask"].astype(jnp.float32)
-    totals = (jnp.sum(mask), jnp.float32(mask.shape[0]))
-    micro_batches["totals"] = tuple(jnp.full((count,), t) for t in totals)
-    return micro_batches
+    shared = {k: batch[k] for k in ("prompt_embeds", "prompt_valid")}
+    shared["totals"] = (jnp.sum(mask), jnp.float32(sequences))
+    return shared, {k: training.split_rows(v, count) for k, v in batch.items() if k not in shared}
 
 
 def micro_batches(config) -> training.MicroBatches | None:
@@ -130,11 +128,43 @@ def make_loss_fn(config, mesh=None):
                              logprobs_fn=make_response_logprobs(mesh, config.mesh))
 
 
-def abstract_batch(config, model_config) -> dict:
+# How the update's batch arrays lie on a mesh beyond rows over the batch axes: the prompt
+# embeddings (a whole update's prompts, each a long video) split along the sequence too.
+BATCH_LAYOUT = {"prompt_embeds": ("activation_batch", "activation_length", "activation_embed"),
+                "prompt_valid": ("activation_batch", "activation_length")}
+
+
+def prompt_placement(mesh, rules):
+    """(length multiple, shardings of prompt_embeds / prompt_valid by shape) on `mesh`: the
+    prompts of an update (each a long video) lie split along the sequence as well as over
+    the batch axes, their length left-padded (invalid slots) to a multiple of the devices
+    the sequence is split over."""
+    axes = dict(rules_of(rules)).get("activation_length") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    multiple = math.prod(mesh.shape[a] for a in axes)
+
+    def sharding(key, shape):
+        names = BATCH_LAYOUT[key]
+        return logical_to_sharding(names + (None,) * (len(shape) - len(names)), mesh, rules,
+                                   shape)
+    return multiple, sharding
+
+
+def padded_left(x, length: int, value=0):
+    """[P, T, ...] left-padded along T to `length`."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (length - x.shape[1], 0)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def abstract_batch(config, model_config, mesh=None) -> dict:
     """Shapes of one update mini-batch (for compiling a recipe without data)."""
     rl = config.rl
     p, n, m = rl.update_batch_size, rl.update_batch_size * rl.num_generations, rl.max_new_tokens
     t = config.data.max_length - 1 + model_config.num_video_tokens(config.data.num_frames)
+    if mesh is not None:
+        multiple = prompt_placement(mesh, config.mesh)[0]
+        t = -(-t // multiple) * multiple
     sds = jax.ShapeDtypeStruct
     per_token = {k: sds((n, m), jnp.float32) for k in
                  ("response_mask", "loss_mask", "old_logp", "ref_logp", "pg_weight")}
@@ -154,7 +184,7 @@ class GRPOLearner:
 
     def __init__(self, model: LongVILA, config, tokenizer: Tokenizer, cache: EmbeddingCache,
                  mesh=None, engine: rollout.RolloutEngine | None = None):
-        self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
+        self.config, self.rl, self.tokenizer, self.mesh = config, config.rl, tokenizer, mesh
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         # The frozen initial policy: a copy, since each update donates the trainable buffers.
@@ -309,7 +339,14 @@ class GRPOLearner:
         """Prompt embeddings [P, T, D] and validity: the video from the embedding cache
         (or encoded again under `rl.reencode_video`) spliced into the prompt."""
         video = self._encode_each(batch["frames"]) if self.rl.reencode_video else None
-        return self.videos.prompts(model, batch, video)
+        embeds, valid = self.videos.prompts(model, batch, video)
+        if self.mesh is None:
+            return embeds, valid
+        multiple, sharding = prompt_placement(self.mesh, self.config.mesh)
+        length = -(-embeds.shape[1] // multiple) * multiple
+        embeds, valid = padded_left(embeds, length), padded_left(valid, length, False)
+        return (jax.device_put(embeds, sharding("prompt_embeds", embeds.shape)),
+                jax.device_put(valid, sharding("prompt_valid", valid.shape)))
 
     def num_prompts(self, train: dict) -> int:
         return train["tokens"].shape[0] // self.rl.num_generations

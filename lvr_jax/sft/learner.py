@@ -62,13 +62,12 @@ def target_mask(loss_mask):
     return loss_mask.at[:, 0].set(0.0)  # the first token has no prediction
 
 
-def split_micro_batches(batch: dict, micro: training.MicroBatches) -> dict:
+def split_micro_batches(batch: dict, micro: training.MicroBatches) -> tuple[dict, dict]:
     """The batch as micro-batches of `micro.size` sequences, each with the whole batch's
     count of target tokens (`training.MicroBatches`)."""
     count = micro.count(batch["input_ids"].shape[0])
     total = jnp.sum(target_mask(batch["loss_mask"].astype(jnp.float32)))
-    return {**{k: training.split_rows(v, count) for k, v in batch.items()},
-            "total_tokens": jnp.full((count,), total)}
+    return {"total_tokens": total}, {k: training.split_rows(v, count) for k, v in batch.items()}
 
 
 def text_loss(model: LongVILA, batch: dict):
@@ -93,7 +92,11 @@ def make_loss_fn(config, mesh=None):
     return functools.partial(sft_loss, hidden_fn=forwards.hidden_fn(mesh, config.mesh))
 
 
-def abstract_batch(config, model_config) -> dict:
+# How the update's batch arrays lie on a mesh beyond rows over the batch axes (none here).
+BATCH_LAYOUT: dict = {}
+
+
+def abstract_batch(config, model_config, mesh=None) -> dict:
     """Shapes of one training batch (for compiling a recipe without data)."""
     b, length, f = config.data.batch_size, config.data.max_length, config.data.num_frames
     v = model_config.vision

@@ -28,20 +28,21 @@ STRATEGIES = ("all_gather", "ulysses", "ring")
 # asks for an axis already taken, or whose size does not divide, stays replicated. When a
 # name appears twice, the first entry wins, so a recipe overrides a default by prepending.
 DEFAULT_RULES = (
-    # parameters: FSDP over the model width, tensor parallelism over heads and MLP
+    # parameters (and so gradients and optimizer state): FSDP/ZeRO-3 over the model width on
+    # every device of fsdp x sp, tensor parallelism over heads and MLP
     ("layers", None),
     ("vocab", "tp"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sp")),
     ("heads", "tp"),
     ("kv_heads", "tp"),
     ("head_dim", None),
     ("mlp", "tp"),
-    ("vis_embed", "fsdp"),
+    ("vis_embed", ("fsdp", "sp")),
     ("vis_heads", "tp"),
     ("vis_mlp", "tp"),
     ("patch", None),
     ("patches", None),
-    ("proj_in", "fsdp"),
+    ("proj_in", ("fsdp", "sp")),
     # activations: batch over data+fsdp, the long sequence over sp
     ("activation_batch", BATCH_AXES),
     ("activation_length", "sp"),

@@ -23,10 +23,11 @@ def test_bad_mesh_shapes_say_what_to_fix(shape, message):
 
 def test_rules_map_params_and_activations_once_per_mesh_axis():
     mesh = mesh_of(fsdp=2, sp=2, tp=2)
+    # weights: FSDP over every device of fsdp x sp (ZeRO-3), tensor parallelism over heads
     assert mesh_lib.logical_to_spec(("layers", "embed", "heads", "head_dim"), mesh) == \
-        P(None, "fsdp", "tp", None)
-    # proj_in and embed both ask for fsdp: the second stays replicated
-    assert mesh_lib.logical_to_spec(("proj_in", "embed"), mesh) == P("fsdp", None)
+        P(None, ("fsdp", "sp"), "tp", None)
+    # proj_in and embed both ask for fsdp and sp: the second stays replicated
+    assert mesh_lib.logical_to_spec(("proj_in", "embed"), mesh) == P(("fsdp", "sp"), None)
     assert mesh_lib.logical_to_spec(
         ("activation_batch", "activation_length", "activation_embed"), mesh) == \
         P("fsdp", "sp", None)
@@ -45,7 +46,8 @@ def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):
 
 def test_a_prepended_rule_overrides_the_default_for_that_name():
     mesh = mesh_of(fsdp=2, sp=4)
-    rules = (("embed", ("fsdp", "sp")),) + mesh_lib.DEFAULT_RULES
+    rules = (("embed", "fsdp"),) + mesh_lib.DEFAULT_RULES
     assert mesh_lib.logical_to_spec(("layers", "embed", "mlp"), mesh, rules) == \
+        P(None, "fsdp", None)
+    assert mesh_lib.logical_to_spec(("layers", "embed", "mlp"), mesh) == \
         P(None, ("fsdp", "sp"), None)
-    assert mesh_lib.logical_to_spec(("layers", "embed", "mlp"), mesh) == P(None, "fsdp", None)
