@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import jax
 from flax import nnx
@@ -100,35 +101,106 @@ def learner_module(stage: str):
     return learner
 
 
+def abstract_model(config, mesh) -> LongVILA:
+    """The recipe's model with shape structs placed on `mesh` for weights (nothing loaded)."""
+    rules = mesh_lib.rules_of(config.mesh)
+    model = nnx.eval_shape(lambda: LongVILA(preset_config(config), rngs=nnx.Rngs(0)))
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            v = var.get_value()
+            sharding = param_sharding(var, mesh, rules)
+            var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
+    return model
+
+
+def abstract_batch(config, mesh, **sizes) -> dict:
+    """Shape structs of the learner's batch (`sizes`: its `abstract_batch` keywords), placed
+    as a run places them: rows over the batch axes, or the learner's `BATCH_LAYOUT`."""
+    module, rules = learner_module(config.stage), mesh_lib.rules_of(config.mesh)
+
+    def placed(key, a):
+        axes = module.BATCH_LAYOUT.get(key, ("activation_batch",))
+        sharding = mesh_lib.logical_to_sharding(axes + (None,) * (len(a.shape) - len(axes)),
+                                                mesh, rules, a.shape)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    shapes = module.abstract_batch(config, preset_config(config), mesh, **sizes)
+    return {k: placed(k, a) for k, a in shapes.items()}
+
+
 def compile_step(config, mesh):
     """Compiles one optimizer step of a recipe on `mesh` from shapes alone (no weights).
 
     Returns the compiled step; `.memory_analysis()` says what one device needs
     (`peak_bytes`). The parameters and optimizer state are donated, as in a run.
     """
-    rules = mesh_lib.rules_of(config.mesh)
     module = learner_module(config.stage)
-    model_config = preset_config(config)
-    model = nnx.eval_shape(lambda: LongVILA(model_config, rngs=nnx.Rngs(0)))
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            v = var.get_value()
-            sharding = param_sharding(var, mesh, rules)
-            var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
+    model = abstract_model(config, mesh)
     graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, trainable),
                              training.opt_state_shardings(tx, trainable))
-    def batch_sharding(key, a):  # rows over the batch axes; the learner's own layouts
-        axes = module.BATCH_LAYOUT.get(key, ("activation_batch",))
-        return mesh_lib.logical_to_sharding(axes + (None,) * (len(a.shape) - len(axes)), mesh,
-                                            rules, a.shape)
-    batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(k, a))
-             for k, a in module.abstract_batch(config, model_config, mesh).items()}
     step = training.jit_update(tx, module.make_loss_fn(config, mesh),  # donating, as a run
                                micro=module.micro_batches(config))
+    batch = abstract_batch(config, mesh)
     return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
+
+
+def compile_phases(config, mesh) -> dict:
+    """Each phase of a step of the recipe compiled from shapes: phase -> compiled. SFT: the
+    update. GRPO: the rollout of one chunk of prompts (`rl.rollout.prompts_per_chunk`, else
+    the whole rollout batch: prefill, KV cache and decoding of the G samples), one old /
+    reference log-prob pass (`rl.logprob_prompts` prompts) and the update."""
+    phases = {"update": compile_step(config, mesh)}
+    if config.stage != "grpo":
+        return phases
+    from lvr_jax.model.sampler import SamplingParams, lower_generate
+    from lvr_jax.rl import learner as rl_learner
+    from lvr_jax.sharding import forwards
+    rl = config.rl
+    llm_graphdef, llm_state = nnx.split(abstract_model(config, mesh).llm)
+    chunk = rl.rollout.get("prompts_per_chunk", 0) or config.data.batch_size
+    prompts = abstract_batch(config, mesh, prompts=chunk)
+    params = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                            top_p=rl.top_p, top_k=rl.top_k, stop_token_ids=(0,),
+                            num_samples=rl.num_generations)
+    phases["rollout"] = lower_generate(
+        llm_graphdef, llm_state, prompts["prompt_embeds"], prompts["prompt_valid"], params,
+        prefill=forwards.prefill_fn(mesh, config.mesh)).compile()
+    logprobs = rl_learner.make_response_logprobs(mesh, config.mesh)
+
+    def logprob_pass(state, batch):
+        embeds, valid = rl_learner.gather_prompts(batch)
+        return logprobs(nnx.merge(llm_graphdef, state), embeds, valid, batch["tokens"],
+                        batch["response_mask"], rl.temperature)[0]
+    batch = abstract_batch(config, mesh, prompts=rl.get("logprob_prompts", 0) or
+                           rl.update_batch_size)
+    phases["log-probs"] = jax.jit(logprob_pass).lower(llm_state, batch).compile()
+    return phases
+
+
+def held_bytes(config, mesh) -> dict:
+    """What a GRPO step keeps on each device besides the phase that runs (bytes): the
+    rollout batch's prompt embeddings (`data.batch_size` prompts), the reference policy, and
+    outside the update the optimizer state; {} for SFT (its step is one phase)."""
+    if config.stage != "grpo":
+        return {}
+    module = learner_module(config.stage)
+    _, trainable, _ = nnx.split(abstract_model(config, mesh), module.trainable_filter(config), ...)
+    tx = training.make_optimizer(config.optim)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(tx.init, trainable),
+                             training.opt_state_shardings(tx, trainable))
+    embeds = abstract_batch(config, mesh, prompts=config.data.batch_size)["prompt_embeds"]
+    return {"rollout batch's prompt embeddings": per_device_bytes(embeds),
+            "reference policy": per_device_bytes(trainable),
+            "optimizer state (outside the update)": per_device_bytes(opt_state)}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes of one device's shards of a tree of placed shape structs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
 
 
 def peak_bytes(memory) -> int:

@@ -70,3 +70,25 @@ def test_a_batch_that_does_not_split_is_refused(tiny_train_config):
     batch = next(iter(sft_dataset(build.data_config(config, model), tokenizer)))
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         learner.step(batch)
+
+
+def test_rollouts_and_logprob_passes_in_chunks_equal_the_whole(tiny_train_config):
+    """`rl.rollout.prompts_per_chunk` and `rl.logprob_prompts`: greedy samples and the
+    old-policy log-probs of a rollout batch taken a few prompts at a time are those of the
+    whole batch at once."""
+    outs = []
+    for chunk in (0, 1):
+        config = tiny_train_config("grpo", 1)
+        config.rl.update(temperature=0.0, logprob_prompts=chunk)
+        config.rl.rollout.prompts_per_chunk = chunk
+        tokenizer, model = build.build_model(config)
+        learner = GRPOLearner(model, config, tokenizer, EmbeddingCache(),
+                              engine=build.make_rollout_engine(config, tokenizer))
+        batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
+        train, _ = learner.rollout(batch, jax.random.key(0))
+        outs.append(learner.add_logprobs(train)[0])
+    whole, chunked = outs
+    np.testing.assert_array_equal(np.asarray(chunked["tokens"]), np.asarray(whole["tokens"]))
+    mask = np.asarray(whole["response_mask"]) > 0
+    np.testing.assert_allclose(np.asarray(chunked["old_logp"])[mask],
+                               np.asarray(whole["old_logp"])[mask], atol=1e-5)

@@ -115,6 +115,13 @@ def _generate(graphdef, state, embeds_btd, valid_bt, rng, params: SamplingParams
     return Generation(tokens, logps, generated_lengths(tokens, stops, pad_id))
 
 
+def lower_generate(graphdef, state, prompt_embeds_btd, prompt_valid_bt, params: SamplingParams,
+                   pad_id: int = 0, prefill=local_prefill):
+    """`generate`'s program lowered for these (abstract) inputs, to compile without weights."""
+    return _generate.lower(graphdef, state, prompt_embeds_btd, prompt_valid_bt,
+                           jax.random.key(0), params, pad_id, prefill)
+
+
 def generated_lengths(tokens_bm, stops, pad_id):
     """Tokens up to and including the first stop token (all M if none)."""
     m = tokens_bm.shape[1]

@@ -157,10 +157,12 @@ def padded_left(x, length: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def abstract_batch(config, model_config, mesh=None) -> dict:
-    """Shapes of one update mini-batch (for compiling a recipe without data)."""
+def abstract_batch(config, model_config, mesh=None, prompts: int = 0) -> dict:
+    """Shapes of one update mini-batch of `prompts` (default update_batch_size) prompts
+    with their samples (for compiling a recipe without data)."""
     rl = config.rl
-    p, n, m = rl.update_batch_size, rl.update_batch_size * rl.num_generations, rl.max_new_tokens
+    p, m = prompts or rl.update_batch_size, rl.max_new_tokens
+    n = p * rl.num_generations
     t = config.data.max_length - 1 + model_config.num_video_tokens(config.data.num_frames)
     if mesh is not None:
         multiple = prompt_placement(mesh, config.mesh)[0]
@@ -351,9 +353,10 @@ class GRPOLearner:
     def num_prompts(self, train: dict) -> int:
         return train["tokens"].shape[0] // self.rl.num_generations
 
-    def chunks(self, prompts):
-        """`prompts` in consecutive chunks of update_batch_size (the passes' one shape)."""
-        size = min(self.rl.update_batch_size, len(prompts))
+    def chunks(self, prompts, size: int = 0):
+        """`prompts` in consecutive chunks of `size` (default update_batch_size: the update
+        passes' one shape)."""
+        size = min(size or self.rl.update_batch_size, len(prompts))
         return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
     def chunk_batch(self, train: dict, prompts, keys=SEQUENCE_KEYS) -> dict:
@@ -393,9 +396,11 @@ class GRPOLearner:
 
     def sequence_logprobs(self, trainable, train: dict) -> jax.Array:
         """Log-probs [N, M] of every sampled response under the LLM weights `trainable`,
-        one chunk of prompts at a time (under rl.reencode_video each chunk encodes again)."""
+        `rl.logprob_prompts` prompts at a time (default update_batch_size; under
+        rl.reencode_video each chunk encodes again)."""
         s = self.state
         return jnp.concatenate([
             self._logprobs(trainable, s.frozen, graphdef=s.graphdef,
                            batch=self.chunk_batch(train, prompts, ("tokens", "response_mask")))
-            for prompts in self.chunks(np.arange(self.num_prompts(train)))])
+            for prompts in self.chunks(np.arange(self.num_prompts(train)),
+                                       self.rl.get("logprob_prompts", 0))])

@@ -46,17 +46,29 @@ class RolloutEngine(Protocol):
 class JaxEngine:
     """The embedded sampler: samples the model it is handed, on the trainer's devices.
 
-    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`."""
+    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`;
+    `prompts_per_chunk` (0: all) prompts are sampled at a time, each chunk with its own KV
+    cache of G x (prompt + response) slots per prompt, so a rollout batch of long videos
+    need not hold every cache at once (chunk i samples with `fold_in(rng, i)`)."""
 
-    def __init__(self, pad_id: int, prefill=None):
+    def __init__(self, pad_id: int, prefill=None, prompts_per_chunk: int = 0):
         self.pad_id, self.prefill = pad_id, prefill or local_prefill
+        self.prompts_per_chunk = prompts_per_chunk
 
     def sync_weights(self, model, step: int) -> None:
         del model, step  # nothing to move: generate() reads the weights it is given
 
     def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
-        return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
-                        pad_id=self.pad_id, prefill=self.prefill)
+        size, prompts = self.prompts_per_chunk, prompt_embeds.shape[0]
+        if not size or size >= prompts:
+            return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
+                            pad_id=self.pad_id, prefill=self.prefill)
+        chunks = [generate(model.llm, prompt_embeds[i:i + size], prompt_valid[i:i + size],
+                           params, jax.random.fold_in(rng, i // size), pad_id=self.pad_id,
+                           prefill=self.prefill)
+                  for i in range(0, prompts, size)]
+        return Generation(*(jnp.concatenate(parts) for parts in zip(*(
+            (c.tokens, c.logprobs, c.lengths) for c in chunks))))
 
 
 class ServerEngine:
@@ -153,7 +165,7 @@ def make_engine(rollout_config, pad_id: int, prefill=None,
     or $ROLLOUT_TOKEN, timeouts, push chunk size and dtype; `keep_pushed`: see ServerEngine)."""
     r = rollout_config
     if r.backend == "jax":
-        return JaxEngine(pad_id, prefill)
+        return JaxEngine(pad_id, prefill, r.get("prompts_per_chunk", 0))
     if r.backend != "server":
         raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {r.backend!r}")
     if hosts.multiprocess():  # each process would push and sample on its own
