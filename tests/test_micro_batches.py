@@ -28,7 +28,7 @@ def assert_same_update(whole, micro, metrics_whole, metrics_micro, keys):
 
 def test_sft_micro_batches_give_the_whole_batch_update(tiny_train_config):
     learners, metrics = [], []
-    for size in (0, 1, 2):  # the tiny recipe's batch holds 4 sequences
+    for size in (0, 2):  # the tiny recipe's batch holds 4 sequences
         config = tiny_train_config("sft", 2)
         config.optim.update(micro_batch_size=size, warmup_steps=0)
         tokenizer, model = build.build_model(config)
