@@ -27,6 +27,7 @@ def get_config(platform: str = "gpu8"):
     # 8 prompts' 40 samples at a time: each holds a KV cache of ~70K slots (4 GB in bf16)
     c.rl.rollout.prompts_per_chunk = 8
     c.eval.update(max_new_tokens=2048)
-    c.cache.update(budget_mb=65536)
+    # 64 GiB of video embeddings in host memory: on the GPUs they would take 8-16 GiB each
+    c.cache.update(budget_mb=65536, on_host=True)
     c.train.update(num_steps=1000, checkpoint_every=20)
     return c

@@ -20,6 +20,7 @@ def get_config(platform: str = "gpu8"):
     c.data.update(num_frames=256, batch_size=8, max_length=4096, num_workers=8)
     c.optim.update(lr=1e-5, schedule="cosine", warmup_steps=100, decay_steps=5000,
                    weight_decay=0.0, grad_clip=1.0, grad_accum_steps=16)  # 128 per update
-    c.cache.update(budget_mb=65536)
+    # 64 GiB of video embeddings in host memory: on the GPUs they would take 8-16 GiB each
+    c.cache.update(budget_mb=65536, on_host=True)
     c.train.update(num_steps=5000, checkpoint_every=200)
     return c

@@ -88,7 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
                      # embedded sampler: prompts sampled at a time (0: the whole batch)
                      prompts_per_chunk=0))
 
-    c.cache = dict(budget_mb=4096, disk_dir="")  # disk_dir: persist embeddings across runs
+    # disk_dir: persist embeddings across runs; on_host: keep the in-memory entries in host
+    # memory rather than on the accelerators (copied back on a hit)
+    c.cache = dict(budget_mb=4096, disk_dir="", on_host=False)
 
     # records: the test questions of `python -m lvr_jax.eval`. Every `every` training steps
     # (0: never) the run also logs val_accuracy on the first `val_size` of `val_records`.

@@ -87,8 +87,7 @@ class Run:
         mesh_lib.initialize_distributed(config.get("distributed"))
         mesh = make_run_mesh(config)
         self.tokenizer, model = build_model(config, mesh)
-        cache_dir = config.cache.disk_dir or None
-        self.cache = EmbeddingCache(config.cache.budget_mb << 20, cache_dir)
+        self.cache = EmbeddingCache.of(config.cache)
         share = row_share(config, mesh)
         self.learner = make_learner(config, model, self.tokenizer, self.cache, mesh, share)
         self.data = make_data(config, model, self.tokenizer, share)
@@ -219,7 +218,7 @@ class Validation:
         self.data = dataclasses.replace(data_config(config, model), batch_size=e.batch_size)
         self.tokenizer, self.max_new_tokens = tokenizer, e.max_new_tokens
         self.scorer = get_scorer(e.scorer).name  # an unknown name stops the run before step 0
-        self.cache = EmbeddingCache(config.cache.budget_mb << 20)
+        self.cache = EmbeddingCache.of(config.cache, disk=False)
 
     def __call__(self, model: LongVILA) -> dict:
         result = evaluate(model, self.tokenizer, self.data, self.max_new_tokens, cache=self.cache,

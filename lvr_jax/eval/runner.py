@@ -33,7 +33,7 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
     tokenizer, model = build.build_model(config, mesh)
     engine = build.make_rollout_engine(config, tokenizer, mesh)
     engine.sync_weights(model, 0)
-    cache = EmbeddingCache(config.cache.budget_mb << 20, config.cache.disk_dir or None)
+    cache = EmbeddingCache.of(config.cache)
     rows = []
     for frames in frame_counts:
         for think in thinks:

@@ -5,7 +5,8 @@ fingerprint of the frozen encoder's weights (and of the video encoder's pooling,
 not the basic one), so a hit is valid for as long as those weights
 stay frozen: every rollout of a group, the old-policy, reference and update forwards, later
 steps, later epochs and, through the optional disk store, resumed runs. The in-memory part
-is an LRU bounded in bytes.
+is an LRU bounded in bytes, kept where the encoder left it (on the devices) or, with
+`on_host`, in host memory, out of the accelerators' way (a hit then copies the entry back).
 """
 
 from __future__ import annotations
@@ -52,13 +53,20 @@ class CacheStats:
 class EmbeddingCache:
     """Video embeddings by key: an LRU of `budget_bytes` in memory plus an optional disk store."""
 
-    def __init__(self, budget_bytes: int = 4 << 30, disk_dir: str | None = None):
-        self.budget_bytes, self.disk_dir = budget_bytes, disk_dir
+    def __init__(self, budget_bytes: int = 4 << 30, disk_dir: str | None = None,
+                 on_host: bool = False):
+        self.budget_bytes, self.disk_dir, self.on_host = budget_bytes, disk_dir, on_host
         self.entries: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
         self.bytes = 0
         self.stats = CacheStats()
         if disk_dir:
             os.makedirs(disk_dir, exist_ok=True)
+
+    @classmethod
+    def of(cls, cache_config, disk: bool = True) -> "EmbeddingCache":
+        """The cache a recipe's `cache` section asks for (`disk`: with its disk store)."""
+        return cls(cache_config.budget_mb << 20, (cache_config.disk_dir or None) if disk else None,
+                   bool(cache_config.get("on_host", False)))
 
     def get(self, key: str, compute: Callable[[], jax.Array]) -> jax.Array:
         """The cached value of `key`, computing (and storing) it on a miss."""
@@ -79,6 +87,8 @@ class EmbeddingCache:
     def _remember(self, key: str, value: jax.Array) -> None:
         if value.nbytes > self.budget_bytes:
             return
+        if self.on_host:
+            value = np.asarray(jax.device_get(value))
         self.entries[key] = value
         self.bytes += value.nbytes
         while self.bytes > self.budget_bytes:

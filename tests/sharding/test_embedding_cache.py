@@ -73,3 +73,22 @@ def test_video_encoder_pooling_is_part_of_the_key_and_the_basic_encoder_keeps_ol
     pooled = CachedVideoEncoder(lambda x: x, weights, EmbeddingCache(), tag=tsp.cache_tag())
     assert VideoEncoderConfig().cache_tag() == "" and pooled.fingerprint != basic.fingerprint
     assert entry_key("v", [0, 1], pooled.fingerprint) != entry_key("v", [0, 1], basic.fingerprint)
+
+
+def test_entries_kept_on_the_host_serve_hits_like_device_entries():
+    """`on_host` (the 7B recipes): entries sit in host memory, not on an accelerator, and a
+    hit gives the same embeddings as the device cache."""
+    import jax
+
+    out = {}
+    for on_host in (False, True):
+        encode = CountingEncoder()
+        encoder = CachedVideoEncoder(encode, {}, EmbeddingCache(on_host=on_host))
+        batch, keys, idx = np.stack([frames(0), frames(1)]), ["a", "b"], np.tile(np.arange(4), (2, 1))
+        encoder(batch, keys, idx)
+        out[on_host] = encoder(batch, keys, idx)  # hits
+        assert encode.calls == 2
+        kinds = {type(v) for v in encoder.cache.entries.values()}
+        assert kinds == ({np.ndarray} if on_host else {type(jnp.zeros(1))}), kinds
+        assert isinstance(out[on_host], jax.Array)
+    np.testing.assert_array_equal(out[True], out[False])
