@@ -23,7 +23,9 @@ def get_config(platform: str = "gpu8"):
     c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
                 update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
                 dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1,
-                logprob_prompts=2)  # old/reference log-probs 10 sequences at a time
+                logprob_prompts=2,  # old/reference log-probs 10 sequences at a time
+                # the 512 prompts' embeddings (233 GB in bf16) wait in host memory
+                offload_prompts=True)
     # 8 prompts' 40 samples at a time: each holds a KV cache of ~70K slots (4 GB in bf16)
     c.rl.rollout.prompts_per_chunk = 8
     c.eval.update(max_new_tokens=2048)

@@ -181,8 +181,9 @@ def compile_phases(config, mesh) -> dict:
 
 def held_bytes(config, mesh) -> dict:
     """What a GRPO step keeps on each device besides the phase that runs (bytes): the
-    rollout batch's prompt embeddings (`data.batch_size` prompts), the reference policy, and
-    outside the update the optimizer state; {} for SFT (its step is one phase)."""
+    rollout batch's prompt embeddings (`data.batch_size` prompts; in host memory under
+    `rl.offload_prompts`, so not here), the reference policy, and outside the update the
+    optimizer state; {} for SFT (its step is one phase)."""
     if config.stage != "grpo":
         return {}
     module = learner_module(config.stage)
@@ -191,10 +192,12 @@ def held_bytes(config, mesh) -> dict:
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, trainable),
                              training.opt_state_shardings(tx, trainable))
-    embeds = abstract_batch(config, mesh, prompts=config.data.batch_size)["prompt_embeds"]
-    return {"rollout batch's prompt embeddings": per_device_bytes(embeds),
-            "reference policy": per_device_bytes(trainable),
+    held = {"reference policy": per_device_bytes(trainable),
             "optimizer state (outside the update)": per_device_bytes(opt_state)}
+    if not config.rl.get("offload_prompts", False):
+        embeds = abstract_batch(config, mesh, prompts=config.data.batch_size)["prompt_embeds"]
+        held["rollout batch's prompt embeddings"] = per_device_bytes(embeds)
+    return held
 
 
 def per_device_bytes(tree) -> int:

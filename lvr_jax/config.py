@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_generations=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048,
         update_batch_size=128, ppo_epochs=1,  # prompts per optimizer step; passes per batch
         logprob_prompts=0,  # prompts per old/reference log-prob pass (0: update_batch_size)
+        # the rollout batch's prompt embeddings in host memory between the step's passes,
+        # each pass copying its prompts to the devices (one process)
+        offload_prompts=False,
         clip_low=0.2, clip_high=0.3, dual_clip=3.0, loss_agg="token-mean",
         kl_coef=1e-2, kl_kind="k3", format_weight=0.1, scale_by_std=True,
         dynamic_sampling=False, overlong_buffer=0,  # 0: no overlong shaping
@@ -85,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
         rollout=dict(backend="jax", urls=[], token="", timeout_s=120.0, retries=3,
                      backoff_s=0.5, wait_s=300.0, chunk_mb=64, dtype="float32",
-                     # embedded sampler: prompts sampled at a time (0: the whole batch)
+                     # prompts embedded and sampled at a time (0: the whole rollout batch)
                      prompts_per_chunk=0))
 
     # disk_dir: persist embeddings across runs; on_host: keep the in-memory entries in host

@@ -272,6 +272,8 @@ def report_compiled_memory(config) -> None:
               f"peak {gib(peak_bytes(memory))}")
     for what, size in held_bytes(config, mesh).items():
         print(f"  held while the other phases run: {what} {gib(size)}")
+    if config.stage == "grpo" and config.rl.get("offload_prompts", False):
+        print("  in host memory between the passes: the rollout batch's prompt embeddings")
 
 
 def main(argv) -> None:

@@ -72,23 +72,30 @@ def test_a_batch_that_does_not_split_is_refused(tiny_train_config):
         learner.step(batch)
 
 
-def test_rollouts_and_logprob_passes_in_chunks_equal_the_whole(tiny_train_config):
-    """`rl.rollout.prompts_per_chunk` and `rl.logprob_prompts`: greedy samples and the
-    old-policy log-probs of a rollout batch taken a few prompts at a time are those of the
-    whole batch at once."""
+def test_rollouts_and_passes_in_chunks_with_prompts_on_the_host_equal_the_whole(
+        tiny_train_config):
+    """`rl.rollout.prompts_per_chunk`, `rl.logprob_prompts` and `rl.offload_prompts`: greedy
+    samples, old-policy log-probs and the update of a rollout batch embedded and sampled a
+    prompt at a time, its prompt embeddings kept in host memory between passes, are those of
+    the whole batch at once on the device."""
     outs = []
     for chunk in (0, 1):
         config = tiny_train_config("grpo", 1)
-        config.rl.update(temperature=0.0, logprob_prompts=chunk)
+        config.rl.update(temperature=0.0, logprob_prompts=chunk, offload_prompts=bool(chunk))
         config.rl.rollout.prompts_per_chunk = chunk
+        config.optim.update(warmup_steps=0, lr=1e-3)
         tokenizer, model = build.build_model(config)
-        learner = GRPOLearner(model, config, tokenizer, EmbeddingCache(),
-                              engine=build.make_rollout_engine(config, tokenizer))
+        learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
         batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
         train, _ = learner.rollout(batch, jax.random.key(0))
-        outs.append(learner.add_logprobs(train)[0])
-    whole, chunked = outs
+        assert isinstance(train["prompt_embeds"], np.ndarray) == bool(chunk)
+        train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
+        train, _ = learner.add_logprobs(train)
+        metrics = learner.update(train, jax.random.key(2))
+        outs.append((train, metrics, learner))
+    (whole, m_whole, l_whole), (chunked, m_chunked, l_chunked) = outs
     np.testing.assert_array_equal(np.asarray(chunked["tokens"]), np.asarray(whole["tokens"]))
     mask = np.asarray(whole["response_mask"]) > 0
     np.testing.assert_allclose(np.asarray(chunked["old_logp"])[mask],
                                np.asarray(whole["old_logp"])[mask], atol=1e-5)
+    assert_same_update(l_whole, l_chunked, m_whole, m_chunked, ("loss", "kl", "grad_norm"))

@@ -187,6 +187,10 @@ class GRPOLearner:
     def __init__(self, model: LongVILA, config, tokenizer: Tokenizer, cache: EmbeddingCache,
                  mesh=None, engine: rollout.RolloutEngine | None = None):
         self.config, self.rl, self.tokenizer, self.mesh = config, config.rl, tokenizer, mesh
+        self.offload = bool(self.rl.get("offload_prompts", False))
+        if self.offload and hosts.multiprocess():  # each process would gather every prompt
+            raise ValueError("rl.offload_prompts keeps the rollout batch in one process's "
+                             "memory; run it on one host or set it False")
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
         # The frozen initial policy: a copy, since each update donates the trainable buffers.
@@ -255,9 +259,7 @@ class GRPOLearner:
         """generate -> score -> the training batch: (training batch, metrics). `prompts`:
         embeddings already taken; `weights_step`: the step whose weights the engine samples."""
         g, model = self.rl.num_generations, model or self.state.model()
-        embeds, valid = prompts or self.prompt_embeddings(model, batch)
-        gen, seconds = rollout.timed_generate(self.engine, model, embeds, valid,
-                                              self.sampling(), rng)
+        embeds, valid, gen, seconds = self.generate_in_chunks(model, batch, rng, prompts)
         lengths = hosts.fetch(gen.lengths)
         texts = rollout.response_texts(self.tokenizer, gen, self.stop_ids)
         truths = [t for t in batch["ground_truth"] for _ in range(g)]
@@ -280,6 +282,43 @@ class GRPOLearner:
                    "tokens_per_second": lengths.sum() / seconds,
                    "cache_hit_rate": self.videos.cache.stats.hit_rate}
         return train, {**metrics, "sample": texts[0]}
+
+    def generate_in_chunks(self, model, batch: dict, rng, prompts=None):
+        """(prompt embeddings, validity, Generation, seconds generating) of the rollout batch,
+        `rl.rollout.prompts_per_chunk` prompts at a time (0: all; chunk i samples with
+        `fold_in(rng, i)`): each chunk's embeddings are taken, sampled from, and under
+        `rl.offload_prompts` moved to host memory before the next, so the device holds one
+        chunk's prompts and KV caches. `prompts`: embeddings of the batch already taken."""
+        size, n = self.rl.rollout.get("prompts_per_chunk", 0), len(batch["ground_truth"])
+        starts = range(0, n, size) if size and size < n else [0]
+        size = size if len(starts) > 1 else n
+        embeds, valids, generations, seconds = [], [], [], 0.0
+        for i, start in enumerate(starts):
+            rows = slice(start, start + size)
+            if prompts is None:
+                e, v = self.prompt_embeddings(model, {k: x[rows] for k, x in batch.items()})
+            else:
+                e, v = prompts[0][rows], prompts[1][rows]
+            gen, s = rollout.timed_generate(self.engine, model, e, v, self.sampling(),
+                                            jax.random.fold_in(rng, i) if len(starts) > 1 else rng)
+            embeds.append(self.kept(e))
+            valids.append(self.kept(v))
+            generations.append(gen)
+            seconds += s
+        join = np.concatenate if self.offload else jnp.concatenate
+        return (join(embeds), join(valids), rollout.concatenated(generations), seconds)
+
+    def kept(self, x):
+        """A rollout array as the step keeps it: in host memory under `rl.offload_prompts`."""
+        return np.asarray(jax.device_get(x)) if self.offload else x
+
+    def placed(self, x, key: str):
+        """A pass's prompt array on the devices (from host memory under rl.offload_prompts)."""
+        if not self.offload:
+            return x
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, prompt_placement(self.mesh, self.config.mesh)[1](key, x.shape))
 
     def add_logprobs(self, train: dict) -> tuple[dict, dict]:
         """Old-policy and reference log-probs, computed once per rollout batch, and the
@@ -374,8 +413,8 @@ class GRPOLearner:
         """
         g = self.rl.num_generations
         if not self.rl.reencode_video:
-            return {"prompt_embeds": train["prompt_embeds"][prompts],
-                    "prompt_valid": train["prompt_valid"][prompts],
+            return {"prompt_embeds": self.placed(train["prompt_embeds"][prompts], "prompt_embeds"),
+                    "prompt_valid": self.placed(train["prompt_valid"][prompts], "prompt_valid"),
                     "prompt_index": jnp.repeat(jnp.arange(len(prompts)), g)}
         index = np.repeat(prompts, g)
         prompt = {"prompt_ids": train["prompt_ids"][index], "prompt_mask": train["prompt_mask"][index]}

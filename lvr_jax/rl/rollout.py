@@ -46,29 +46,17 @@ class RolloutEngine(Protocol):
 class JaxEngine:
     """The embedded sampler: samples the model it is handed, on the trainer's devices.
 
-    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`;
-    `prompts_per_chunk` (0: all) prompts are sampled at a time, each chunk with its own KV
-    cache of G x (prompt + response) slots per prompt, so a rollout batch of long videos
-    need not hold every cache at once (chunk i samples with `fold_in(rng, i)`)."""
+    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`."""
 
-    def __init__(self, pad_id: int, prefill=None, prompts_per_chunk: int = 0):
+    def __init__(self, pad_id: int, prefill=None):
         self.pad_id, self.prefill = pad_id, prefill or local_prefill
-        self.prompts_per_chunk = prompts_per_chunk
 
     def sync_weights(self, model, step: int) -> None:
         del model, step  # nothing to move: generate() reads the weights it is given
 
     def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
-        size, prompts = self.prompts_per_chunk, prompt_embeds.shape[0]
-        if not size or size >= prompts:
-            return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
-                            pad_id=self.pad_id, prefill=self.prefill)
-        chunks = [generate(model.llm, prompt_embeds[i:i + size], prompt_valid[i:i + size],
-                           params, jax.random.fold_in(rng, i // size), pad_id=self.pad_id,
-                           prefill=self.prefill)
-                  for i in range(0, prompts, size)]
-        return Generation(*(jnp.concatenate(parts) for parts in zip(*(
-            (c.tokens, c.logprobs, c.lengths) for c in chunks))))
+        return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
+                        pad_id=self.pad_id, prefill=self.prefill)
 
 
 class ServerEngine:
@@ -165,7 +153,7 @@ def make_engine(rollout_config, pad_id: int, prefill=None,
     or $ROLLOUT_TOKEN, timeouts, push chunk size and dtype; `keep_pushed`: see ServerEngine)."""
     r = rollout_config
     if r.backend == "jax":
-        return JaxEngine(pad_id, prefill, r.get("prompts_per_chunk", 0))
+        return JaxEngine(pad_id, prefill)
     if r.backend != "server":
         raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {r.backend!r}")
     if hosts.multiprocess():  # each process would push and sample on its own
@@ -183,6 +171,14 @@ def timed_generate(engine: RolloutEngine, model, embeds, valid, params, rng):
     start = time.perf_counter()
     gen = jax.block_until_ready(engine.generate(model, embeds, valid, params, rng))
     return gen, time.perf_counter() - start
+
+
+def concatenated(generations: list[Generation]) -> Generation:
+    """Generations of consecutive prompt chunks as one."""
+    if len(generations) == 1:
+        return generations[0]
+    return Generation(*(jnp.concatenate(parts) for parts in zip(*(
+        (g.tokens, g.logprobs, g.lengths) for g in generations))))
 
 
 def response_texts(tokenizer, gen: Generation, stop_ids) -> list[str]:
