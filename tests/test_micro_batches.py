@@ -72,30 +72,41 @@ def test_a_batch_that_does_not_split_is_refused(tiny_train_config):
         learner.step(batch)
 
 
+def grpo_pass(config, update: bool):
+    """One rollout (+ log-probs, + an update with random advantages) of the tiny recipe."""
+    tokenizer, model = build.build_model(config)
+    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
+    train, _ = learner.rollout(batch, jax.random.key(0))
+    train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
+    train, _ = learner.add_logprobs(train)
+    metrics = learner.update(train, jax.random.key(2)) if update else {}
+    return train, metrics, learner
+
+
 def test_rollouts_and_passes_in_chunks_with_prompts_on_the_host_equal_the_whole(
         tiny_train_config):
-    """`rl.rollout.prompts_per_chunk`, `rl.logprob_prompts` and `rl.offload_prompts`: greedy
-    samples, old-policy log-probs and the update of a rollout batch embedded and sampled a
-    prompt at a time, its prompt embeddings kept in host memory between passes, are those of
-    the whole batch at once on the device."""
-    outs = []
-    for chunk in (0, 1):
-        config = tiny_train_config("grpo", 1)
-        config.rl.update(temperature=0.0, logprob_prompts=chunk, offload_prompts=bool(chunk))
-        config.rl.rollout.prompts_per_chunk = chunk
-        config.optim.update(warmup_steps=0, lr=1e-3)
-        tokenizer, model = build.build_model(config)
-        learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-        batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-        train, _ = learner.rollout(batch, jax.random.key(0))
-        assert isinstance(train["prompt_embeds"], np.ndarray) == bool(chunk)
-        train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
-        train, _ = learner.add_logprobs(train)
-        metrics = learner.update(train, jax.random.key(2))
-        outs.append((train, metrics, learner))
-    (whole, m_whole, l_whole), (chunked, m_chunked, l_chunked) = outs
+    """`rl.rollout.prompts_per_chunk` and `rl.logprob_prompts`: greedy samples and old-policy
+    log-probs of a rollout batch embedded and sampled a prompt at a time are those of the
+    whole batch at once; `rl.offload_prompts`: with the prompt embeddings kept in host
+    memory between passes the samples, log-probs and update are those kept on the device."""
+    def config(chunk, offload, temperature):
+        c = tiny_train_config("grpo", 1)
+        c.rl.update(temperature=temperature, logprob_prompts=chunk, offload_prompts=offload)
+        c.rl.rollout.prompts_per_chunk = chunk
+        c.optim.update(warmup_steps=0, lr=1e-3)
+        return c
+
+    whole, _, _ = grpo_pass(config(0, False, 0.0), update=False)
+    chunked, _, _ = grpo_pass(config(1, False, 0.0), update=False)
     np.testing.assert_array_equal(np.asarray(chunked["tokens"]), np.asarray(whole["tokens"]))
     mask = np.asarray(whole["response_mask"]) > 0
     np.testing.assert_allclose(np.asarray(chunked["old_logp"])[mask],
                                np.asarray(whole["old_logp"])[mask], atol=1e-5)
-    assert_same_update(l_whole, l_chunked, m_whole, m_chunked, ("loss", "kl", "grad_norm"))
+
+    (on_device, m_device, l_device), (on_host, m_host, l_host) = (
+        grpo_pass(config(1, offload, 1.0), update=True) for offload in (False, True))
+    assert isinstance(on_host["prompt_embeds"], np.ndarray)
+    assert not isinstance(on_device["prompt_embeds"], np.ndarray)
+    np.testing.assert_array_equal(np.asarray(on_host["tokens"]), np.asarray(on_device["tokens"]))
+    assert_same_update(l_device, l_host, m_device, m_host, ("loss", "kl", "grad_norm"))
