@@ -132,6 +132,15 @@ def check_model_init(config: ml_collections.ConfigDict) -> None:
         "<workdir>/model), or --config.model.allow_random_init=True if that is intended")
 
 
+def check_sampling(config: ml_collections.ConfigDict) -> None:
+    """GRPO samples at a temperature above 0: greedy samples of a group are all alike (no
+    advantage) and the loss divides the log-probs by the temperature (NaN at 0)."""
+    rl = config.get("rl")
+    if rl is not None and config.stage == "grpo" and not rl.temperature > 0:
+        raise ConfigError(f"rl.temperature must be above 0 for GRPO (got {rl.temperature}): "
+                          "the G samples of a greedy group are identical and carry no signal")
+
+
 def check_off_policy(config: ml_collections.ConfigDict) -> None:
     """One-step off-policy overlaps generation with the update: only rollout servers can."""
     rl = config.get("rl")

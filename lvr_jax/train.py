@@ -26,7 +26,7 @@ from lvr_jax.build import (build_model, compile_phases, data_config, held_bytes,
                            make_learner, make_run_mesh, peak_bytes, row_share)
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
-from lvr_jax.config import check_model_init, check_off_policy
+from lvr_jax.config import check_model_init, check_off_policy, check_sampling
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.eval.evaluate import evaluate
@@ -242,6 +242,7 @@ def drilled_init(config, workdir: str) -> str:
 def run(config, workdir: str) -> dict:
     """Trains one stage in `workdir`; returns the last step's metrics."""
     check_model_init(config)
+    check_sampling(config)
     check_off_policy(config)
     mesh_lib.initialize_distributed(config.get("distributed"))  # before the drills
     if config.stage == "sft" and config.drills.steps and not config.model.init:

@@ -375,6 +375,16 @@ def test_lookahead_saves_the_state_of_the_batches_handed_out_not_the_one_peeked(
     assert next(resumed) == 2 and resumed.peek() == 3
 
 
+def test_grpo_at_temperature_0_is_refused_before_it_starts(tiny_train_config):
+    from lvr_jax.config import ConfigError, check_sampling
+    config = tiny_train_config("grpo", 1)
+    config.rl.temperature = 0.0
+    with pytest.raises(ConfigError, match="rl.temperature must be above 0"):
+        check_sampling(config)
+    config.rl.temperature = 0.7
+    check_sampling(config)
+
+
 def test_off_policy_needs_rollout_servers(tiny_train_config):
     from lvr_jax.config import ConfigError, check_off_policy
     config = tiny_train_config("grpo", 1)
