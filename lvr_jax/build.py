@@ -127,6 +127,13 @@ def abstract_batch(config, mesh, **sizes) -> dict:
     return {k: placed(k, a) for k, a in shapes.items()}
 
 
+def abstract_opt_state(tx, trainable):
+    """Shape structs of the optimizer state of `trainable`, placed as a run places it."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(tx.init, trainable),
+                        training.opt_state_shardings(tx, trainable))
+
+
 def compile_step(config, mesh):
     """Compiles one optimizer step of a recipe on `mesh` from shapes alone (no weights).
 
@@ -137,9 +144,7 @@ def compile_step(config, mesh):
     model = abstract_model(config, mesh)
     graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(tx.init, trainable),
-                             training.opt_state_shardings(tx, trainable))
+    opt_state = abstract_opt_state(tx, trainable)
     step = training.jit_update(tx, module.make_loss_fn(config, mesh),  # donating, as a run
                                micro=module.micro_batches(config))
     batch = abstract_batch(config, mesh)
@@ -189,9 +194,7 @@ def held_bytes(config, mesh) -> dict:
     module = learner_module(config.stage)
     _, trainable, _ = nnx.split(abstract_model(config, mesh), module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(tx.init, trainable),
-                             training.opt_state_shardings(tx, trainable))
+    opt_state = abstract_opt_state(tx, trainable)
     held = {"reference policy": per_device_bytes(trainable),
             "optimizer state (outside the update)": per_device_bytes(opt_state)}
     if not config.rl.get("offload_prompts", False):

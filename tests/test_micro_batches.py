@@ -41,25 +41,31 @@ def test_sft_micro_batches_give_the_whole_batch_update(tiny_train_config):
                                                                "target_tokens"))
 
 
+def grpo_pass(config, update: bool):
+    """One rollout (+ log-probs, + an update with random advantages) of the tiny recipe."""
+    tokenizer, model = build.build_model(config)
+    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
+    train, _ = learner.rollout(batch, jax.random.key(0))
+    # advantages that are not zero (a random model's rewards all equal): the update moves
+    train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
+    train, _ = learner.add_logprobs(train)
+    metrics = learner.update(train, jax.random.key(2)) if update else {}
+    return train, metrics, learner
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_grpo_micro_batches_give_the_whole_batch_update(tiny_train_config, agg):
-    learners, metrics = [], []
+    runs = []
     for size in (0, 2):  # updates of 2 prompts x 4 samples: two sequences at a time
         config = tiny_train_config("grpo", 1)
         config.rl.update(temperature=1.0, loss_agg=agg, kl_coef=0.1)
         config.optim.update(micro_batch_size=size, warmup_steps=0, lr=1e-3)
-        tokenizer, model = build.build_model(config)
-        learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-        batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-        train, _ = learner.rollout(batch, jax.random.key(0))
-        # advantages that are not zero (a random model's rewards all equal): the update moves
-        train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
-        train, _ = learner.add_logprobs(train)
-        metrics.append(learner.update(train, jax.random.key(2)))
-        learners.append(learner)
-    assert metrics[0]["grad_norm"] > 0
-    assert_same_update(*learners, *metrics, ("loss", "pg_loss", "kl", "entropy",
-                                             "clip_fraction", "grad_norm"))
+        runs.append(grpo_pass(config, update=True))
+    (_, whole_metrics, whole), (_, micro_metrics, micro) = runs
+    assert whole_metrics["grad_norm"] > 0
+    assert_same_update(whole, micro, whole_metrics, micro_metrics,
+                       ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "grad_norm"))
 
 
 def test_a_batch_that_does_not_split_is_refused(tiny_train_config):
@@ -70,18 +76,6 @@ def test_a_batch_that_does_not_split_is_refused(tiny_train_config):
     batch = next(iter(sft_dataset(build.data_config(config, model), tokenizer)))
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         learner.step(batch)
-
-
-def grpo_pass(config, update: bool):
-    """One rollout (+ log-probs, + an update with random advantages) of the tiny recipe."""
-    tokenizer, model = build.build_model(config)
-    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    train, _ = learner.rollout(batch, jax.random.key(0))
-    train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
-    train, _ = learner.add_logprobs(train)
-    metrics = learner.update(train, jax.random.key(2)) if update else {}
-    return train, metrics, learner
 
 
 def test_rollouts_and_passes_in_chunks_with_prompts_on_the_host_equal_the_whole(
