@@ -25,6 +25,10 @@ from lvr_jax.sharding.mesh import DEFAULT_RULES, logical_to_spec, spec_axes
 
 # Logical names of the dimensions of frames [V, F, H, W, 3]; the rules give their mesh axes.
 VIDEO_FRAME_AXES = ("activation_batch", "activation_frames")
+# Frames each device runs through the vision tower at a time: its activations (a 448 px frame
+# is 1,024 patches, 4,304 wide in the MLP) then stay those of 8 frames, whatever the video's
+# length (4,096 frames of the 7B's tower on sp = 4: 39 GiB of temporaries at once, 3 in chunks).
+FRAMES_PER_PASS = 8
 
 
 def frame_spec(mesh: Mesh, rules=DEFAULT_RULES, num_videos: int | None = None) -> P:
@@ -48,6 +52,11 @@ def padded_frames(num_frames: int, mesh: Mesh, rules=DEFAULT_RULES) -> int:
     return -(-num_frames // n) * n
 
 
+def in_frame_chunks(encode, frames_fhwc):
+    """encode(frames [n, H, W, 3]) -> [n, ...] over all frames, `FRAMES_PER_PASS` at a time."""
+    return jax.lax.map(lambda x: encode(x[None])[0], frames_fhwc, batch_size=FRAMES_PER_PASS)
+
+
 def _encode_local(graphdef, state, token_embeds, frames_vfhwc, *, arrange):
     """Runs on one device: its frames [v, f, H, W, 3] -> tokens [v, n, D].
 
@@ -56,7 +65,8 @@ def _encode_local(graphdef, state, token_embeds, frames_vfhwc, *, arrange):
     """
     tower, projector = nnx.merge(graphdef, state)
     v, f = frames_vfhwc.shape[:2]
-    tokens_ftd = projector(tower(frames_vfhwc.reshape(v * f, *frames_vfhwc.shape[2:])))
+    tokens_ftd = in_frame_chunks(lambda x: projector(tower(x)),
+                                 frames_vfhwc.reshape(v * f, *frames_vfhwc.shape[2:]))
     tokens_vftd = tokens_ftd.reshape(v, f, *tokens_ftd.shape[1:])
     if arrange is None:
         return tokens_vftd
@@ -119,7 +129,7 @@ def _tower(graphdef, state, frames_vfhwc, *, mesh, spec):
     def local(state, frames):
         tower = nnx.merge(graphdef, state)
         v, f = frames.shape[:2]
-        features = tower(frames.reshape(v * f, *frames.shape[2:]))
+        features = in_frame_chunks(tower, frames.reshape(v * f, *frames.shape[2:]))
         return features.reshape(v, f, *features.shape[1:])
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec,
                          check_vma=False)(state, frames_vfhwc)
