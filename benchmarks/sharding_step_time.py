@@ -62,14 +62,15 @@ def main():
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--strategies", nargs="*", default=list(mesh_lib.STRATEGIES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per cell (median)")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    base = seconds_per_step(args.frames, 1, "all_gather", dtype)
+    base = seconds_per_step(args.frames, 1, "all_gather", dtype, args.repeats)
     print(f"small config, {args.frames} frames, {args.dtype}; sp=1 step {base:.2f} s "
           f"({jax.devices()[0].platform}, {jax.device_count()} devices)")
     print(f"{'strategy':>10} {'sp=8 s/step':>12} {'ratio to sp=1':>14}")
     for strategy in args.strategies:
-        sec = seconds_per_step(args.frames, 8, strategy, dtype)
+        sec = seconds_per_step(args.frames, 8, strategy, dtype, args.repeats)
         print(f"{strategy:>10} {sec:12.2f} {sec / base:14.2f}", flush=True)
 
 

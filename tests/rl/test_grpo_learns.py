@@ -22,7 +22,7 @@ from lvr_jax.metrics import read_metrics
 from lvr_jax.rl.learner import GRPOLearner
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 
-GRPO_STEPS = 30
+GRPO_STEPS = 20  # the reward passes 0.8 near step 11 (seed 0) and stays there
 
 
 def write_records(path, rows, answer_of):
