@@ -145,10 +145,16 @@ def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef
 
     loss_and_grad = jax.value_and_grad(loss_of, has_aux=True)
     if micro is None:
-        (loss, aux), grads = loss_and_grad(trainable, batch)
+        summed = loss_and_grad(trainable, batch)
     else:
-        (loss, aux), grads = summed_over_micro_batches(loss_and_grad, trainable,
-                                                       *micro.split(batch, micro))
+        summed = summed_over_micro_batches(loss_and_grad, trainable, *micro.split(batch, micro))
+    return guarded_apply(tx, trainable, opt_state, summed)
+
+
+def guarded_apply(tx, trainable, opt_state, summed):
+    """The optimizer step from ((loss, aux), gradients), skipped (the parameters and state
+    kept) when the loss or the gradient norm is not finite."""
+    (loss, aux), grads = summed
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
@@ -157,6 +163,39 @@ def guarded_update(tx, loss_fn: Callable, trainable, frozen, opt_state, graphdef
     trainable = keep(optax.apply_updates(trainable, updates), trainable)
     opt_state = keep(new_opt_state, opt_state)
     return trainable, opt_state, {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+class StreamedUpdate:
+    """Gradient accumulation across jitted calls, for batches too large to place at once:
+    each micro-batch reaches the devices only for its own pass (a long video's prompt
+    embeddings come from host memory) and its ((loss, aux), gradients) are added to a
+    donated sum; the optimizer then applies the sum once, guarded as `guarded_update`.
+    Each micro-batch carries the whole batch's loss denominators (`MicroBatches`), so the
+    step is the in-step accumulation's (and the whole batch's) update.
+
+    `step(trainable, frozen, opt_state, graphdef, micro_batches)` -> (trainable, opt_state,
+    metrics); the phases compile apart (`first`, `add`, `apply`)."""
+
+    def __init__(self, tx, loss_fn: Callable):
+        def of(trainable, frozen, graphdef, batch):
+            def loss_of(t):
+                return loss_fn(nnx.merge(graphdef, t, frozen), batch)
+            return jax.value_and_grad(loss_of, has_aux=True)(trainable)
+
+        def add(trainable, frozen, summed, graphdef, batch):
+            return jax.tree.map(jnp.add, summed, of(trainable, frozen, graphdef, batch))
+        self.first = jax.jit(of, static_argnames="graphdef")
+        self.add = jax.jit(add, static_argnames="graphdef", donate_argnums=(2,))
+        self.apply = jax.jit(functools.partial(guarded_apply, tx), donate_argnums=(0, 1, 2))
+
+    def step(self, trainable, frozen, opt_state, graphdef, micro_batches):
+        summed = None
+        for batch in micro_batches:
+            if summed is None:
+                summed = self.first(trainable, frozen, graphdef=graphdef, batch=batch)
+            else:
+                summed = self.add(trainable, frozen, summed, graphdef=graphdef, batch=batch)
+        return self.apply(trainable, opt_state, summed)
 
 
 def jit_update(tx, loss_fn: Callable, donate: bool = True, micro: MicroBatches | None = None):

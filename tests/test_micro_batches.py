@@ -56,16 +56,23 @@ def grpo_pass(config, update: bool):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_grpo_micro_batches_give_the_whole_batch_update(tiny_train_config, agg):
+    """In the step (`lax.scan`) and streamed (`rl.offload_prompts`: each micro-batch a pass
+    of its own, its prompts copied from host memory, `training.StreamedUpdate`)."""
     runs = []
-    for size in (0, 2):  # updates of 2 prompts x 4 samples: two sequences at a time
+    # updates of 2 prompts x 4 samples: two sequences at a time (the in-step split is the same
+    # function whatever the aggregation: tested once)
+    ways = ((0, False), (2, False), (2, True)) if agg == "token-mean" else ((0, False), (2, True))
+    for size, offload in ways:
         config = tiny_train_config("grpo", 1)
-        config.rl.update(temperature=1.0, loss_agg=agg, kl_coef=0.1)
+        config.rl.update(temperature=1.0, loss_agg=agg, kl_coef=0.1, offload_prompts=offload)
         config.optim.update(micro_batch_size=size, warmup_steps=0, lr=1e-3)
         runs.append(grpo_pass(config, update=True))
-    (_, whole_metrics, whole), (_, micro_metrics, micro) = runs
+    (_, whole_metrics, whole), *micro_runs = runs
     assert whole_metrics["grad_norm"] > 0
-    assert_same_update(whole, micro, whole_metrics, micro_metrics,
-                       ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "grad_norm"))
+    assert [run[2].streamed is not None for run in runs] == [offload for _, offload in ways]
+    for _, micro_metrics, micro in micro_runs:
+        assert_same_update(whole, micro, whole_metrics, micro_metrics,
+                           ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "grad_norm"))
 
 
 def test_a_batch_that_does_not_split_is_refused(tiny_train_config):

@@ -123,6 +123,15 @@ def micro_batches(config) -> training.MicroBatches | None:
     return training.micro_batching(config.optim, split_micro_batches)
 
 
+def streams_update(config) -> bool:
+    """Whether the update's micro-batches are passes of their own, each copying its prompts
+    from host memory (`training.StreamedUpdate`): under `rl.offload_prompts` with
+    `optim.micro_batch_size` set (an update's prompts at 4,096 frames would take 115 GiB of
+    each of 8 devices); else the micro-batches are summed inside one jitted step."""
+    return (bool(config.rl.get("offload_prompts", False)) and micro_batches(config) is not None
+            and not config.rl.reencode_video)
+
+
 def make_loss_fn(config, mesh=None):
     return functools.partial(grpo_loss, cfg=LossConfig.of(config.rl),
                              logprobs_fn=make_response_logprobs(mesh, config.mesh))
@@ -157,12 +166,14 @@ def padded_left(x, length: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def abstract_batch(config, model_config, mesh=None, prompts: int = 0) -> dict:
+def abstract_batch(config, model_config, mesh=None, prompts: int = 0,
+                   samples: int = 0) -> dict:
     """Shapes of one update mini-batch of `prompts` (default update_batch_size) prompts
-    with their samples (for compiling a recipe without data)."""
+    with `samples` sequences each (default num_generations), for compiling a recipe
+    without data."""
     rl = config.rl
     p, m = prompts or rl.update_batch_size, rl.max_new_tokens
-    n = p * rl.num_generations
+    n = p * (samples or rl.num_generations)
     t = config.data.max_length - 1 + model_config.num_video_tokens(config.data.num_frames)
     if mesh is not None:
         multiple = prompt_placement(mesh, config.mesh)[0]
@@ -198,8 +209,10 @@ class GRPOLearner:
         self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh))
         self.loss_cfg = LossConfig.of(self.rl)
         self.response_logprobs = make_response_logprobs(mesh, config.mesh)
-        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh),
-                                           micro=micro_batches(config))
+        self.micro = micro_batches(config)
+        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh), micro=self.micro)
+        self.streamed = (training.StreamedUpdate(self.tx, make_loss_fn(config, mesh))
+                         if streams_update(config) else None)
         self._logprobs = jax.jit(self._logprobs_fn, static_argnames="graphdef")
         self.engine = engine or rollout.JaxEngine(tokenizer.pad_id,
                                                   forwards.prefill_fn(mesh, config.mesh))
@@ -351,9 +364,14 @@ class GRPOLearner:
             order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch),
                                                       self.num_prompts(train)))
             for prompts in self.chunks(order):
-                s.trainable, s.opt_state, m = self._update(
-                    s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef,
-                    batch=self.chunk_batch(train, prompts))
+                if self.streamed is not None:
+                    s.trainable, s.opt_state, m = self.streamed.step(
+                        s.trainable, s.frozen, s.opt_state, s.graphdef,
+                        self.micro_batches_of(train, prompts))
+                else:
+                    s.trainable, s.opt_state, m = self._update(
+                        s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef,
+                        batch=self.chunk_batch(train, prompts))
                 history.append(m)
         s.step += 1
         metrics = {k: np.mean([np.asarray(m[k]) for m in history]) for k in history[0]}
@@ -404,6 +422,23 @@ class GRPOLearner:
         rows = (np.asarray(prompts)[:, None] * g + np.arange(g)).reshape(-1)
         return {**{k: train[k][rows] for k in keys},
                 **self._prompts_of(train, np.asarray(prompts))}
+
+    def micro_batches_of(self, train: dict, prompts):
+        """The sequences of `prompts` as the streamed update's micro-batches: rows i, i +
+        count, ... as the in-step split takes them, each with the whole update's loss
+        denominators and its own sequences' prompts copied to the devices ([size, T, D],
+        one per sequence, so every micro-batch has one shape)."""
+        g = self.rl.num_generations
+        rows = (np.asarray(prompts)[:, None] * g + np.arange(g)).reshape(-1)
+        count = self.micro.count(len(rows))
+        totals = (jnp.sum(jnp.asarray(train["loss_mask"])[rows].astype(jnp.float32)),
+                  jnp.float32(len(rows)))
+        for i in range(count):
+            r = rows[i::count]
+            yield {**{k: train[k][r] for k in SEQUENCE_KEYS}, "totals": totals,
+                   "prompt_embeds": self.placed(train["prompt_embeds"][r // g], "prompt_embeds"),
+                   "prompt_valid": self.placed(train["prompt_valid"][r // g], "prompt_valid"),
+                   "prompt_index": jnp.arange(len(r))}
 
     def _prompts_of(self, train: dict, prompts) -> dict:
         """Prompt embeddings and per-sequence indices into them for a pass over `prompts`.
