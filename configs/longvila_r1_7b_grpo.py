@@ -5,18 +5,27 @@
         --config.data.video_root=data/videos
 
 `gpu8`: one node of 8 GPUs (FSDP x 2, Ulysses sequence parallelism x 4, as the paper);
-`tpu`: a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence).
+`tpu`: a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence);
+`hour`: an hour of video (4,096 frames, about 1.05M tokens per sequence) on one node of
+8 GPUs: ring attention over all 8 (28 heads do not split 8 ways for Ulysses), one prompt
+per rollout chunk and log-prob pass, one sequence per micro-batch, the LLM's backward
+keeping one layer input in 4. Each rollout prompt's embeddings take 7.5 GB of host memory
+between the passes: the 128 of a rollout batch about 1 TB (lower data.batch_size and
+rl.update_batch_size together on a smaller host).
 """
 
 from lvr_jax.config import RECIPE_MESHES, RECIPE_MICRO_BATCH, base_config
 
 
 def get_config(platform: str = "gpu8"):
+    hour = platform == "hour"
     c = base_config()
     c.stage = "grpo"
     c.model.update(preset="longvila_r1_7b", dtype="bfloat16", param_dtype="float32", remat=True)
-    c.mesh.update(RECIPE_MESHES[platform])
-    c.optim.micro_batch_size = RECIPE_MICRO_BATCH[platform]  # gradients summed in the step
+    c.mesh.update(RECIPE_MESHES["tpu" if hour else platform])
+    # sequences per micro-batch; each micro-batch a pass of its own, its prompts copied from
+    # host memory (rl.offload_prompts), the gradients summed on the devices
+    c.optim.micro_batch_size = RECIPE_MICRO_BATCH["tpu" if hour else platform]
     c.data.update(num_frames=256, batch_size=512, max_length=2048, num_workers=8)
     c.optim.update(lr=1e-6, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
                    weight_decay=1e-2, grad_clip=1.0)
@@ -32,4 +41,9 @@ def get_config(platform: str = "gpu8"):
     # 64 GiB of video embeddings in host memory: on the GPUs they would take 8-16 GiB each
     c.cache.update(budget_mb=65536, on_host=True)
     c.train.update(num_steps=1000, checkpoint_every=20)
+    if hour:
+        c.data.update(num_frames=4096, batch_size=128)
+        c.rl.update(logprob_prompts=1)
+        c.rl.rollout.prompts_per_chunk = 1  # a prompt's KV cache: 7.5 GiB per device, x 5 samples
+        c.model.remat_group = 4  # 7 layer inputs kept instead of 28 (0.9 GiB each per device)
     return c

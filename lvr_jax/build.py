@@ -9,11 +9,14 @@ none of them imports another's entrypoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lvr_jax import training
 from lvr_jax.cli import CommandLineError
@@ -23,6 +26,7 @@ from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
                                           parse_video_encoder)
 from lvr_jax.sharding import hosts
 from lvr_jax.sharding import mesh as mesh_lib
+from lvr_jax.sharding import video_embeddings
 from lvr_jax.sharding.param_placement import load_sharded, param_sharding, shard_model
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 
@@ -39,6 +43,7 @@ def preset_config(config, tokenizer=None):
         vision=dataclasses.replace(base.vision, **m.vision),
         llm=dataclasses.replace(base.llm, **m.llm), projector_type=m.projector_type,
         dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+        remat_group=m.get("remat_group", 1),
         video_encoder=recipe_video_encoder(config, tokenizer) or VideoEncoderConfig(), **ids)
 
 
@@ -72,6 +77,7 @@ def build_model(config, mesh=None):
     if m.init:
         tokenizer = load_tokenizer(m.init)
         kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                  remat_group=m.get("remat_group", 1),
                   video_encoder=recipe_video_encoder(config, tokenizer))
         model = (load_sharded(m.init, mesh, rules, **kw) if mesh
                  else load_pretrained(m.init, **kw))
@@ -134,29 +140,61 @@ def abstract_opt_state(tx, trainable):
                         training.opt_state_shardings(tx, trainable))
 
 
-def compile_step(config, mesh):
-    """Compiles one optimizer step of a recipe on `mesh` from shapes alone (no weights).
-
-    Returns the compiled step; `.memory_analysis()` says what one device needs
-    (`peak_bytes`). The parameters and optimizer state are donated, as in a run.
-    """
+def compile_update(config, mesh) -> dict:
+    """The update of a recipe compiled on `mesh` from shapes alone (no weights): phase ->
+    compiled; `.memory_analysis()` says what one device needs (`peak_bytes`). One optimizer
+    step ("update"), or where the learner streams its micro-batches
+    (`rl.learner.streams_update`) one micro-batch's pass ("update micro-batch", adding its
+    gradients to the sum) and the optimizer applying the sum ("optimizer step"). Parameters,
+    optimizer state and the sum are donated, as in a run."""
     module = learner_module(config.stage)
     model = abstract_model(config, mesh)
     graphdef, trainable, frozen = nnx.split(model, module.trainable_filter(config), ...)
     tx = training.make_optimizer(config.optim)
     opt_state = abstract_opt_state(tx, trainable)
-    step = training.jit_update(tx, module.make_loss_fn(config, mesh),  # donating, as a run
-                               micro=module.micro_batches(config))
-    batch = abstract_batch(config, mesh)
-    return step.lower(trainable, frozen, opt_state, graphdef=graphdef, batch=batch).compile()
+    loss_fn = module.make_loss_fn(config, mesh)
+    if not (config.stage == "grpo" and module.streams_update(config)):
+        step = training.jit_update(tx, loss_fn, micro=module.micro_batches(config))
+        batch = abstract_batch(config, mesh)
+        return {"update": step.lower(trainable, frozen, opt_state, graphdef=graphdef,
+                                     batch=batch).compile()}
+    streamed = training.StreamedUpdate(tx, loss_fn)
+    size = config.optim.micro_batch_size
+    batch = abstract_batch(config, mesh, prompts=size, samples=1)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+    batch["totals"] = (scalar, scalar)
+    summed = jax.eval_shape(functools.partial(streamed.first, graphdef=graphdef, batch=batch),
+                            trainable, frozen)
+    (loss, aux), _ = summed
+    summed = ((scalar, {k: scalar for k in aux}), trainable)  # gradients lie as the weights
+    return {"update micro-batch": streamed.add.lower(trainable, frozen, summed,
+                                                     graphdef=graphdef, batch=batch).compile(),
+            "optimizer step": streamed.apply.lower(trainable, opt_state, summed).compile()}
+
+
+def compile_frame_encoding(config, mesh):
+    """One video of `data.num_frames` frames encoded over the mesh as a cache miss encodes
+    it (MR-SP stage 1, `video_embeddings.encoder_fn`), compiled from shapes: GRPO the
+    video's embeddings, SFT the tower's features (the projector trains on top)."""
+    graphdef, state = nnx.split(abstract_model(config, mesh))
+    output = "features" if config.stage == "sft" else "embeddings"
+    rules, size = mesh_lib.rules_of(config.mesh), preset_config(config).vision.image_size
+    frames = jax.ShapeDtypeStruct((config.data.num_frames, size, size, 3), jnp.float32)
+
+    def encode(state, frames):  # unused weights (the LLM's layers) are not arguments
+        model = nnx.merge(graphdef, state)
+        return video_embeddings.encoder_fn(model, output, mesh, rules)(frames)
+    return jax.jit(encode).lower(state, frames).compile()
 
 
 def compile_phases(config, mesh) -> dict:
-    """Each phase of a step of the recipe compiled from shapes: phase -> compiled. SFT: the
-    update. GRPO: the rollout of one chunk of prompts (`rl.rollout.prompts_per_chunk`, else
-    the whole rollout batch: prefill, KV cache and decoding of the G samples), one old /
-    reference log-prob pass (`rl.logprob_prompts` prompts) and the update."""
-    phases = {"update": compile_step(config, mesh)}
+    """Each phase of a step of the recipe compiled from shapes: phase -> compiled. Both: the
+    encoding of one video's frames (on a cache miss) and the update. GRPO also: the rollout
+    of one chunk of prompts (`rl.rollout.prompts_per_chunk`, else the whole rollout batch:
+    prefill, KV cache and decoding of the G samples) and one old / reference log-prob pass
+    (`rl.logprob_prompts` prompts)."""
+    phases = {"frame encoding": compile_frame_encoding(config, mesh),
+              **compile_update(config, mesh)}
     if config.stage != "grpo":
         return phases
     from lvr_jax.model.sampler import SamplingParams, lower_generate
@@ -184,29 +222,43 @@ def compile_phases(config, mesh) -> dict:
     return phases
 
 
-def held_bytes(config, mesh) -> dict:
-    """What a GRPO step keeps on each device besides the phase that runs (bytes): the
-    rollout batch's prompt embeddings (`data.batch_size` prompts; in host memory under
-    `rl.offload_prompts`, so not here), the reference policy, and outside the update the
-    optimizer state; {} for SFT (its step is one phase)."""
-    if config.stage != "grpo":
-        return {}
+def held_beside(config, mesh) -> dict:
+    """What a step keeps on each device while each phase runs, besides that phase's own
+    arguments: phase -> {what: bytes}. The trainable weights and the optimizer state stay
+    resident through a step (the update takes them as arguments); GRPO also holds the
+    reference policy, and the rollout batch's prompt embeddings unless `rl.offload_prompts`
+    keeps them in host memory between the passes."""
     module = learner_module(config.stage)
     _, trainable, _ = nnx.split(abstract_model(config, mesh), module.trainable_filter(config), ...)
-    tx = training.make_optimizer(config.optim)
-    opt_state = abstract_opt_state(tx, trainable)
-    held = {"reference policy": per_device_bytes(trainable),
-            "optimizer state (outside the update)": per_device_bytes(opt_state)}
-    if not config.rl.get("offload_prompts", False):
-        embeds = abstract_batch(config, mesh, prompts=config.data.batch_size)["prompt_embeds"]
-        held["rollout batch's prompt embeddings"] = per_device_bytes(embeds)
-    return held
+    opt_state = abstract_opt_state(training.make_optimizer(config.optim), trainable)
+    weights = {"trainable weights": per_device_bytes(trainable)}
+    adam = {"optimizer state": per_device_bytes(opt_state)}
+    step = {}
+    if config.stage == "grpo":
+        step["reference policy"] = per_device_bytes(trainable)
+        if not config.rl.get("offload_prompts", False):
+            embeds = abstract_batch(config, mesh, prompts=config.data.batch_size)["prompt_embeds"]
+            step["rollout batch's prompt embeddings"] = per_device_bytes(embeds)
+    return {"frame encoding": weights | adam | step, "rollout": adam | step,
+            "log-probs": adam | step, "update": step, "update micro-batch": adam | step,
+            "optimizer step": step}
 
 
 def per_device_bytes(tree) -> int:
     """Bytes of one device's shards of a tree of placed shape structs."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                for x in jax.tree.leaves(tree))
+
+
+def phase_memory(config, mesh) -> dict:
+    """Each phase of a step (`compile_phases`) -> (XLA's memory analysis of its compile on
+    `mesh`, {what the step holds beside it: bytes}, the total one device needs meanwhile)."""
+    held = held_beside(config, mesh)
+    report = {}
+    for phase, compiled in compile_phases(config, mesh).items():
+        memory = compiled.memory_analysis()
+        report[phase] = (memory, held[phase], peak_bytes(memory) + sum(held[phase].values()))
+    return report
 
 
 def peak_bytes(memory) -> int:

@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
         # "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}'; "": the
         # checkpoint's own (model.init), else the basic encoder (the paper's RL recipe)
         video_encoder="",
-        dtype="float32", param_dtype="float32", remat=False)
+        # remat: recompute each layer's activations in the backward; remat_group: keep the
+        # input of one LLM layer in that many (1: of each), recomputing the rest from it
+        dtype="float32", param_dtype="float32", remat=False, remat_group=1)
 
     c.data = dict(
         records="", video_root="", num_frames=64, batch_size=8, max_length=4096,

@@ -22,8 +22,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from lvr_jax import metrics as metrics_lib
-from lvr_jax.build import (build_model, compile_phases, data_config, held_bytes, make_data,
-                           make_learner, make_run_mesh, peak_bytes, row_share)
+from lvr_jax.build import (build_model, data_config, make_data, make_learner, make_run_mesh,
+                           peak_bytes, phase_memory, row_share)
 from lvr_jax.cli import run_app
 from lvr_jax.checkpointing import Checkpointer
 from lvr_jax.config import check_model_init, check_off_policy, check_sampling
@@ -261,18 +261,17 @@ def define_flags() -> None:
 
 def report_compiled_memory(config) -> None:
     """What one device needs for each phase of a step of the recipe, without loading weights
-    (XLA's memory analysis of this machine's compile)."""
+    (XLA's memory analysis of this machine's compile) and with what the step holds beside it."""
     mesh = mesh_lib.make_mesh(config.mesh)
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     print(f"{config.stage} step on {dict(mesh.shape)}, per device:")
-    for phase, compiled in compile_phases(config, mesh).items():
-        memory = compiled.memory_analysis()
+    for phase, (memory, held, total) in phase_memory(config, mesh).items():
         print(f"  {phase}: arguments {gib(memory.argument_size_in_bytes)}, temporaries "
               f"{gib(memory.temp_size_in_bytes)}, outputs {gib(memory.output_size_in_bytes)} "
               f"({gib(memory.alias_size_in_bytes)} of them in donated arguments), "
               f"peak {gib(peak_bytes(memory))}")
-    for what, size in held_bytes(config, mesh).items():
-        print(f"  held while the other phases run: {what} {gib(size)}")
+        beside = ", ".join(f"{what} {gib(size)}" for what, size in held.items())
+        print(f"    held beside it: {beside or 'nothing'}; total {gib(total)}")
     if config.stage == "grpo" and config.rl.get("offload_prompts", False):
         print("  in host memory between the passes: the rollout batch's prompt embeddings")
 

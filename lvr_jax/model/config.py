@@ -84,6 +84,9 @@ class LongVILAConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # With remat, the LLM's backward keeps the input of one layer in `remat_group` and
+    # recomputes the others' from it (1: every layer's input kept; see layers.scan_layers)
+    remat_group: int = 1
     video_encoder: VideoEncoderConfig = VideoEncoderConfig()
     # Frame sampling the checkpoint was trained with (top-level `num_video_frames`, `fps`);
     # read and written back, while the data config decides the frames of a run.
@@ -128,6 +131,15 @@ def longvila_r1_7b(**kw) -> LongVILAConfig:
     return LongVILAConfig(**kw)
 
 
+def longvila_3b(**kw) -> LongVILAConfig:
+    """A 3B-class sibling: SigLIP so400m at 448 px, the 3x3 downsample projector (121 tokens
+    per frame), Qwen2.5-3B (hidden 2048, 36 layers, 16 heads, 2 KV heads, tied embeddings)."""
+    llm = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                      num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                      tie_word_embeddings=True)
+    return LongVILAConfig(llm=llm, projector_type="mlp_downsample_3x3_fix", **kw)
+
+
 def tiny(vocab_size: int = 1024, **kw) -> LongVILAConfig:
     """A model of a few hundred thousand parameters for tests and the CPU demo."""
     vision = SiglipConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -139,7 +151,7 @@ def tiny(vocab_size: int = 1024, **kw) -> LongVILAConfig:
     return LongVILAConfig(vision=vision, llm=llm, **kw)
 
 
-PRESETS = {"longvila_r1_7b": longvila_r1_7b, "tiny": tiny}
+PRESETS = {"longvila_r1_7b": longvila_r1_7b, "longvila_3b": longvila_3b, "tiny": tiny}
 
 
 # ---- Hugging Face config dicts ------------------------------------------------------------

@@ -7,6 +7,7 @@ weights are stored in the parameter dtype and cast to the compute dtype at use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 from typing import Callable, Iterator
 
@@ -164,12 +165,15 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
 
 
 def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, num_layers=None,
-                remat: bool = False):
+                remat: bool = False, remat_group: int = 1):
     """Runs body(layer, carry, x) -> (carry, y) over stacked layers with one lax.scan.
 
     Scanning keeps compile time independent of depth; `num_layers` runs only the first
     layers (the vision tower stops before its last); `remat` recomputes activations of a
-    layer in the backward pass instead of storing them.
+    layer in the backward pass instead of storing them. With `remat_group` k > 1 the
+    backward keeps only the input of every k-th layer (L/k of them instead of L, each a
+    long sequence's [B, T, D]) and recomputes a group's k inputs when it reaches it: k
+    more of them alive at once, one more forward of each layer.
     """
     graphdef, state = nnx.split(layers)
     if num_layers is not None:
@@ -179,6 +183,19 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, num_layer
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    if remat:
-        step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(step, carry, (state, xs))
+    if not remat:
+        return jax.lax.scan(step, carry, (state, xs))
+    step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+    if remat_group <= 1:
+        return jax.lax.scan(step, carry, (state, xs))
+    count = jax.tree.leaves(state)[0].shape[0]
+    if count % remat_group:
+        raise ValueError(f"remat_group={remat_group} does not divide {count} layers")
+    grouped = jax.tree.map(lambda a: a.reshape(count // remat_group, remat_group, *a.shape[1:]),
+                           (state, xs))
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def group(carry, inputs):
+        return jax.lax.scan(step, carry, inputs)
+    carry, ys = jax.lax.scan(group, carry, grouped)
+    return carry, jax.tree.map(lambda y: y.reshape(count, *y.shape[2:]), ys)

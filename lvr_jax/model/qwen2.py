@@ -107,9 +107,9 @@ class Qwen2(nnx.Module):
     """The language model: token ids or embeddings -> logits."""
 
     def __init__(self, c: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, remat_group: int = 1, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.config, self.dtype, self.remat = c, dtype, remat
+        self.config, self.dtype, self.remat, self.remat_group = c, dtype, remat, remat_group
         self.embed_tokens = layers.param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                                          param_dtype)
         self.layers = layers.stack_layers(lambda r: DecoderLayer(c, rngs=r, **kw),
@@ -132,7 +132,8 @@ class Qwen2(nnx.Module):
             def body(layer, x, _):
                 x, kv = layer(x, positions_bt, kv_pos, attention_fn)
                 return layers.constrain_activation(x, HIDDEN_AXES), kv if return_kv else None
-            x, kv = layers.scan_layers(self.layers, body, x_btd, remat=self.remat)
+            x, kv = layers.scan_layers(self.layers, body, x_btd, remat=self.remat,
+                                       remat_group=self.remat_group)
             return self.norm(x), kv
 
         cache_kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.kv_pos, kv_pos, cache.index, 1)

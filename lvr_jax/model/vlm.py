@@ -29,7 +29,8 @@ class LongVILA(nnx.Module):
         self.vision_tower = SiglipVisionTower(config.vision, remat=config.remat, rngs=rngs, **kw)
         self.mm_projector = Projector(config.projector_type, config.vision.hidden_size,
                                       config.llm.hidden_size, rngs=rngs, **kw)
-        self.llm = Qwen2(config.llm, remat=config.remat, rngs=rngs, **kw)
+        self.llm = Qwen2(config.llm, remat=config.remat, remat_group=config.remat_group,
+                         rngs=rngs, **kw)
 
     def embed_tokens(self, ids):
         return self.llm.embed(ids)

@@ -1,0 +1,170 @@
+"""What one device of 8 needs for each phase of a recipe's step, against the frames per video,
+the MR-SP attention strategy and the recipe's mesh; the ceiling of each.
+
+    python -m benchmarks.recipe_memory                      # 7B GRPO, 256 to 4,096 frames
+    python -m benchmarks.recipe_memory --recipe longvila_r1_7b_sft
+    python -m benchmarks.recipe_memory --recipe longvila_3b_grpo --platforms gpu8
+
+Each cell compiles every phase of a step of `configs/<recipe>.py` as shipped (its batch
+sizes, micro-batches, chunks, offloads) on 8 simulated devices with
+`data.num_frames` and `mesh.attention` changed, from shapes alone (`build.phase_memory`,
+what `python -m lvr_jax.train --compile_only` prints), and shows the worst phase: its peak
+by XLA's memory analysis of this CPU compile plus what the step holds beside it (weights,
+optimizer state, reference policy). The ceiling is the most frames at which every phase
+fits an 80 GB GPU (74.5 GiB left to XLA). Ulysses needs the query heads (28) to divide by
+sp: on `tpu`'s sp = 8 it does not run. `benchmarks/gpu_step` checks such figures on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import pathlib
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from lvr_jax import build  # noqa: E402
+from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
+
+GIB = 1 << 30
+GPU_80GB = 80e9 - 5.5 * GIB  # what an 80 GB GPU leaves to XLA (about 74.5 GiB)
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recipe_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="longvila_r1_7b_grpo", help="a config in configs/")
+    p.add_argument("--frames", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--platforms", nargs="+", default=["gpu8", "tpu"])
+    p.add_argument("--strategies", nargs="+", default=list(mesh_lib.STRATEGIES))
+    p.add_argument("--layers", type=int, default=0,
+                   help="LLM layers (0: the recipe's 28); fewer compile faster, for a check")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe key to change, e.g. rl.rollout.prompts_per_chunk=4 "
+                        "(VALUE as a Python literal)")
+    p.add_argument("--out", default="runs/recipe_memory.png", help="the plot ('' for none)")
+    return p.parse_args(argv)
+
+
+def recipe(name: str, platform: str):
+    spec = importlib.util.spec_from_file_location("recipe", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(platform)
+
+
+def set_key(config, key: str, value) -> None:
+    *path, last = key.split(".")
+    node = config
+    for name in path:
+        node = node[name]
+    node[last] = value
+
+
+def cell_config(args, platform: str, strategy: str, frames: int):
+    config = recipe(args.recipe, platform)
+    config.mesh.attention, config.data.num_frames = strategy, frames
+    if args.layers:
+        config.model.llm = dict(config.model.llm, num_hidden_layers=args.layers)
+    for item in args.override:
+        key, value = item.split("=", 1)
+        set_key(config, key, ast.literal_eval(value))
+    return config
+
+
+def heads_allow(config, mesh) -> bool:
+    """Ulysses gives each device all the sequence and heads / sp of the heads."""
+    heads = build.preset_config(config).llm.num_attention_heads
+    return config.mesh.attention != "ulysses" or heads % mesh.shape["sp"] == 0
+
+
+def measure(config) -> dict | str:
+    """phase -> total bytes per device (peak + held beside it), or why it cannot run."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    if not heads_allow(config, mesh):
+        return "heads do not divide"
+    try:
+        report = build.phase_memory(config, mesh)
+    except ValueError as error:  # e.g. a chunk of prompts that fsdp does not divide
+        return f"cannot run: {error}"
+    return {phase: total for phase, (_, _, total) in report.items()}
+
+
+def ceiling(row: dict) -> int | None:
+    """The most frames at which every phase fits, counting up until one does not."""
+    best = None
+    for frames, phases in sorted(row.items()):
+        if isinstance(phases, str) or max(phases.values()) >= GPU_80GB:
+            break
+        best = frames
+    return best
+
+
+def print_table(args, table: dict) -> None:
+    frames_text = " | ".join(f"{f:,} frames" for f in args.frames)
+    print(f"\n| `{args.recipe}` | strategy | {frames_text} | ceiling |")
+    print("|---|---|" + "---|" * len(args.frames) + "---|")
+    for (platform, strategy), row in table.items():
+        cells = []
+        for frames in args.frames:
+            phases = row[frames]
+            if isinstance(phases, str):
+                cells.append(phases)
+                continue
+            worst = max(phases, key=phases.get)
+            mark = "" if phases[worst] < GPU_80GB else " (over)"
+            cells.append(f"{phases[worst] / GIB:.1f} GiB {worst}{mark}")
+        top = ceiling(row)
+        top_text = "-" if top is None else (f"{top:,}" if top < max(args.frames)
+                                            else f">= {top:,}")
+        print(f"| `{platform}` | {strategy} | " + " | ".join(cells) + f" | {top_text} |")
+
+
+def plot(args, table: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (platform, strategy), row in table.items():
+        points = [(f, max(p.values()) / GIB) for f, p in sorted(row.items())
+                  if not isinstance(p, str)]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{platform} {strategy}")
+    ax.axhline(GPU_80GB / GIB, color="k", linestyle="--", label="80 GB GPU")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("frames per video")
+    ax.set_ylabel("worst phase per device (GiB)")
+    ax.set_title(f"{args.recipe} on 8 devices (XLA memory analysis of a CPU compile)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"plot: {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    assert jax.device_count() == 8, "the recipes' meshes are for 8 devices"
+    cells = [(p, s, f) for p in args.platforms for s in args.strategies for f in args.frames]
+    table = {}
+    start = time.perf_counter()
+    for platform, strategy, frames in tqdm(cells, desc="compiling", unit="cell"):
+        row = table.setdefault((platform, strategy), {})
+        row[frames] = measure(cell_config(args, platform, strategy, frames))
+    print(f"{len(cells)} cells compiled in {time.perf_counter() - start:.0f} s")
+    print_table(args, table)
+    if args.out:
+        plot(args, table)
+
+
+if __name__ == "__main__":
+    main()
