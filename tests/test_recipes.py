@@ -1,25 +1,14 @@
 """The paper-scale recipes compile for 8 devices from shapes alone (no weights)."""
 
-import importlib.util
-import pathlib
-
 import jax
 import pytest
 
+from benchmarks import recipe_memory
 from lvr_jax import build
 from lvr_jax.sharding import mesh as mesh_lib
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def recipe(name: str, platform: str):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(platform)
-
-
-GPU_80GB = 80e9 - 5.5 * 2**30  # what an 80 GB GPU leaves to XLA (about 74.5 GiB)
+recipe = recipe_memory.recipe  # configs/<name>.py's get_config(platform)
+GPU_80GB = recipe_memory.GPU_80GB  # what an 80 GB GPU leaves to XLA (about 74.5 GiB)
 
 
 @pytest.mark.parametrize("name", ["longvila_r1_7b_sft", "longvila_r1_7b_grpo"])
@@ -49,8 +38,6 @@ def test_7b_recipe_phases_fit_80gb_per_device_as_shipped(name, platform):
 
 def benchmark_cell(capsys, tmp_path, recipe_name, platform, strategy, frames) -> str:
     """The row `python -m benchmarks.recipe_memory` prints for one cell (and its plot)."""
-    from benchmarks import recipe_memory
-
     out = tmp_path / "memory.png"
     recipe_memory.main(["--recipe", recipe_name, "--platforms", platform, "--strategies",
                         strategy, "--frames", str(frames), "--out", str(out)])

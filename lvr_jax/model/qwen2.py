@@ -150,10 +150,15 @@ class Qwen2(nnx.Module):
         new_cache = KVCache(k, v, cache_kv_pos, cache.index + x_btd.shape[1])
         return self.norm(x), new_cache
 
-    def logits(self, hidden_btd):
+    def head(self):
+        """The vocabulary projection [D, V] in the compute dtype (tied: the embeddings')."""
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", hidden_btd, head.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return head.astype(self.dtype)
+
+    def logits(self, hidden_btd, head=None):
+        """Logits [B, T, V] in f32; `head`: the projection already at hand (`head()`)."""
+        head = self.head() if head is None else head
+        return jnp.einsum("btd,dv->btv", hidden_btd, head, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, valid=None,
                  cache: Optional[KVCache] = None,

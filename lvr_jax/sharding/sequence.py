@@ -26,8 +26,8 @@ from lvr_jax.model import layers
 from lvr_jax.model.qwen2 import HIDDEN_AXES, KVCache
 from lvr_jax.sharding.attention import (attention_layout, make_attention_fn, pad_sequence,
                                         padded_length, sequence_axis)
-from lvr_jax.sharding.mesh import (DEFAULT_RULES, activation_rules, logical_to_spec, rules_of,
-                                   spec_axes)
+from lvr_jax.sharding.mesh import (DEFAULT_RULES, activation_rules, logical_to_sharding,
+                                   logical_to_spec, rules_of, spec_axes)
 
 
 def to_zigzag(x_bt, sp: int):
@@ -145,6 +145,19 @@ def window_vocab_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
     return tuple(dict.fromkeys(seq + vocab))
 
 
+def vocab_parallel_head(head_dv, mesh: Mesh, vocab_axes: tuple[str, ...]):
+    """The projection [D, V] as the response's chunks use it: V split over `vocab_axes`, D
+    whole; resharded once before the chunks, in two steps (D over the mesh's other axes with
+    V over `vocab_axes`: an all-to-all; then D gathered). Asked for in one step from the
+    weights' FSDP layout (D over fsdp x sp), XLA replicated the whole [D, V] in each chunk."""
+    others = tuple(a for a in mesh.axis_names if a not in vocab_axes and mesh.shape[a] > 1)
+    rules = (("head_embed", others), ("head_vocab", vocab_axes))
+    for names in (("head_embed", "head_vocab"), (None, "head_vocab")):
+        sharding = logical_to_sharding(names, mesh, rules, head_dv.shape)
+        head_dv = jax.lax.with_sharding_constraint(head_dv, sharding)
+    return head_dv
+
+
 def logprobs_and_entropy(logits_btv, targets_bt):
     """Log-prob of each target and the entropy of its distribution, [B, T] each."""
     logp_all = jax.nn.log_softmax(logits_btv, axis=-1)
@@ -163,13 +176,15 @@ def response_logprobs(llm, hidden_btd, start: int, targets_bm, mesh: Mesh,
     """
     axes = ("activation_batch", None, "activation_vocab")
     m = targets_bm.shape[1]
+    vocab_axes = window_vocab_axes(mesh, rules)
+    head = vocab_parallel_head(llm.head(), mesh, vocab_axes)
 
     def one_chunk(h_btd, t_bt):
-        logits = layers.constrain_activation(llm.logits(h_btd), axes)
+        logits = layers.constrain_activation(llm.logits(h_btd, head), axes)
         return logprobs_and_entropy(logits / temperature, t_bt)
 
     window = response_window(hidden_btd, start, m, mesh, rules)
-    rules = (("activation_vocab", window_vocab_axes(mesh, rules)),) + tuple(rules_of(rules))
+    rules = (("activation_vocab", vocab_axes),) + tuple(rules_of(rules))
     with activation_rules(mesh, rules):
         return layers.map_tokens(one_chunk, (window, targets_bm), axes,
                                  token_chunk_count(m, 1, chunk_tokens))
