@@ -34,7 +34,7 @@ def get_config(platform: str = "gpu8"):
     c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
                 update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
                 dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1,
-                logprob_prompts=1, offload_prompts=True)
+                offload_prompts=True)
     c.rl.rollout.prompts_per_chunk = 1
     c.model.remat_group = 4
     c.eval.update(max_new_tokens=2048)

@@ -8,7 +8,7 @@
 `tpu`: a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence);
 `hour`: an hour of video (4,096 frames, about 1.05M tokens per sequence) on one node of
 8 GPUs: ring attention over all 8 (28 heads do not split 8 ways for Ulysses), one prompt
-per rollout chunk and log-prob pass, one sequence per micro-batch, the LLM's backward
+per rollout chunk, one sequence per micro-batch and log-prob pass, the LLM's backward
 keeping one layer input in 4. Each rollout prompt's embeddings take 7.5 GB of host memory
 between the passes: the 128 of a rollout batch about 1 TB (lower data.batch_size and
 rl.update_batch_size together on a smaller host).
@@ -32,8 +32,8 @@ def get_config(platform: str = "gpu8"):
     c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
                 update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
                 dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1,
-                logprob_prompts=2,  # old/reference log-probs 10 sequences at a time
-                # the 512 prompts' embeddings (233 GB in bf16) wait in host memory
+                # the 512 prompts' embeddings (233 GB in bf16) wait in host memory; the
+                # update and the old/reference log-probs go micro-batch by micro-batch
                 offload_prompts=True)
     # 8 prompts' 40 samples at a time: each holds a KV cache of ~70K slots (4 GB in bf16)
     c.rl.rollout.prompts_per_chunk = 8
@@ -43,7 +43,6 @@ def get_config(platform: str = "gpu8"):
     c.train.update(num_steps=1000, checkpoint_every=20)
     if hour:
         c.data.update(num_frames=4096, batch_size=128)
-        c.rl.update(logprob_prompts=1)
         c.rl.rollout.prompts_per_chunk = 1  # a prompt's KV cache: 7.5 GiB per device, x 5 samples
         c.model.remat_group = 4  # 7 layer inputs kept instead of 28 (0.9 GiB each per device)
     return c

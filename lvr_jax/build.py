@@ -192,7 +192,7 @@ def compile_phases(config, mesh) -> dict:
     encoding of one video's frames (on a cache miss) and the update. GRPO also: the rollout
     of one chunk of prompts (`rl.rollout.prompts_per_chunk`, else the whole rollout batch:
     prefill, KV cache and decoding of the G samples) and one old / reference log-prob pass
-    (`rl.logprob_prompts` prompts)."""
+    (`rl.logprob_prompts` prompts, or one streamed micro-batch of sequences)."""
     phases = {"frame encoding": compile_frame_encoding(config, mesh),
               **compile_update(config, mesh)}
     if config.stage != "grpo":
@@ -216,8 +216,11 @@ def compile_phases(config, mesh) -> dict:
         embeds, valid = rl_learner.gather_prompts(batch)
         return logprobs(nnx.merge(llm_graphdef, state), embeds, valid, batch["tokens"],
                         batch["response_mask"], rl.temperature)[0]
-    batch = abstract_batch(config, mesh, prompts=rl.get("logprob_prompts", 0) or
-                           rl.update_batch_size)
+    if rl_learner.streams_update(config):  # a micro-batch of sequences, each its own prompt
+        batch = abstract_batch(config, mesh, prompts=config.optim.micro_batch_size, samples=1)
+    else:
+        batch = abstract_batch(config, mesh, prompts=rl.get("logprob_prompts", 0) or
+                               rl.update_batch_size)
     phases["log-probs"] = jax.jit(logprob_pass).lower(llm_state, batch).compile()
     return phases
 

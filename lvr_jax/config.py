@@ -67,7 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = dict(
         num_generations=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048,
         update_batch_size=128, ppo_epochs=1,  # prompts per optimizer step; passes per batch
-        logprob_prompts=0,  # prompts per old/reference log-prob pass (0: update_batch_size)
+        # prompts per old/reference log-prob pass (0: update_batch_size); where the update
+        # streams its micro-batches (offload_prompts), the passes go micro-batch by micro-batch
+        logprob_prompts=0,
         # the rollout batch's prompt embeddings in host memory between the step's passes,
         # each pass copying its prompts to the devices (one process)
         offload_prompts=False,

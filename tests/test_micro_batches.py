@@ -22,8 +22,10 @@ def params(learner):
 def assert_same_update(whole, micro, metrics_whole, metrics_micro, keys):
     for k in keys:
         assert metrics_micro[k] == pytest.approx(metrics_whole[k], rel=1e-5, abs=1e-7), k
+    # 1e-6 absolute: a thousandth of one Adam step at lr 1e-3 (a near-zero gradient's sign
+    # follows the summation order; the streamed passes also recompute the old log-probs)
     for a, b in zip(params(whole), params(micro)):
-        assert np.linalg.norm(b - a) <= 1e-5 * max(np.linalg.norm(a), 1e-6)
+        assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a) + 1e-6
 
 
 def test_sft_micro_batches_give_the_whole_batch_update(tiny_train_config):

@@ -434,11 +434,16 @@ class GRPOLearner:
         totals = (jnp.sum(jnp.asarray(train["loss_mask"])[rows].astype(jnp.float32)),
                   jnp.float32(len(rows)))
         for i in range(count):
-            r = rows[i::count]
-            yield {**{k: train[k][r] for k in SEQUENCE_KEYS}, "totals": totals,
-                   "prompt_embeds": self.placed(train["prompt_embeds"][r // g], "prompt_embeds"),
-                   "prompt_valid": self.placed(train["prompt_valid"][r // g], "prompt_valid"),
-                   "prompt_index": jnp.arange(len(r))}
+            yield {**self.sequences_of(train, rows[i::count]), "totals": totals}
+
+    def sequences_of(self, train: dict, rows, keys=SEQUENCE_KEYS) -> dict:
+        """Sequences `rows` of the training batch with their own prompts copied to the
+        devices, one per sequence (a streamed pass: [len(rows), T, D] whoever shares them)."""
+        prompts = np.asarray(rows) // self.rl.num_generations
+        return {**{k: train[k][rows] for k in keys},
+                "prompt_embeds": self.placed(train["prompt_embeds"][prompts], "prompt_embeds"),
+                "prompt_valid": self.placed(train["prompt_valid"][prompts], "prompt_valid"),
+                "prompt_index": jnp.arange(len(rows))}
 
     def _prompts_of(self, train: dict, prompts) -> dict:
         """Prompt embeddings and per-sequence indices into them for a pass over `prompts`.
@@ -471,10 +476,17 @@ class GRPOLearner:
     def sequence_logprobs(self, trainable, train: dict) -> jax.Array:
         """Log-probs [N, M] of every sampled response under the LLM weights `trainable`,
         `rl.logprob_prompts` prompts at a time (default update_batch_size; under
-        rl.reencode_video each chunk encodes again)."""
+        rl.reencode_video each chunk encodes again); where the update streams, a micro-batch
+        of `optim.micro_batch_size` sequences at a time, as its passes."""
         s = self.state
-        return jnp.concatenate([
-            self._logprobs(trainable, s.frozen, graphdef=s.graphdef,
-                           batch=self.chunk_batch(train, prompts, ("tokens", "response_mask")))
-            for prompts in self.chunks(np.arange(self.num_prompts(train)),
-                                       self.rl.get("logprob_prompts", 0))])
+        keys = ("tokens", "response_mask")
+        if self.streamed is not None:
+            n, size = train["tokens"].shape[0], self.micro.size
+            batches = [self.sequences_of(train, np.arange(i, min(i + size, n)), keys)
+                       for i in range(0, n, size)]
+        else:
+            batches = [self.chunk_batch(train, prompts, keys) for prompts in
+                       self.chunks(np.arange(self.num_prompts(train)),
+                                   self.rl.get("logprob_prompts", 0))]
+        return jnp.concatenate([self._logprobs(trainable, s.frozen, graphdef=s.graphdef, batch=b)
+                                for b in batches])
