@@ -48,9 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--strategies", nargs="+", default=list(mesh_lib.STRATEGIES))
     p.add_argument("--layers", type=int, default=0,
                    help="LLM layers (0: the recipe's 28); fewer compile faster, for a check")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="a recipe key to change, e.g. rl.rollout.prompts_per_chunk=4 "
-                        "(VALUE as a Python literal)")
+    p.add_argument("--override", action="append", default=[], metavar="[PLATFORM:]KEY=VALUE",
+                   help="a recipe key to change, e.g. rl.rollout.prompts_per_chunk=4 (VALUE "
+                        "as a Python literal); PLATFORM: only on that platform's rows")
     p.add_argument("--out", default="runs/recipe_memory.png", help="the plot ('' for none)")
     return p.parse_args(argv)
 
@@ -77,7 +77,9 @@ def cell_config(args, platform: str, strategy: str, frames: int):
         config.model.llm = dict(config.model.llm, num_hidden_layers=args.layers)
     for item in args.override:
         key, value = item.split("=", 1)
-        set_key(config, key, ast.literal_eval(value))
+        only, _, key = key.rpartition(":")
+        if only in ("", platform):
+            set_key(config, key, ast.literal_eval(value))
     return config
 
 
@@ -141,7 +143,8 @@ def plot(args, table: dict) -> None:
             ax.plot(*zip(*points), marker="o", label=f"{platform} {strategy}")
     ax.axhline(GPU_80GB / GIB, color="k", linestyle="--", label="80 GB GPU (69.0 GiB to XLA)")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    ax.set_xticks(args.frames, [f"{f:,}" for f in args.frames])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("frames per video")
     ax.set_ylabel("worst phase per device (GiB)")
     ax.set_title(f"{args.recipe} on 8 devices (XLA memory analysis of a CPU compile)",
