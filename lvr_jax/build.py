@@ -165,7 +165,7 @@ def compile_update(config, mesh) -> dict:
     batch["totals"] = (scalar, scalar)
     summed = jax.eval_shape(functools.partial(streamed.first, graphdef=graphdef, batch=batch),
                             trainable, frozen)
-    (loss, aux), _ = summed
+    (_, aux), _ = summed
     summed = ((scalar, {k: scalar for k in aux}), trainable)  # gradients lie as the weights
     return {"update micro-batch": streamed.add.lower(trainable, frozen, summed,
                                                      graphdef=graphdef, batch=batch).compile(),
