@@ -14,7 +14,7 @@ split the sequence (Ulysses: 16 heads give 2 to each device). The paper's GRPO s
 gives the ceiling of frames.
 """
 
-from lvr_jax.config import base_config
+from lvr_jax.config import base_config, paper_grpo
 
 TSP_PAIRS = '{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[2, 1, 1]]}'
 
@@ -24,20 +24,14 @@ def get_config(platform: str = "gpu8"):
         raise ValueError(f"longvila_3b_grpo has one platform, gpu8 (got {platform!r})")
     c = base_config()
     c.stage = "grpo"
+    paper_grpo(c)
     c.model.update(preset="longvila_3b", dtype="bfloat16", param_dtype="float32", remat=True,
                    projector_type="mlp_downsample_3x3_fix", video_encoder=TSP_PAIRS)
     c.mesh.update(shape=dict(data=1, fsdp=-1, sp=8, tp=1), attention="ulysses")
     c.optim.micro_batch_size = 1  # a pass per sequence, its prompt copied from host memory
     c.data.update(num_frames=3600, batch_size=128, max_length=2048, num_workers=8)
-    c.optim.update(lr=1e-6, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
-                   weight_decay=1e-2, grad_clip=1.0)
-    c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
-                update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
-                dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1,
-                offload_prompts=True)
+    c.rl.offload_prompts = True  # prompts in host memory; update and log-probs streamed
     c.rl.rollout.prompts_per_chunk = 1
     c.model.remat_group = 4
-    c.eval.update(max_new_tokens=2048)
     c.cache.update(budget_mb=65536, on_host=True)
-    c.train.update(num_steps=1000, checkpoint_every=20)
     return c

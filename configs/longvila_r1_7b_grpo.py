@@ -14,33 +14,27 @@ between the passes: the 128 of a rollout batch about 1 TB (lower data.batch_size
 rl.update_batch_size together on a smaller host).
 """
 
-from lvr_jax.config import RECIPE_MESHES, RECIPE_MICRO_BATCH, base_config
+from lvr_jax.config import RECIPE_MESHES, RECIPE_MICRO_BATCH, base_config, paper_grpo
 
 
 def get_config(platform: str = "gpu8"):
     hour = platform == "hour"
     c = base_config()
     c.stage = "grpo"
+    paper_grpo(c)
     c.model.update(preset="longvila_r1_7b", dtype="bfloat16", param_dtype="float32", remat=True)
     c.mesh.update(RECIPE_MESHES["tpu" if hour else platform])
     # sequences per micro-batch; each micro-batch a pass of its own, its prompts copied from
     # host memory (rl.offload_prompts), the gradients summed on the devices
     c.optim.micro_batch_size = RECIPE_MICRO_BATCH["tpu" if hour else platform]
     c.data.update(num_frames=256, batch_size=512, max_length=2048, num_workers=8)
-    c.optim.update(lr=1e-6, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
-                   weight_decay=1e-2, grad_clip=1.0)
-    c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
-                update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
-                dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1,
-                # the 512 prompts' embeddings (233 GB in bf16) wait in host memory; the
-                # update and the old/reference log-probs go micro-batch by micro-batch
-                offload_prompts=True)
+    # the 512 prompts' embeddings (233 GB in bf16) wait in host memory; the update and the
+    # old/reference log-probs go micro-batch by micro-batch
+    c.rl.offload_prompts = True
     # 8 prompts' 40 samples at a time: each holds a KV cache of ~70K slots (4 GB in bf16)
     c.rl.rollout.prompts_per_chunk = 8
-    c.eval.update(max_new_tokens=2048)
     # 64 GiB of video embeddings in host memory: on the GPUs they would take 8-16 GiB each
     c.cache.update(budget_mb=65536, on_host=True)
-    c.train.update(num_steps=1000, checkpoint_every=20)
     if hour:
         c.data.update(num_frames=4096, batch_size=128)
         c.rl.rollout.prompts_per_chunk = 1  # a prompt's KV cache: 7.5 GiB per device, x 5 samples

@@ -108,6 +108,18 @@ def base_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(c)
 
 
+def paper_grpo(c) -> None:
+    """The paper's GRPO settings (REFERENCE.md §6) on recipe `c`, in place: optimizer, 128
+    prompts x 5 samples per update, sampling, clipping, k3 KL, format reward, steps."""
+    c.optim.update(lr=1e-6, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
+                   weight_decay=1e-2, grad_clip=1.0)
+    c.rl.update(num_generations=5, temperature=1.0, top_p=0.99, max_new_tokens=2048,
+                update_batch_size=128, ppo_epochs=1, clip_low=0.2, clip_high=0.3,
+                dual_clip=3.0, kl_coef=1e-2, kl_kind="k3", format_weight=0.1)
+    c.eval.update(max_new_tokens=2048)
+    c.train.update(num_steps=1000, checkpoint_every=20)
+
+
 # Meshes of the paper-scale recipes: one 8-GPU node (FSDP x 2, Ulysses x 4 as the paper)
 # and a TPU slice (FSDP over the rest, ring attention over 8 chips of sequence).
 RECIPE_MESHES = {
