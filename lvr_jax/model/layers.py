@@ -7,8 +7,8 @@ weights are stored in the parameter dtype and cast to the compute dtype at use.
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 from typing import Callable, Iterator
 
 import jax
