@@ -111,12 +111,16 @@ def split_micro_batches(batch: dict, micro: training.MicroBatches) -> tuple[dict
     """The batch as micro-batches of `micro.size` sequences; the prompt embeddings stay
     whole, each sequence reading its own through `prompt_index`; the whole batch's (tokens,
     sequences) for the loss (`training.MicroBatches`)."""
-    sequences = batch["tokens"].shape[0]
-    count = micro.count(sequences)
-    mask = batch["loss_mask"].astype(jnp.float32)
+    count = micro.count(batch["tokens"].shape[0])
     shared = {k: batch[k] for k in ("prompt_embeds", "prompt_valid")}
-    shared["totals"] = (jnp.sum(mask), jnp.float32(sequences))
+    shared["totals"] = loss_totals(batch["loss_mask"])
     return shared, {k: training.split_rows(v, count) for k, v in batch.items() if k not in shared}
+
+
+def loss_totals(loss_mask) -> tuple:
+    """The whole batch's loss denominators (tokens the loss keeps, sequences) that every
+    micro-batch of it carries (`grpo.aggregate(totals=)`)."""
+    return jnp.sum(jnp.asarray(loss_mask, jnp.float32)), jnp.float32(loss_mask.shape[0])
 
 
 def micro_batches(config) -> training.MicroBatches | None:
@@ -431,8 +435,7 @@ class GRPOLearner:
         g = self.rl.num_generations
         rows = (np.asarray(prompts)[:, None] * g + np.arange(g)).reshape(-1)
         count = self.micro.count(len(rows))
-        totals = (jnp.sum(jnp.asarray(train["loss_mask"])[rows].astype(jnp.float32)),
-                  jnp.float32(len(rows)))
+        totals = loss_totals(train["loss_mask"][rows])
         for i in range(count):
             yield {**self.sequences_of(train, rows[i::count]), "totals": totals}
 
