@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lvr_jax.data.synthetic_render import render, write_video
-from lvr_jax.data.synthetic_script import make_questions, make_script
+from lvr_jax.data.synthetic_script import annotated, make_questions, make_script
 from lvr_jax.data.templates import format_question
 
 SPLITS = ("train", "val", "test")
@@ -79,8 +79,12 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def generate(out: str, num_videos: int, frames: int = 64, size: int = 96, fps: int = 8,
-             seed: int = 0, progress: bool = True) -> dict[str, int]:
-    """Writes the whole set under `out`; returns the number of questions per output file."""
+             seed: int = 0, progress: bool = True, annotator_slip: float = 0.0) -> dict[str, int]:
+    """Writes the whole set under `out`; returns the number of questions per output file.
+
+    `annotator_slip`: how often sft.jsonl's chains of thought make the annotator's slips
+    (`synthetic_script.ANNOTATOR_SLIPS`) on the forms it confuses; every other file keeps
+    the ground truth (train.jsonl too)."""
     if size % 2:
         raise ValueError(f"--size must be even (H.264 with 4:2:0 chroma), got {size}")
     os.makedirs(os.path.join(out, "scripts"), exist_ok=True)
@@ -89,12 +93,16 @@ def generate(out: str, num_videos: int, frames: int = 64, size: int = 96, fps: i
     split_by_video = {i: s for s, ids in splits.items() for i in ids}
     sft_videos = set(splits["train"][::3])
     for index in tqdm(range(num_videos), desc="synthetic videos", disable=not progress):
-        name, _, questions = make_video(out, index, frames, size, fps, seed)
+        name, script, questions = make_video(out, index, frames, size, fps, seed)
         split = split_by_video[index]
+        annotator = np.random.default_rng([seed, 2, index])
         for number, question in enumerate(questions):
             rows[split].append(train_row(name, question, number))
-            if split == "train":
-                rows["sft" if index in sft_videos else "rl"].append(rows["train"][-1])
+            if split == "train" and index in sft_videos:
+                rows["sft"].append(train_row(name, annotated(question, script, annotator,
+                                                             annotator_slip), number))
+            elif split == "train":
+                rows["rl"].append(rows["train"][-1])
             if split == "test":
                 rows["test_eval"].append(eval_row(name, question, number, frames / fps))
     for split, split_rows in rows.items():
@@ -113,8 +121,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=96, help="frame side in pixels (even)")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--annotator_slip", type=float, default=0.0,
+                        help="how often sft.jsonl's chains of thought make the annotator's "
+                             "slips on the two forms it confuses (0: ground truth)")
     args = parser.parse_args(argv)
-    counts = generate(args.out, args.num_videos, args.frames, args.size, args.fps, args.seed)
+    counts = generate(args.out, args.num_videos, args.frames, args.size, args.fps, args.seed,
+                      annotator_slip=args.annotator_slip)
     print(f"wrote {args.num_videos} videos to {args.out}/videos; questions per file: {counts}")
 
 

@@ -163,6 +163,32 @@ def spatial_question(script: dict, rng: np.random.Generator) -> dict[str, Any]:
 
 QUESTION_MAKERS = (temporal_question, goal_question, plot_question, spatial_question)
 
+# The SFT split's chains of thought are written by a simulated annotator that is wrong in a
+# systematic way on two question forms, as a model writing chains of thought is: it names
+# the object that did the touching as the one that disappeared, and the touched object (it
+# never moved either: it vanished) as the one that stayed. SFT imitates those slips; GRPO's
+# reward reads the ground-truth letter, so the RL stage can undo them (README, "What GRPO
+# corrects in the demo").
+ANNOTATOR_SLIPS = {
+    "Which object disappeared when another object touched it?": "mover",
+    "Which object stayed in its corner for the whole video?": "target",
+}
+
+
+def annotated(question: dict[str, Any], script: dict, rng: np.random.Generator,
+              slip_rate: float) -> dict[str, Any]:
+    """`question` as the SFT annotator writes it: on a form of ANNOTATOR_SLIPS, with
+    probability `slip_rate`, its conclusion and letter name the object it confuses (when
+    that object's colour is an option); otherwise unchanged."""
+    role = ANNOTATOR_SLIPS.get(question["question"])
+    if role is None or not rng.random() < slip_rate:
+        return question
+    wrong = {o["role"]: o for o in script["objects"]}[role]
+    if wrong["colour"] not in OPTION_COLOURS:
+        return question
+    return _question(script, question["category"], question["question"], OBJECT_OPTIONS,
+                     f"The {wrong['colour']} object")
+
 
 def make_questions(script: dict, rng: np.random.Generator) -> list[dict[str, Any]]:
     """One question per category (an object category is skipped, 1 video in 15, when none
@@ -213,7 +239,7 @@ def story_drill(rng: np.random.Generator) -> dict[str, Any]:
 
     From text alone the summary is a guess, but the conclusion follows from the summary and
     the letter from the conclusion: the two steps a model taught only with videos reads from
-    the video instead (README, "What holds GRPO back on the demo").
+    the video instead (README, "What held GRPO back on the demo").
     """
     questions = make_questions(make_script(rng, 16, 4), rng)
     return questions[rng.integers(len(questions))]

@@ -13,7 +13,8 @@ import numpy as np
 from lvr_jax.data.schema import CATEGORIES, LETTERS, load_eval_records, load_train_records
 from lvr_jax.data.synthetic import generate, split_of_videos
 from lvr_jax.data.synthetic_render import COLOURS
-from lvr_jax.data.synthetic_script import make_questions, make_script
+from lvr_jax.data.synthetic_script import (ANNOTATOR_SLIPS, OPTION_COLOURS, annotated,
+                                           make_questions, make_script)
 from lvr_jax.data.video import read_frames
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -138,3 +139,40 @@ def test_sft_and_rl_parts_split_the_training_videos(synthetic_dir):
     assert sorted(map(json.dumps, sft + rl)) == sorted(map(json.dumps, train))
     sft_videos, rl_videos = {r["videos"] for r in sft}, {r["videos"] for r in rl}
     assert not sft_videos & rl_videos and len(sft_videos) == 4 and len(rl_videos) == 6
+
+
+def test_the_annotator_slips_only_on_its_two_forms():
+    """At slip rate 1 the SFT annotator names the object it confuses (with its letter, the
+    chain of thought agreeing), where that object's colour is an option; every other
+    question, and every question at rate 0, is the ground truth."""
+    rng, slipped = np.random.default_rng(4), collections.Counter()
+    for _ in range(300):
+        script = make_script(rng, 16, 4)
+        roles = {o["role"]: o for o in script["objects"]}
+        for question in make_questions(script, rng):
+            assert annotated(question, script, rng, 0.0) is question
+            written = annotated(question, script, rng, 1.0)
+            role = ANNOTATOR_SLIPS.get(question["question"])
+            if role is None or roles[role]["colour"] not in OPTION_COLOURS:
+                assert written == question
+                continue
+            colour = roles[role]["colour"]
+            assert written["answer"] == LETTERS[OPTION_COLOURS.index(colour)] != question["answer"]
+            assert written["reasoning"].endswith(f"the {colour} object, option {written['answer']}.")
+            slipped[role] += 1
+    assert set(slipped) == {"mover", "target"} and min(slipped.values()) > 30
+
+
+def test_slips_reach_sft_jsonl_only(tmp_path):
+    generate(str(tmp_path), num_videos=40, frames=16, size=32, seed=3, progress=False,
+             annotator_slip=1.0)
+    rows = {name: [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+            for name in ("train", "sft", "rl")}
+    truth = {r["problem_id"]: r for r in rows["train"]}
+    assert all(truth[r["problem_id"]] == r for r in rows["rl"])
+    changed = [r for r in rows["sft"] if truth[r["problem_id"]] != r]
+    assert changed and all(r["problem"].split("\n")[0] in ANNOTATOR_SLIPS for r in changed)
+    for r in changed:  # the slipped record's letter is the one its own chain of thought names
+        letter = r["answer"][-len("X</answer>"):-len("</answer>")]
+        assert f"option {letter}.</think>" in r["answer"]
+        assert letter != truth[r["problem_id"]]["answer"][-len("X</answer>"):-len("</answer>")]
