@@ -294,7 +294,7 @@ def data_config(config, model: LongVILA, share: hosts.RowShare = hosts.RowShare(
                       num_workers=d.num_workers, shard_index=share.index,
                       shard_count=share.count, read_threads=d.read_threads,
                       read_buffer=d.read_buffer, worker_buffer_size=d.worker_buffer_size,
-                      max_video_pixels=d.max_video_pixels)
+                      max_video_pixels=d.max_video_pixels, categories=tuple(d.categories))
 
 
 def make_learner(config, model, tokenizer, cache, mesh=None, share=hosts.RowShare()):

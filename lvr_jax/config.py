@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_epochs=-1,  # -1: repeat forever
         # host memory: decoded examples in flight (DataConfig.examples_in_flight); 0: sized
         # from the batch. Videos above max_video_pixels per frame are skipped (0: any size).
-        read_threads=0, read_buffer=0, worker_buffer_size=2, max_video_pixels=4096 * 2160)
+        read_threads=0, read_buffer=0, worker_buffer_size=2, max_video_pixels=4096 * 2160,
+        categories=(),  # train on these question categories only (): all
+    )
 
     # Axis sizes (-1: the remaining devices), MR-SP attention strategy, the per-device
     # attention kernel ("blockwise" anywhere, "cudnn" on NVIDIA GPUs with sp = 1 or ulysses)

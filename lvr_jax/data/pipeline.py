@@ -27,7 +27,8 @@ from absl import flags
 from lvr_jax.data import templates
 from lvr_jax.data.batching import PadBatch, default_buckets
 from lvr_jax.data.frame_cache import FrameCache
-from lvr_jax.data.schema import EvalRecord, TrainRecord, load_eval_records, load_train_records
+from lvr_jax.data.schema import (EvalRecord, TrainRecord, category_name, load_eval_records,
+                                 load_train_records)
 from lvr_jax.data.skipping import EpochReport, SkipBadRecords
 from lvr_jax.data.video import BACKENDS, DEFAULT_MAX_PIXELS, BadVideoError, read_frames
 from lvr_jax.tokenizer import Tokenizer
@@ -65,6 +66,9 @@ class DataConfig:
     shard_index: int = 0
     shard_count: int = 1
     think: bool = True  # evaluation prompts: ask for reasoning, or for the letter alone
+    # training records of these categories only (any spelling schema.category_name takes);
+    # (): every record
+    categories: Sequence[str] = ()
 
     def __post_init__(self):
         if self.on_bad_video not in ("skip", "error"):
@@ -204,12 +208,26 @@ def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenize
     return ds.batch(config.batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
 
 
+def training_records(config: DataConfig,
+                     records: Sequence[TrainRecord] | None = None) -> list[TrainRecord]:
+    """`records` (default: read from `config.records`) of `config.categories` (all if empty)."""
+    if records is None:
+        records = load_train_records(config.records, config.on_bad_record)
+    if not config.categories:
+        return list(records)
+    wanted = {category_name(c, "data.categories") for c in config.categories}
+    kept = [r for r in records if r.category in wanted]
+    if not kept:
+        raise ValueError(f"no record of {config.records or 'the records'} has a category in "
+                         f"data.categories {sorted(wanted)}")
+    return kept
+
+
 def sft_dataset(config: DataConfig, tokenizer: Tokenizer,
                 records: Sequence[TrainRecord] | None = None,
                 on_epoch_end: Callable[[EpochReport], None] | None = None) -> grain.IterDataset:
     """Batches {input_ids, loss_mask, token_mask [B, L] int32, frames [B, F, S, S, 3] uint8, ...}."""
-    records = records if records is not None else load_train_records(config.records,
-                                                                     config.on_bad_record)
+    records = training_records(config, records)
     batch_fn = PadBatch({"input_ids": tokenizer.pad_id, "loss_mask": 0}, "token_mask",
                         config.buckets, side="right")
     return _build("sft", records, config, tokenizer, batch_fn, config.drop_remainder, on_epoch_end)
@@ -219,8 +237,7 @@ def rl_dataset(config: DataConfig, tokenizer: Tokenizer,
                records: Sequence[TrainRecord] | None = None,
                on_epoch_end: Callable[[EpochReport], None] | None = None) -> grain.IterDataset:
     """Batches {prompt_ids, prompt_mask [B, L] left-padded, ground_truth [B] str, frames, ...}."""
-    records = records if records is not None else load_train_records(config.records,
-                                                                     config.on_bad_record)
+    records = training_records(config, records)
     batch_fn = PadBatch({"prompt_ids": tokenizer.pad_id}, "prompt_mask", config.buckets, "left")
     return _build("rl", records, config, tokenizer, batch_fn, config.drop_remainder, on_epoch_end)
 

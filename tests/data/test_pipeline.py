@@ -15,7 +15,8 @@ import pytest
 
 from lvr_jax.data import templates
 from lvr_jax.data.frame_cache import FrameCache
-from lvr_jax.data.pipeline import DataConfig, eval_dataset, rl_dataset, sft_dataset
+from lvr_jax.data.pipeline import (DataConfig, eval_dataset, rl_dataset, sft_dataset,
+                                   training_records)
 from lvr_jax.data.schema import load_train_records
 from lvr_jax.data.skipping import NoUsableRecordsError
 from lvr_jax.data.video import BadVideoError
@@ -160,6 +161,28 @@ def test_rl_batch_left_pads_prompts_and_keeps_the_ground_truth(synthetic_dir, to
         ids, mask = batch["prompt_ids"][row], batch["prompt_mask"][row]
         assert mask[-1] == 1 and (np.diff(mask) >= 0).all()  # padding on the left only
         assert tokenizer.decode(ids[mask == 1]) == templates.chat_prompt(record.problem)
+
+
+def test_categories_keep_only_their_records(synthetic_dir, tokenizer, tmp_path):
+    """data.categories (any spelling the schema takes) leaves the other categories out; a
+    choice no record has is refused, naming the file."""
+    path = os.path.join(synthetic_dir, "train.jsonl")
+    config = _config(path, synthetic_dir, categories=("goal", "Temporal"))
+    kept = training_records(config)
+    assert {r.category for r in kept} == {"Goal & Purpose", "Temporal"}
+    assert len(kept) == sum(r.category in ("Goal & Purpose", "Temporal")
+                            for r in load_train_records(path))
+    truths = {r.ground_truth for r in kept}
+    batch = _run(rl_dataset(dataclasses.replace(config, batch_size=4, num_frames=4,
+                                                shuffle=False), tokenizer))[0]
+    assert set(batch["ground_truth"]) <= truths
+    temporal = tmp_path / "temporal.jsonl"
+    temporal.write_text("".join(line for line in open(path) if '"temporal"' in line))
+    with pytest.raises(ValueError, match=r"temporal\.jsonl has a category in data.categories"):
+        training_records(dataclasses.replace(config, records=str(temporal),
+                                             categories=("spatial",)))
+    with pytest.raises(ValueError, match="'nonsense'; expected one of"):
+        training_records(dataclasses.replace(config, categories=("nonsense",)))
 
 
 def test_a_record_file_smaller_than_one_batch_is_refused(synthetic_dir, tokenizer):
