@@ -3,7 +3,8 @@
     python -m lvr_jax.demo --workdir runs/demo
 
 1. generates the synthetic event-video set (train / validation / test splits with disjoint
-   videos; the training videos split again, a third for SFT and two thirds for GRPO);
+   videos; the training videos split again, a third for SFT and two thirds for GRPO; the
+   SFT third's chains of thought make a simulated annotator's slips, `--annotator_slip`);
 2. CoT-SFT (`configs/demo.py:sft`), then evaluates on the test questions;
 3. GRPO from the SFT model (`configs/demo.py:grpo`), then evaluates again;
 4. writes `results.json`, `accuracy.png`, `heldout_during_grpo.png` (accuracy on a fixed
@@ -48,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drill_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--sft_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--grpo_steps", type=int, default=None, help="override the recipe")
+    parser.add_argument("--annotator_slip", type=float, default=0.75,
+                        help="how often the SFT chains of thought make the simulated "
+                             "annotator's slips (synthetic_script.ANNOTATOR_SLIPS); GRPO "
+                             "trains on the ground truth")
     parser.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N only")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed: initialisation, data order, sampling")
@@ -119,7 +124,8 @@ def main(argv=None) -> dict:
     absl_logging.set_verbosity(absl_logging.WARNING)
     data = os.path.join(args.workdir, "data")
     if not os.path.exists(os.path.join(data, "test_eval.jsonl")):
-        synthetic.generate(data, num_videos=args.videos, frames=64, size=96)
+        synthetic.generate(data, num_videos=args.videos, frames=64, size=96,
+                           annotator_slip=args.annotator_slip)
     results, eval_dir = {}, os.path.join(args.workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     sft = stage_config("sft", data, args.sft_steps, args.seed)

@@ -7,7 +7,7 @@ video summary and conclusion, "So the answer is the red object, option") and the
 ranks first among A-D is compared with the conclusion's letter; then the conclusion's object
 is swapped for the next option and the probe asks again. A model that reads its conclusion
 follows the text in both cases; one that guesses the letter from the video stays with the
-truth when the text is swapped (README, "What holds GRPO back on the demo").
+truth when the text is swapped (README, "What held GRPO back on the demo").
 """
 
 from __future__ import annotations

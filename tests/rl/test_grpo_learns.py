@@ -63,6 +63,7 @@ def tiny(config, records):
     config.data.update(records=records, num_frames=8, batch_size=8)
     config.model.llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     config.drills.steps = 0
+    config.data.categories = ()  # the records of every category (the demo's GRPO: three)
     config.train.update(checkpoint_every=1000, keep_checkpoints=1)
     return config
 
