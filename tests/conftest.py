@@ -62,7 +62,8 @@ def tiny_train_config(synthetic_set):
 
 
 # The README's demo command, shortened (tests/test_entrypoints.py reads its output).
-SHORTENED_DEMO = ["--videos", "20", "--drill_steps", "2", "--sft_steps", "3", "--grpo_steps", "2",
+# 30 videos: the GRPO stage's batch of 32 prompts needs 32 RL questions outside Spatial.
+SHORTENED_DEMO = ["--videos", "30", "--drill_steps", "2", "--sft_steps", "3", "--grpo_steps", "2",
                   "--eval_limit", "4", "--seed", "1"]
 
 

@@ -13,7 +13,7 @@ NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 def shortened(notebook, workdir) -> None:
     """Overrides the parameters cell's values, the way papermill injects them."""
     [index] = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
-    overrides = (f"WORKDIR = {str(workdir)!r}\nVIDEOS = 20\nDRILL_STEPS = 2\nSFT_STEPS = 3\n"
+    overrides = (f"WORKDIR = {str(workdir)!r}\nVIDEOS = 30\nDRILL_STEPS = 2\nSFT_STEPS = 3\n"
                  "GRPO_STEPS = 2\nEVAL_LIMIT = 4")
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
 
