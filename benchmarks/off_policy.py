@@ -42,6 +42,7 @@ def parse_args(argv=None):
 def recipe(args, data: str, url: str, mode: dict):
     from lvr_jax.demo import stage_config
     config = stage_config("grpo", data, args.steps)
+    config.data.categories = ()  # every category, as the README's figures were measured
     config.model.update(init=args.init or "", allow_random_init=not args.init)
     config.rl.rollout.update(backend="server", urls=[url], wait_s=120)
     config.rl.update(**mode)
