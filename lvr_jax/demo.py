@@ -40,6 +40,10 @@ from lvr_jax.eval import report, runner
 from lvr_jax.metrics import read_metrics
 
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+# How often the SFT chains of thought make the simulated annotator's slips
+# (synthetic_script.ANNOTATOR_SLIPS): 3 in 4, so that greedy SFT answers follow them
+# (README, "What GRPO corrects in the demo").
+ANNOTATOR_SLIP = 0.75
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drill_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--sft_steps", type=int, default=None, help="override the recipe")
     parser.add_argument("--grpo_steps", type=int, default=None, help="override the recipe")
-    parser.add_argument("--annotator_slip", type=float, default=0.75,
+    parser.add_argument("--annotator_slip", type=float, default=ANNOTATOR_SLIP,
                         help="how often the SFT chains of thought make the simulated "
                              "annotator's slips (synthetic_script.ANNOTATOR_SLIPS); GRPO "
                              "trains on the ground truth")
