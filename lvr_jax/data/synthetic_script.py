@@ -58,6 +58,11 @@ def make_script(rng: np.random.Generator, num_frames: int, fps: int) -> dict[str
     return {"num_frames": num_frames, "fps": fps, "beats": beats, "objects": objects}
 
 
+def roles_of(script: dict) -> dict[str, dict]:
+    """The script's objects by role (mover, target, leaver, stayer)."""
+    return {o["role"]: o for o in script["objects"]}
+
+
 def _add_paths(by_role: dict[str, dict], beats: dict[str, Any]) -> None:
     mover, target, leaver = by_role["mover"], by_role["target"], by_role["leaver"]
     for obj in by_role.values():
@@ -95,7 +100,7 @@ def _object(obj: dict) -> str:
 
 def video_summary(script: dict) -> str:
     """The chain of thought's first part: what happens in the video, in order."""
-    roles = {o["role"]: o for o in script["objects"]}
+    roles = roles_of(script)
     mover, target, leaver = roles["mover"], roles["target"], roles["leaver"]
     ordered = sorted(script["objects"], key=lambda o: o["appear"])
     appear = ", then ".join(f"{_object(o)} in the {o['corner']}" for o in ordered[1:])
@@ -138,7 +143,7 @@ def temporal_question(script: dict, rng: np.random.Generator) -> dict[str, Any] 
 
 def goal_question(script: dict, rng: np.random.Generator) -> dict[str, Any] | None:
     """Which object went for another, or which one disappeared? The middle of the video."""
-    roles = {o["role"]: o for o in script["objects"]}
+    roles = roles_of(script)
     forms = [("Which object moved to another object and touched it?", roles["mover"]),
              ("Which object disappeared when another object touched it?", roles["target"])]
     return _object_question(script, rng, "Goal & Purpose", forms)
@@ -146,7 +151,7 @@ def goal_question(script: dict, rng: np.random.Generator) -> dict[str, Any] | No
 
 def plot_question(script: dict, rng: np.random.Generator) -> dict[str, Any] | None:
     """What happened after the touch: which object left, which one stayed?"""
-    roles = {o["role"]: o for o in script["objects"]}
+    roles = roles_of(script)
     forms = [("After one object touched another, which object moved next and left the video?",
               roles["leaver"]),
              ("Which object stayed in its corner for the whole video?", roles["stayer"])]
@@ -155,7 +160,7 @@ def plot_question(script: dict, rng: np.random.Generator) -> dict[str, Any] | No
 
 def spatial_question(script: dict, rng: np.random.Generator) -> dict[str, Any]:
     """Where was the leaver before it left? It went to the corner the mover had left earlier."""
-    roles = {o["role"]: o for o in script["objects"]}
+    roles = roles_of(script)
     question = f"Where was the {roles['leaver']['colour']} object just before it left the video?"
     return _question(script, "Spatial", question, CORNER_OPTIONS,
                      f"The {roles['mover']['corner']} corner")
@@ -183,7 +188,7 @@ def annotated(question: dict[str, Any], script: dict, rng: np.random.Generator,
     role = ANNOTATOR_SLIPS.get(question["question"])
     if role is None or not rng.random() < slip_rate:
         return question
-    wrong = {o["role"]: o for o in script["objects"]}[role]
+    wrong = roles_of(script)[role]
     if wrong["colour"] not in OPTION_COLOURS:
         return question
     return _question(script, question["category"], question["question"], OBJECT_OPTIONS,
