@@ -3,10 +3,12 @@
     python scripts/grpo_gradient_agreement.py --data runs/demo/data --init runs/demo/sft/model
 
 From one policy (the demo's GRPO recipe, `configs/demo.py:grpo`, from the model `--init`)
-takes the gradient of the GRPO loss on three rollout batches: A, A again with other samples
-(A'), and B (the next prompts). The cosine of A with A' is what the prompts decide, that of
-A with B what a step shares with the next one: near 0, each update fits its own prompts'
-videos and the steps add up to a random walk (README, "What GRPO does not correct yet").
+takes the gradient of the GRPO loss on `--batches` consecutive rollout batches and on the
+first batch sampled again. The cosine between the first batch and its resample is what the
+prompts decide; the cosines between different batches, what an update shares with the
+next (one pair varies a lot: read their mean); the cosine between the sums of the first
+and the second half of the batches, what a larger update would share (README, "What GRPO
+does not correct yet").
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--data", default="runs/demo/data", help="the demo's synthetic set")
     parser.add_argument("--init", default="runs/demo/sft/model", help="the SFT model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batches", type=int, default=6, help="rollout batches (at least 2)")
     args = parser.parse_args()
     config = stage_config("grpo", args.data, seed=args.seed)
     config.model.init = args.init
@@ -70,15 +73,23 @@ def main() -> None:
         return jax.grad(lambda t: loss_fn(nnx.merge(graphdef, t, frozen), batch)[0])(trainable)
 
     data = dataclasses.replace(build.data_config(config, model), shuffle=False, num_workers=0)
-    first, second = itertools.islice(iter(rl_dataset(data, tokenizer)), 2)
-    grads = {}
-    for name, batch, key in (("A", first, 1), ("A'", first, 2), ("B", second, 3)):
-        grads[name], m = flat_gradient(learner, grad_fn, batch, jax.random.key(key))
-        print(f"{name}: training accuracy {m['accuracy']:.3f}, mixed groups "
-              f"{m['mixed_groups']:.3f}, gradient norm {np.linalg.norm(grads[name]):.4f}")
-    for other, what in (("A'", "same prompts, other samples"), ("B", "other prompts")):
-        print(f"A vs {other} ({what}): cosine {cosine(grads['A'], grads[other]):+.3f}, "
-              f"same sign {sign_agreement(grads['A'], grads[other]):.1%}")
+    batches = list(itertools.islice(iter(rl_dataset(data, tokenizer)), args.batches))
+    grads = []
+    for i, batch in enumerate(batches + batches[:1]):  # the last: the first batch resampled
+        g, m = flat_gradient(learner, grad_fn, batch, jax.random.key(i))
+        grads.append(g)
+        print(f"batch {i % len(batches)}: training accuracy {m['accuracy']:.3f}, mixed groups "
+              f"{m['mixed_groups']:.3f}, gradient norm {np.linalg.norm(g):.4f}")
+    resampled = grads.pop()
+    print(f"same prompts, other samples: cosine {cosine(grads[0], resampled):+.3f}, "
+          f"same sign {sign_agreement(grads[0], resampled):.1%}")
+    pairs = [cosine(grads[i], grads[j]) for i in range(len(grads)) for j in range(i)]
+    print(f"other prompts, {len(pairs)} pairs: cosine mean {np.mean(pairs):+.3f} "
+          f"(min {min(pairs):+.3f}, max {max(pairs):+.3f})")
+    half = len(grads) // 2
+    first, second = sum(grads[:half]), sum(grads[half:2 * half])
+    print(f"{half} batches against the next {half}: cosine {cosine(first, second):+.3f}, "
+          f"same sign {sign_agreement(first, second):.1%}")
 
 
 if __name__ == "__main__":
