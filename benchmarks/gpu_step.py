@@ -169,8 +169,8 @@ def grpo_step(kernel: str, args, peak: float) -> dict:
     from flax import nnx
     logprobs_fn = nnx.jit(learner.make_response_logprobs(mesh, cfg.mesh))
     ones = jnp.ones((n, m), jnp.float32)
-    prompts, valids = jnp.repeat(prompt, n, axis=0), jnp.repeat(valid, n, axis=0)
-    score = lambda: logprobs_fn(model.llm, prompts, valids, tokens, ones, 1.0)[0]  # noqa: E731
+    index = jnp.zeros((n,), jnp.int32)
+    score = lambda: logprobs_fn(model.llm, prompt, valid, index, tokens, ones, 1.0)[0]  # noqa: E731
     logprob_s = median_time(score, args.repeats)
     old = score()
     batch = {"prompt_embeds": prompt, "prompt_valid": valid,

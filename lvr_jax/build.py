@@ -213,9 +213,8 @@ def compile_phases(config, mesh) -> dict:
     logprobs = rl_learner.make_response_logprobs(mesh, config.mesh)
 
     def logprob_pass(state, batch):
-        embeds, valid = rl_learner.gather_prompts(batch)
-        return logprobs(nnx.merge(llm_graphdef, state), embeds, valid, batch["tokens"],
-                        batch["response_mask"], rl.temperature)[0]
+        return rl_learner.batch_logprobs(logprobs, nnx.merge(llm_graphdef, state), batch,
+                                         rl.temperature)[0]
     if rl_learner.streams_update(config):  # a micro-batch of sequences, each its own prompt
         batch = abstract_batch(config, mesh, prompts=config.optim.micro_batch_size, samples=1)
     else:

@@ -58,10 +58,17 @@ class Attention(nnx.Module):
         self.theta = c.rope_theta
 
     def __call__(self, x_btd, pos_bt, kv_pos_bt, attention_fn: AttentionFn, cache_kv=None,
-                 cache_index=None, cache_kv_pos=None):
+                 cache_index=None, cache_kv_pos=None, prefix=None):
+        """`prefix`: (keys, values [B, S, KVH, D], their positions [B, S]) of tokens these
+        continue, attended before their own; `cache_kv`: the decoding cache instead."""
         q = layers.rope(self.q_proj(x_btd), pos_bt, self.theta)
         k = layers.rope(self.k_proj(x_btd), pos_bt, self.theta)
         v = self.v_proj(x_btd)
+        if prefix is not None:
+            prefix_k, prefix_v, prefix_pos = prefix
+            k = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+            kv_pos_bt = jnp.concatenate([prefix_pos, kv_pos_bt], axis=1)
         if cache_kv is not None:  # every layer's cache [L, B, S, KVH, D]: write ours in place
             layer, slot = cache_index
             cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype),
@@ -149,6 +156,33 @@ class Qwen2(nnx.Module):
                                             remat=self.remat)
         new_cache = KVCache(k, v, cache_kv_pos, cache.index + x_btd.shape[1])
         return self.norm(x), new_cache
+
+    def continuation_hidden(self, prompt_btd, prompt_valid_bt, prompt_index, x_nmd, valid_nm,
+                            attention_fn: AttentionFn = dot_product_attention):
+        """Hidden states [N, M, D] that predict each of N continuations' M tokens (the first
+        from its prompt's last state), continuation n following prompt `prompt_index[n]`.
+
+        Equal to running each prompt + continuation whole, but every layer runs a prompt once
+        however many continuations share it: GRPO's G samples of one video prompt cost one
+        prompt forward (and backward) instead of G. Prompts are left-padded.
+        """
+        positions = positions_from_valid(prompt_valid_bt)
+        hidden, (k, v) = self.hidden_states(prompt_btd, positions, prompt_valid_bt,
+                                            attention_fn=attention_fn, return_kv=True)
+        prefix_pos = jnp.where(prompt_valid_bt, positions, MASKED_POSITION)[prompt_index]
+        start = jnp.sum(prompt_valid_bt, axis=1, dtype=jnp.int32)[prompt_index]
+        pos = start[:, None] + jnp.cumsum(valid_nm, axis=1, dtype=jnp.int32) - 1
+        kv_pos = jnp.where(valid_nm, pos, MASKED_POSITION)
+        x_nmd = layers.constrain_activation(x_nmd.astype(self.dtype), HIDDEN_AXES)
+
+        def body(layer, x, prompt_kv):
+            prefix = (prompt_kv[0][prompt_index], prompt_kv[1][prompt_index], prefix_pos)
+            x, _ = layer(x, pos, kv_pos, attention_fn, prefix=prefix)
+            return layers.constrain_activation(x, HIDDEN_AXES), None
+        x, _ = layers.scan_layers(self.layers, body, x_nmd, (k, v), remat=self.remat,
+                                  remat_group=self.remat_group)
+        first = hidden[:, -1][prompt_index][:, None]
+        return jnp.concatenate([first, self.norm(x)[:, :-1]], axis=1)
 
     def head(self):
         """The vocabulary projection [D, V] in the compute dtype (tied: the embeddings')."""

@@ -54,39 +54,45 @@ class LossConfig:
 
 
 def make_response_logprobs(mesh=None, mesh_config=None):
-    """(llm, prompt_embeds, prompt_valid, tokens, response_mask, temperature) -> log-probs and
-    entropies [N, M] of the response tokens under logits / temperature.
+    """(llm, prompt_embeds [P, T, D], prompt_valid [P, T], prompt_index [N], tokens,
+    response_mask, temperature) -> log-probs and entropies [N, M] of the response tokens
+    under logits / temperature, response n following prompt `prompt_index[n]`.
 
-    Without a mesh a plain forward; with one the sequence runs sharded over `sp` and only the
-    response window reaches the vocabulary projection, vocabulary-parallel and in chunks
+    Without a mesh each prompt runs once for all the responses that share it
+    (`Qwen2.continuation_hidden`: a group's G samples cost one prompt forward, not G). With
+    one, every sequence runs whole, sharded over `sp`, and only the response window reaches
+    the vocabulary projection, vocabulary-parallel and in chunks
     (`sharding.sequence.response_logprobs`), so no device holds [T, vocab] logits.
     """
     hidden_fn = forwards.hidden_fn(mesh, mesh_config)
 
-    def response_logprobs(llm, prompt_embeds, prompt_valid, tokens, response_mask, temperature):
-        t, m = prompt_embeds.shape[1], tokens.shape[1]
-        x = jnp.concatenate([jax.lax.stop_gradient(prompt_embeds), llm.embed(tokens)], axis=1)
-        valid = jnp.concatenate([prompt_valid, response_mask.astype(bool)], axis=1)
-        hidden = hidden_fn(llm, x, valid)
+    def response_logprobs(llm, prompt_embeds, prompt_valid, prompt_index, tokens, response_mask,
+                          temperature):
+        prompt_embeds = jax.lax.stop_gradient(prompt_embeds)
         if mesh is None:
-            logits = llm.logits(hidden[:, t - 1:t - 1 + m]) / temperature
-            return sequence.logprobs_and_entropy(logits, tokens)
+            hidden = llm.continuation_hidden(prompt_embeds, prompt_valid, prompt_index,
+                                             llm.embed(tokens), response_mask.astype(bool))
+            return sequence.logprobs_and_entropy(llm.logits(hidden) / temperature, tokens)
+        t = prompt_embeds.shape[1]
+        x = jnp.concatenate([prompt_embeds[prompt_index], llm.embed(tokens)], axis=1)
+        valid = jnp.concatenate([prompt_valid[prompt_index], response_mask.astype(bool)], axis=1)
+        hidden = hidden_fn(llm, x, valid)
         return sequence.response_logprobs(llm, hidden, t - 1, tokens, mesh,
                                           rules_of(mesh_config), temperature)
     return response_logprobs
 
 
-def gather_prompts(batch):
-    """Prompt embeddings per sequence: [P, T, D] indexed by each sequence's prompt."""
-    return batch["prompt_embeds"][batch["prompt_index"]], batch["prompt_valid"][batch["prompt_index"]]
+def batch_logprobs(logprobs_fn, llm, batch: dict, temperature: float):
+    """`make_response_logprobs`'s function on a pass's batch (prompts, prompt_index, tokens,
+    response_mask)."""
+    return logprobs_fn(llm, batch["prompt_embeds"], batch["prompt_valid"], batch["prompt_index"],
+                       batch["tokens"], batch["response_mask"], temperature)
 
 
 def grpo_loss(model: LongVILA, batch: dict, cfg: LossConfig, logprobs_fn):
     """Clipped surrogate (weighted by the rollout correction) plus k3 KL to the reference,
     over the response tokens the loss keeps."""
-    embeds, valid = gather_prompts(batch)
-    logp, entropy = logprobs_fn(model.llm, embeds, valid, batch["tokens"],
-                                batch["response_mask"], cfg.temperature)
+    logp, entropy = batch_logprobs(logprobs_fn, model.llm, batch, cfg.temperature)
     mask = batch["loss_mask"]
     totals = batch.get("totals")  # the whole batch's, in a micro-batch (split_micro_batches)
     terms, clipped = grpo.policy_loss_terms(logp, batch["old_logp"], batch["advantages"],
@@ -472,9 +478,7 @@ class GRPOLearner:
 
     def _logprobs_fn(self, trainable, frozen, graphdef, batch):
         llm = nnx.merge(graphdef, trainable, frozen).llm
-        embeds, valid = gather_prompts(batch)
-        return self.response_logprobs(llm, embeds, valid, batch["tokens"], batch["response_mask"],
-                                      self.loss_cfg.temperature)[0]
+        return batch_logprobs(self.response_logprobs, llm, batch, self.loss_cfg.temperature)[0]
 
     def sequence_logprobs(self, trainable, train: dict) -> jax.Array:
         """Log-probs [N, M] of every sampled response under the LLM weights `trainable`,
