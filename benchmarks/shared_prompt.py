@@ -1,0 +1,109 @@
+"""GRPO's training forward: every prompt run once for its G samples vs each sample whole.
+
+    python -m benchmarks.shared_prompt                # the demo's shapes and a longer prompt, ~3 min
+
+The G samples of a GRPO group continue one prompt (a video and its question). The trainer
+takes their log-probs twice per step (old and reference policy) and their gradients once per
+update. Run whole, each sample repeats its prompt's forward and backward G times; shared
+(`Qwen2.continuation_hidden`, what the learner runs on one device), every layer runs the
+prompt once and the samples attend to its keys and values. Both give the same numbers
+(tests/model/test_shared_prompt.py); this prints the time of each, side by side, for the
+log-prob pass and for the gradient of the GRPO loss, at:
+
+  demo     the demo's LLM (3 layers, width 128), an update of 16 prompts x G = 8, prompts of
+           335 tokens (80 of them video), responses of 112
+  long     the same LLM, 2 prompts x G = 8 of 2,048 tokens, responses of 256
+
+Median wall time of --repeats calls after a warm-up (compile) call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvr_jax.model.config import Qwen2Config
+from lvr_jax.model.qwen2 import Qwen2, positions_from_valid
+from lvr_jax.rl import grpo
+from lvr_jax.rl.learner import make_response_logprobs
+from lvr_jax.sharding import sequence
+
+DEMO_LLM = Qwen2Config(vocab_size=700, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                       rope_theta=1e4)
+CASES = {"demo": dict(prompts=16, generations=8, prompt_len=335, response_len=112),
+         "long": dict(prompts=2, generations=8, prompt_len=2048, response_len=256)}
+
+
+def whole_logprobs(llm, prompts, prompt_valid, index, tokens, response_mask, temperature):
+    """Each sample after its own copy of its prompt, one forward per sequence."""
+    t, m = prompts.shape[1], tokens.shape[1]
+    x = jnp.concatenate([prompts[index], llm.embed(tokens)], axis=1)
+    valid = jnp.concatenate([prompt_valid[index], response_mask.astype(bool)], axis=1)
+    hidden, _ = llm.hidden_states(x, positions_from_valid(valid), valid)
+    return sequence.logprobs_and_entropy(llm.logits(hidden[:, t - 1:t - 1 + m]) / temperature,
+                                         tokens)
+
+
+def case_inputs(prompts, generations, prompt_len, response_len, d, vocab):
+    keys = jax.random.split(jax.random.key(0), 3)
+    n = prompts * generations
+    return (jax.random.normal(keys[0], (prompts, prompt_len, d)),
+            jnp.ones((prompts, prompt_len), bool),
+            jnp.repeat(jnp.arange(prompts), generations),
+            jax.random.randint(keys[1], (n, response_len), 0, vocab),
+            jnp.ones((n, response_len), jnp.float32)), jax.random.normal(keys[2], (n,))
+
+
+def timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(logprobs_fn, llm, inputs, advantages, repeats: int) -> tuple[float, float]:
+    """(seconds of the log-prob pass, seconds of the GRPO loss's value and gradient)."""
+    graphdef, state = nnx.split(llm)
+    logp = jax.jit(lambda s: logprobs_fn(nnx.merge(graphdef, s), *inputs, 1.0)[0])
+    old = logp(state)
+    mask = inputs[-1]
+
+    def loss(s):
+        new = logprobs_fn(nnx.merge(graphdef, s), *inputs, 1.0)[0]
+        return grpo.policy_loss(new, old, advantages, mask)
+    grad = jax.jit(jax.value_and_grad(loss))
+    return timed(lambda: logp(state), repeats), timed(lambda: grad(state), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    llm = Qwen2(DEMO_LLM, rngs=nnx.Rngs(0))
+    shared = make_response_logprobs()
+    print("| case | sequences x tokens | pass | whole sequences | shared prompt | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for name in args.cases:
+        c = CASES[name]
+        inputs, advantages = case_inputs(**c, d=DEMO_LLM.hidden_size, vocab=DEMO_LLM.vocab_size)
+        whole = measure(whole_logprobs, llm, inputs, advantages, args.repeats)
+        ours = measure(shared, llm, inputs, advantages, args.repeats)
+        size = (f"{c['prompts']} x {c['generations']} x ({c['prompt_len']} + "
+                f"{c['response_len']})")
+        for label, w, s in zip(("log-probs", "loss + gradient"), whole, ours):
+            print(f"| {name} | {size} | {label} | {w:.2f} s | {s:.2f} s | {w / s:.2f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
