@@ -44,6 +44,7 @@ SHORTEN = {
         "--kernels blockwise --repeats 1 --out runs/gpu_step",
     "benchmarks.sampler_throughput": "--prompts 1 --generations 2 --frames 4 --max_new_tokens 4 "
         "--repeats 1 --out runs/sampler.png",
+    "benchmarks.shared_prompt": "--cases demo --repeats 1",
 }
 # Commands another test or CI runs as written, or that need what this machine lacks.
 ELSEWHERE = {
