@@ -46,8 +46,8 @@ def get_config(stage: str = "sft"):
         # less) SFT left every question form at 40-70% (seed 0: 53.2%); GRPO's updates then
         # traded answers between the sibling forms the model told apart weakly, and its gain
         # was +0.3 +- 2.9 over 3 seeds. Trained this long every form but the annotator's two
-        # slips and Spatial is at 100% (seed 0: 75.3%), so the only mixed-reward groups are
-        # those the slips leave (README, "Where the demo stands").
+        # slips and Spatial is at 91-100% (seed 0: 75.3%), so the mixed-reward groups GRPO
+        # learns from are mostly those the slips leave (README, "Where the demo stands").
         c.drills.update(steps=600, kind="story")
         c.optim.update(lr=1e-3, warmup_steps=50, decay_steps=2000, end_lr_fraction=0.5,
                        weight_decay=0.0)
