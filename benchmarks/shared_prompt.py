@@ -20,13 +20,12 @@ Median wall time of --repeats calls after a warm-up (compile) call.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks.gpu_step import median_time
 from lvr_jax.model.config import Qwen2Config
 from lvr_jax.model.qwen2 import Qwen2, positions_from_valid
 from lvr_jax.rl import grpo
@@ -60,16 +59,6 @@ def case_inputs(prompts, generations, prompt_len, response_len, d, vocab):
             jnp.ones((n, response_len), jnp.float32)), jax.random.normal(keys[2], (n,))
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def measure(logprobs_fn, llm, inputs, advantages, repeats: int) -> tuple[float, float]:
     """(seconds of the log-prob pass, seconds of the GRPO loss's value and gradient)."""
     graphdef, state = nnx.split(llm)
@@ -81,7 +70,7 @@ def measure(logprobs_fn, llm, inputs, advantages, repeats: int) -> tuple[float, 
         new = logprobs_fn(nnx.merge(graphdef, s), *inputs, 1.0)[0]
         return grpo.policy_loss(new, old, advantages, mask)
     grad = jax.jit(jax.value_and_grad(loss))
-    return timed(lambda: logp(state), repeats), timed(lambda: grad(state), repeats)
+    return median_time(lambda: logp(state), repeats), median_time(lambda: grad(state), repeats)
 
 
 def main() -> None:
