@@ -92,8 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
         reencode_video=False,  # True: the reference's baseline for benchmarks, no embedding cache
         # backend "jax": the embedded sampler; "server": rollout_bridge servers at `urls`
         # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
+        # transport "auto": weight chunks through shared memory to servers on this host,
+        # HTTP to the others; "http": HTTP to all.
         rollout=dict(backend="jax", urls=[], token="", timeout_s=120.0, retries=3,
-                     backoff_s=0.5, wait_s=300.0, chunk_mb=64, dtype="float32",
+                     backoff_s=0.5, wait_s=300.0, chunk_mb=64, dtype="float32", transport="auto",
                      # prompts embedded and sampled at a time (0: the whole rollout batch)
                      prompts_per_chunk=0))
 

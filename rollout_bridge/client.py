@@ -5,8 +5,10 @@
     key = client.upload_embeddings(video_embeds_nd)
     client.generate([{"before": ids_a, "embeddings": key, "after": ids_b}], n=8, version=1)
 
-HTTP only: `lvr_jax.rl.rollout.ServerEngine` makes a client the learner's rollout engine.
-A server that stops answering is waited for (retries with backoff up to `wait_s`).
+`lvr_jax.rl.rollout.ServerEngine` makes a client the learner's rollout engine. A server
+that stops answering is waited for (retries with backoff up to `wait_s`). Weight chunks to a
+server on the same host go through shared-memory slots it lends (`rollout_bridge.shm`),
+everything else over HTTP.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import httpx2
 import numpy as np
 
-from rollout_bridge import wire
+from rollout_bridge import shm, wire
 
 log = logging.getLogger("rollout_bridge.client")
 Body = Union[bytes, list]  # a chunk: bytes, or buffers sent one after another (no join)
 RETRY_STATUS = (502, 503, 504)  # a proxy or a server still starting; a 500 is a bug: raise it
+TRANSPORTS = ("auto", "http")  # auto: shared memory where the server is on this host
 
 
 class RolloutError(RuntimeError):
@@ -60,9 +63,12 @@ class RolloutClient:
 
     def __init__(self, urls: Sequence[str], token: Optional[str] = None,
                  retry: RetryPolicy = RetryPolicy(), chunk_bytes: int = 64 << 20,
-                 dtype: Optional[str] = None, upload_threads: int = 4):
+                 dtype: Optional[str] = None, upload_threads: int = 4, transport: str = "auto"):
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL (config.rl.rollout.urls)")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"weight transport {transport!r} is not one of {TRANSPORTS}")
+        self.transport, self.slot_maps = transport, shm.SlotMaps()
         self.urls = [u.rstrip("/") for u in urls]
         self.retry, self.chunk_bytes, self.dtype = retry, chunk_bytes, dtype
         self.upload_threads = upload_threads
@@ -109,18 +115,50 @@ class RolloutClient:
         A body is bytes or a list of buffers; `threads` > 1 uploads that many at once."""
         for attempt in range(3):
             try:
-                push_id = self.request(url, "POST", "/weights").json()["push_id"]
-                put = lambda body: self.request(  # noqa: E731
-                    url, "PUT", f"/weights/{push_id}", content=body, headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(body_size(body))})
-                upload_all(put, chunks(), threads)
+                begun = self.request(url, "POST", "/weights").json()
+                push_id = begun["push_id"]
+                slots = bool(begun.get("shm")) and self.transport == "auto"
+                upload_all(self._chunk_sender(url, push_id, slots), chunks(), threads)
                 self.request(url, "POST", f"/weights/{push_id}/commit", json={"version": version})
                 return
             except RolloutError as e:
                 if e.code != "unknown_push" or attempt == 2:
                     raise
                 log.warning("push to %s was interrupted (%s); pushing again", url, e)
+
+    def _chunk_sender(self, url: str, push_id: str, slots: bool) -> Callable[[Body], None]:
+        """send(body) for one push: into a shared-memory slot the server lends while it lends
+        them and this host can open them (a server elsewhere: the first try finds no file),
+        else as the body of a PUT (a chunk over the server's slot budget: that one alone)."""
+        def put(body: Body) -> None:
+            self.request(url, "PUT", f"/weights/{push_id}", content=body, headers={
+                "Content-Type": "application/octet-stream", "Content-Length": str(body_size(body))})
+
+        def send(body: Body) -> None:
+            nonlocal slots
+            if slots:
+                try:
+                    return self._send_through_slot(url, push_id, body)
+                except RolloutError as e:
+                    if e.code not in ("too_large", "shm_unavailable"):
+                        raise
+                    slots = e.code == "too_large"
+                    log.info("%s: %s", url, e)
+                except OSError as e:
+                    slots = False
+                    log.info("%s lends shared memory this host cannot open (%s): pushing "
+                             "over HTTP", url, e)
+            put(body)
+        return send
+
+    def _send_through_slot(self, url: str, push_id: str, body: Body) -> None:
+        nbytes = body_size(body)
+        room = max(nbytes, self.chunk_bytes) + shm.SLACK  # any chunk fits any slot
+        lent = self.request(url, "POST", f"/weights/{push_id}/slots", json={"bytes": room}).json()
+        self.slot_maps.write(lent["path"], lent["capacity"],
+                             body if isinstance(body, list) else [body])
+        self.request(url, "POST", f"/weights/{push_id}/slots/{lent['slot']}",
+                     json={"bytes": nbytes})
 
     # ---- embeddings --------------------------------------------------------------------
     def upload_embeddings(self, embeds_nd: np.ndarray, url: Optional[str] = None) -> str:
@@ -155,6 +193,7 @@ class RolloutClient:
 
     def close(self) -> None:
         self.http.close()
+        self.slot_maps.close()
 
 
 def body_size(body: Body) -> int:

@@ -7,6 +7,8 @@ JSON for control, safetensors bodies for tensors, no pickle. Routes:
   GET  /health                      status, engine, weight version, instance id
   POST /weights                     start a push -> {"push_id"}
   PUT  /weights/{push_id}           one safetensors chunk of Hugging Face tensors
+  POST /weights/{push_id}/slots     {"bytes"} -> a shared-memory slot lent to a same-host client
+  POST /weights/{push_id}/slots/{i} {"bytes"}: the chunk the client wrote into slot i
   POST /weights/{push_id}/commit    {"version": int?} -> apply all at once, or 4xx and keep the old
   HEAD/PUT /embeddings/{sha256}     prompt embeddings [N, D] keyed by the body's sha256
   POST /generate                    {"prompts": [{"before", "embeddings", "after"}], "n", ...}
@@ -28,7 +30,7 @@ import uuid
 from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
-from rollout_bridge import wire
+from rollout_bridge import shm, wire
 from rollout_bridge.requests import BadRequest, parse_generate
 from rollout_bridge.store import (EmbeddingStore, PushError, StagedPush, count_non_finite,
                                   parse_weight_chunk)
@@ -52,12 +54,14 @@ class RolloutServer:
     """The state behind the routes: engine, weight version, embeddings, the push in progress."""
 
     def __init__(self, engine, *, token: str | None = None, embed_budget_bytes: int = 1 << 30,
-                 max_concurrent: int = 4, max_new_tokens: int = 8192, max_n: int = 64):
+                 max_concurrent: int = 4, max_new_tokens: int = 8192, max_n: int = 64,
+                 slots: shm.SlotPool | None = None):
         self.engine, self.token = engine, token
         self.version = 0
         self.instance = uuid.uuid4().hex  # changes on restart: clients then push again
         self.embeddings = EmbeddingStore(embed_budget_bytes)
         self.push: StagedPush | None = None
+        self.slots = slots  # shared memory for same-host pushes (None: HTTP bodies only)
         self.engine_lock = asyncio.Lock()  # a weight apply never overlaps a generate
         self.generate_slots = asyncio.Semaphore(max_concurrent)
         self.max_new_tokens, self.max_n = max_new_tokens, max_n
@@ -106,11 +110,15 @@ class RolloutServer:
                                   "version": self.version, "instance": self.instance,
                                   "max_model_len": self.engine.max_model_len,
                                   "protocol": wire.PROTOCOL_VERSION,
-                                  "embeddings": self.embeddings.stats()})
+                                  "embeddings": self.embeddings.stats(),
+                                  "shm": self.slots.stats() if self.slots else None})
 
     async def begin_push(self, request):
-        self.push = StagedPush(dict(self.engine.shapes))  # a newer push replaces an unfinished one
-        return web.json_response({"push_id": self.push.push_id, "version": self.version})
+        if self.push is not None:  # a newer push replaces an unfinished one
+            self._drop(self.push)
+        self.push = StagedPush(dict(self.engine.shapes))
+        return web.json_response({"push_id": self.push.push_id, "version": self.version,
+                                  "shm": self.slots is not None})
 
     def _staged(self, request) -> StagedPush:
         push_id = request.match_info["push_id"]
@@ -120,10 +128,53 @@ class RolloutServer:
         return self.push
 
     async def push_chunk(self, request):
-        """One chunk, in any order and in parallel with others: parsed as views of the body,
-        names claimed on the loop, finiteness checked in a worker thread, then staged."""
+        """One chunk in the request's body."""
         push = self._staged(request)
-        body = await read_body(request)
+        return await self._stage_chunk(request, push, await read_body(request))
+
+    async def lend_slot(self, request):
+        """A shared-memory slot of at least `bytes` for one chunk of this push (waits while
+        the budget is lent out). 413 too_large: PUT this chunk; 409 shm_unavailable: PUT
+        the push's chunks."""
+        push = self._staged(request)
+        nbytes = self._byte_count(await self._json(request))
+        if self.slots is None:
+            raise BadRequest(409, "shm_unavailable", "this server takes no chunks through "
+                             "shared memory (--shm-mb 0, or no writable --shm-dir); PUT them")
+        try:
+            slot = await self.slots.acquire(nbytes, push.push_id)
+        except shm.SlotTooLarge as e:
+            raise BadRequest(413, "too_large", f"{e}; PUT the chunk instead") from None
+        except shm.SlotUnavailable as e:
+            raise BadRequest(409, "shm_unavailable", f"{e}; PUT the chunk instead") from None
+        if self.push is not push:  # dropped or replaced while waiting
+            self.slots.release(slot)
+            self._staged(request)
+        return web.json_response({"slot": slot.index, "path": slot.path,
+                                  "capacity": slot.capacity, "version": self.version})
+
+    async def slot_chunk(self, request):
+        """The chunk a same-host client wrote into a lent slot; the slot is lent again after."""
+        push = self._staged(request)
+        nbytes = self._byte_count(await self._json(request))
+        index = request.match_info["slot"]
+        slot = (self.slots.lent(int(index), push.push_id)
+                if self.slots is not None and index.isdigit() else None)
+        if slot is None:
+            raise BadRequest(404, "unknown_slot", f"slot {index} is not lent to push "
+                             f"{push.push_id!r}")
+        if nbytes > slot.capacity:
+            raise BadRequest(400, "bad_request", f"bytes {nbytes} exceeds slot {index}'s "
+                             f"capacity {slot.capacity}")
+        try:
+            return await self._stage_chunk(request, push, slot.view(nbytes))
+        finally:
+            self.slots.release(slot)
+
+    async def _stage_chunk(self, request, push: StagedPush, body) -> web.Response:
+        """Chunks come in any order and in parallel: parsed as views of the body, names
+        claimed on the loop, finiteness checked and the engine's copy made in a worker
+        thread, then staged."""
         try:
             tensors = parse_weight_chunk(body)
         except Exception as e:  # not a safetensors body
@@ -131,23 +182,37 @@ class RolloutServer:
             raise BadRequest(400, "bad_body", f"weight chunk is not a safetensors body: {e}")
         try:
             push.claim(tensors)
-            await self._in_thread(push.check, tensors)
+            staged = await self._in_thread(self._checked_copy, tensors)
         except PushError as e:
             self._drop(push)
             raise BadRequest(422, "bad_weights", f"{e}; push dropped, serving version "
                              f"{self.version}") from None
         push = self._staged(request)  # still the push in progress after the wait
-        push.stage(tensors)
+        push.stage(staged)
         return web.json_response({"received": len(push.tensors), "version": self.version})
+
+    def _checked_copy(self, tensors):
+        StagedPush.check(tensors)
+        return self.engine.stage(tensors)
+
+    @staticmethod
+    def _byte_count(body: dict) -> int:
+        nbytes = body.get("bytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
+            raise BadRequest(400, "bad_request", f"bytes must be a positive integer, got "
+                             f"{nbytes!r}")
+        return nbytes
 
     def _drop(self, push: StagedPush) -> None:
         if self.push is push:
             self.push = None
+        if self.slots is not None:
+            self.slots.release_owner(push.push_id)
 
     async def commit_push(self, request):
         push = self._staged(request)
         wanted = (await self._json(request)).get("version", self.version + 1)
-        self.push = None
+        self._drop(push)
         try:
             tensors = push.complete()
         except PushError as e:
@@ -242,6 +307,8 @@ class RolloutServer:
         app = web.Application(middlewares=[self.middleware], client_max_size=max_request_bytes)
         app.add_routes([web.get("/health", self.health), web.post("/weights", self.begin_push),
                         web.put("/weights/{push_id}", self.push_chunk),
+                        web.post("/weights/{push_id}/slots", self.lend_slot),
+                        web.post("/weights/{push_id}/slots/{slot}", self.slot_chunk),
                         web.post("/weights/{push_id}/commit", self.commit_push),
                         web.head("/embeddings/{key}", self.has_embeddings),
                         web.put("/embeddings/{key}", self.put_embeddings),
@@ -287,6 +354,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bearer token (or $ROLLOUT_TOKEN); required off loopback")
     p.add_argument("--max-request-mb", type=int, default=1024)
     p.add_argument("--embed-budget-mb", type=int, default=4096)
+    p.add_argument("--shm-dir", default=shm.default_directory(),
+                   help="where same-host clients get shared-memory slots for weight chunks "
+                        "(default /dev/shm where writable)")
+    p.add_argument("--shm-mb", type=int, default=2048,
+                   help="bytes of slots lent at once (0: chunks only over HTTP)")
     p.add_argument("--max-concurrent", type=int, default=4, help="generate requests at once")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + max_tokens served (default: the model's "
@@ -309,12 +381,18 @@ def main(argv=None) -> None:
     extra = ({} if args.engine == "transformers" else
              {"gpu_memory_utilization": args.gpu_memory_utilization})
     engine = make_engine(args.engine, args.model, args.dtype, args.max_model_len, **extra)
+    slots = (shm.SlotPool(args.shm_dir, args.shm_mb << 20, uuid.uuid4().hex[:8])
+             if args.shm_dir and args.shm_mb > 0 else None)
     server = RolloutServer(engine, token=args.token, embed_budget_bytes=args.embed_budget_mb << 20,
-                           max_concurrent=args.max_concurrent)
+                           max_concurrent=args.max_concurrent, slots=slots)
     log.warning("serving %s with the %s engine on %s:%d", args.model, engine.name, args.host,
                 args.port)
-    web.run_app(server.app(args.max_request_mb << 20), host=args.host, port=args.port,
-                print=None, reuse_address=True)
+    app = server.app(args.max_request_mb << 20)
+    if slots is not None:
+        async def remove_slots(_):
+            slots.close()
+        app.on_cleanup.append(remove_slots)
+    web.run_app(app, host=args.host, port=args.port, print=None, reuse_address=True)
 
 
 if __name__ == "__main__":

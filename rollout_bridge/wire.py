@@ -38,7 +38,7 @@ def safetensors_header(body: bytes) -> dict:
     size = int.from_bytes(body[:8], "little")
     if size > len(body) - 8:
         raise ValueError(f"safetensors header claims {size} bytes; the body has {len(body) - 8}")
-    header = json.loads(body[8:8 + size])
+    header = json.loads(bytes(body[8:8 + size]))
     header.pop("__metadata__", None)
     return header
 

@@ -150,7 +150,7 @@ def generation_of(samples: list[dict], max_tokens: int, pad_id: int) -> Generati
 def make_engine(rollout_config, pad_id: int, prefill=None,
                 keep_pushed: bool = False) -> RolloutEngine:
     """The engine `config.rl.rollout` names: "jax" (embedded) or "server" (its urls, token
-    or $ROLLOUT_TOKEN, timeouts, push chunk size and dtype; `keep_pushed`: see ServerEngine)."""
+    or $ROLLOUT_TOKEN, timeouts, push chunk size, dtype and transport; `keep_pushed`: see ServerEngine)."""
     r = rollout_config
     if r.backend == "jax":
         return JaxEngine(pad_id, prefill)
@@ -162,7 +162,8 @@ def make_engine(rollout_config, pad_id: int, prefill=None,
     retry = RetryPolicy(timeout_s=r.timeout_s, retries=r.retries, backoff_s=r.backoff_s,
                         wait_s=r.wait_s)
     client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
-                           retry=retry, chunk_bytes=int(r.chunk_mb) << 20, dtype=r.dtype or None)
+                           retry=retry, chunk_bytes=int(r.chunk_mb) << 20, dtype=r.dtype or None,
+                           transport=r.transport)
     return ServerEngine(client, pad_id, keep_pushed)
 
 

@@ -49,9 +49,10 @@ def server(request, model_dir, tmp_path_factory):
         yield s
 
 
-@pytest.fixture
-def client(server):
-    c = RolloutClient([server.url])
+@pytest.fixture(params=["auto", "http"], ids=["shm", "http"])
+def client(server, request):
+    """Pushes through the shared-memory slots a same-host server lends, or HTTP bodies."""
+    c = RolloutClient([server.url], transport=request.param)
     yield c
     c.close()
 

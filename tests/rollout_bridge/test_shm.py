@@ -1,0 +1,153 @@
+"""Weight chunks through the shared-memory slots a same-host rollout server lends.
+
+A real server process (transformers engine) with its slots in a test directory: pushes
+through slots serve the pushed weights, slots are reused within the byte budget, a chunk
+over the budget or a client that cannot open the slots falls back to HTTP, a bad slot
+request is a 4xx, and slot files go with the server (or with the next one, after a kill).
+"""
+
+import logging
+import os
+import signal
+
+import httpx2
+import numpy as np
+import pytest
+
+from rollout_bridge import export, shm
+from rollout_bridge.client import RolloutClient
+from tests.rollout_bridge.servers import running_server, start_server, stop_server, tiny_model
+from tests.rollout_bridge.test_server import jax_greedy, server_greedy, video_and_text
+
+CHUNK = 20_000  # bytes of tensor data per chunk: the tiny model in ~20 chunks
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    return [tiny_model(tokenizer, seed=s) for s in range(3)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(models, tokenizer, tmp_path_factory):
+    return export.export_dir(models[0], str(tmp_path_factory.mktemp("llm")), tokenizer)
+
+
+def serve(model_dir, slot_dir, tmp_path, shm_mb=8, **kwargs):
+    return running_server(model_dir, "transformers", log_dir=str(tmp_path),
+                          args=["--shm-dir", str(slot_dir), "--shm-mb", str(shm_mb)], **kwargs)
+
+
+def slot_files(slot_dir):
+    return sorted(p for p in os.listdir(slot_dir) if p.startswith(shm.PREFIX))
+
+
+def push_and_check(client, model, tokenizer, seed=0):
+    """Pushes `model` as the next version; the server's greedy answer must be the model's."""
+    version = client.push_weights(model, client.health()["version"] + 1)
+    video, before, after = video_and_text(tokenizer, seed)
+    got_version, samples = server_greedy(client, tokenizer, video, before, after)
+    expected = jax_greedy(model, tokenizer, video, before, after)
+    assert got_version == version
+    assert samples[0]["token_ids"] == expected[0][0]
+    np.testing.assert_allclose(samples[0]["logprobs"], expected[0][1], atol=1e-3)
+
+
+def test_pushes_through_slots_serve_the_weights_and_reuse_the_slots(
+        model_dir, models, tokenizer, tmp_path):
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    with serve(model_dir, slot_dir, tmp_path) as server:
+        # One chunk at a time: a slot of a chunk's size, one for the embedding table alone.
+        # (Parallel pushes through slots: tests/rollout_bridge/test_server.py.)
+        client = RolloutClient([server.url], chunk_bytes=CHUNK, upload_threads=1)
+        push_and_check(client, models[1], tokenizer)
+        first = slot_files(slot_dir)
+        stats = client.health()["shm"]
+        assert stats["slots"] == len(first) == 2
+        assert stats["bytes"] <= stats["budget_bytes"] == 8 << 20
+        push_and_check(client, models[2], tokenizer, seed=1)
+        assert slot_files(slot_dir) == first  # the same slots, lent again
+        client.close()
+
+
+def test_a_chunk_over_the_budget_goes_over_http(model_dir, models, tokenizer, tmp_path):
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    with serve(model_dir, slot_dir, tmp_path, shm_mb=1) as server:  # < a chunk + its slack
+        client = RolloutClient([server.url], chunk_bytes=CHUNK)
+        push_and_check(client, models[1], tokenizer)
+        assert client.health()["shm"]["slots"] == 0 and slot_files(slot_dir) == []
+        client.close()
+
+
+def test_a_client_that_cannot_open_the_slots_pushes_over_http(
+        model_dir, models, tokenizer, tmp_path, caplog):
+    """As a client on another host: the lent paths do not exist where it runs."""
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    with serve(model_dir, slot_dir, tmp_path) as server:
+        here = RolloutClient([server.url], chunk_bytes=CHUNK)
+        push_and_check(here, models[1], tokenizer)
+        here.close()
+        for name in slot_files(slot_dir):  # the server keeps its mappings; the paths go
+            os.unlink(slot_dir / name)
+        elsewhere = RolloutClient([server.url], chunk_bytes=CHUNK)
+        with caplog.at_level(logging.INFO, logger="rollout_bridge.client"):
+            push_and_check(elsewhere, models[2], tokenizer, seed=1)
+        assert "this host cannot open" in caplog.text and "No such file" in caplog.text
+        elsewhere.close()
+
+
+def test_bad_slot_requests_get_a_4xx_and_leave_the_push_usable(model_dir, models, tmp_path):
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    with serve(model_dir, slot_dir, tmp_path) as server:
+        http = httpx2.Client(base_url=server.url)
+        push_id = http.post("/weights").json()["push_id"]
+        for body in ({"bytes": 0}, {"bytes": "1"}, {"bytes": True}, {}):
+            answer = http.post(f"/weights/{push_id}/slots", json=body)
+            assert answer.status_code == 400 and "bytes" in answer.json()["error"]
+        answer = http.post(f"/weights/{push_id}/slots", json={"bytes": 9 << 20})
+        assert answer.status_code == 413 and answer.json()["code"] == "too_large"
+        lent = http.post(f"/weights/{push_id}/slots", json={"bytes": 1 << 20}).json()
+        for slot, body in ((lent["slot"], {"bytes": (1 << 20) + 1}), ("7", {"bytes": 8}),
+                           ("x", {"bytes": 8})):
+            answer = http.post(f"/weights/{push_id}/slots/{slot}", json=body)
+            assert answer.status_code in (400, 404), answer.text
+        answer = http.post("/weights/nope/slots", json={"bytes": 8})
+        assert answer.status_code == 404 and answer.json()["code"] == "unknown_push"
+        other = http.post("/weights").json()["push_id"]  # replaces the push: its slot is free
+        answer = http.post(f"/weights/{push_id}/slots/{lent['slot']}", json={"bytes": 8})
+        assert answer.status_code == 404
+        bodies = list(export.iter_weight_chunks(models[1], CHUNK))
+        with open(lent["path"], "r+b") as f:  # a not-safetensors chunk drops the push
+            f.write(b"\xff" * 64)
+        again = http.post(f"/weights/{other}/slots", json={"bytes": 1 << 20}).json()
+        assert again["slot"] == lent["slot"]  # the replaced push's slot, lent again
+        answer = http.post(f"/weights/{other}/slots/{again['slot']}", json={"bytes": 64})
+        assert answer.status_code == 400 and answer.json()["code"] == "bad_body"
+        assert http.get("/health").json()["shm"]["slots"] == 1
+        client = RolloutClient([server.url], chunk_bytes=CHUNK)
+        client.push_chunks(server.url, lambda: bodies, 5, threads=2)
+        assert client.health()["version"] == 5
+        client.close()
+        http.close()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_slot_files_go_with_the_server_or_with_the_next_one(model_dir, models, tmp_path, stop):
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    args = ["--shm-dir", str(slot_dir), "--shm-mb", "8"]
+    server = start_server(model_dir, "transformers", log_dir=str(tmp_path), args=args)
+    client = RolloutClient([server.url], chunk_bytes=CHUNK)
+    client.push_weights(models[1], 1)
+    client.close()
+    assert slot_files(slot_dir)
+    stop_server(server, signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
+    if stop == "sigterm":
+        assert slot_files(slot_dir) == []
+        return
+    assert slot_files(slot_dir)  # a killed server cannot clean up
+    with running_server(model_dir, "transformers", log_dir=str(tmp_path), args=args):
+        assert slot_files(slot_dir) == []  # the next server on the directory does
