@@ -1,8 +1,9 @@
 """Weight sync benchmark: one LLM push to a loopback rollout server (transformers engine),
 the before-style push (safetensors bytes, chunks one after another) against the current
-one (views of the parameters, transposes fused into the server's copy, parallel chunks),
-f32 and bf16 on the wire. MB/s counts the bytes on the wire over the whole push (export +
-HTTP + validation + apply); the trainer's pause is how long `push` blocks it.
+one (views of the parameters, parallel chunks, the server's copy staged while chunks
+arrive) over HTTP and through the shared-memory slots a same-host server lends, f32 and
+bf16 on the wire. MB/s counts the bytes on the wire over the whole push (export + transfer
++ validation + apply); the trainer's pause is how long `push` blocks it.
 
     python -m benchmarks.weight_sync --size_mb 1000
 """
@@ -62,7 +63,7 @@ def best_push(push, repeats: int) -> float:
 
 
 def measure(model, client, url: str, wire: str, threads: int, repeats: int) -> list[tuple]:
-    """Rows (push, wire, MB, seconds) for the before-style and the current push."""
+    """Rows (push, wire, MB, seconds) for the before-style and the current pushes."""
     from rollout_bridge import export
     dtype, chunk = WIRE_DTYPES[wire], client.chunk_bytes
     version = [client.health(url)["version"]]
@@ -71,10 +72,16 @@ def measure(model, client, url: str, wire: str, threads: int, repeats: int) -> l
         version[0] += 1
         return version[0]
 
-    before = lambda: client.push_chunks(  # noqa: E731
-        url, lambda: export.iter_chunks(model, chunk, dtype=dtype), next_version())
     client.dtype, client.upload_threads = dtype, threads
-    now = lambda: client.push_weights(model, next_version(), [url])  # noqa: E731
+
+    def before():
+        client.transport = "http"
+        client.push_chunks(url, lambda: export.iter_chunks(model, chunk, dtype=dtype),
+                           next_version())
+
+    def now(transport):
+        client.transport = transport
+        return lambda: client.push_weights(model, next_version(), [url])
     mb = sum(len(b) for b in export.iter_chunks(model, chunk, dtype=dtype)) / 1e6
     start = time.perf_counter()
     for _ in export.iter_weight_chunks(model, chunk, dtype=dtype):
@@ -82,8 +89,12 @@ def measure(model, client, url: str, wire: str, threads: int, repeats: int) -> l
     export_s = time.perf_counter() - start
     print(f"{wire}: {mb:.0f} MB on the wire; the new export alone takes {export_s:.2f} s",
           flush=True)
-    return [("before: safetensors bytes, sequential", wire, mb, best_push(before, repeats)),
-            (f"now: views, {threads} parallel chunks", wire, mb, best_push(now, repeats))]
+    rows = [("before: safetensors bytes, sequential", wire, mb, best_push(before, repeats)),
+            (f"HTTP: views, {threads} parallel chunks", wire, mb, best_push(now("http"), repeats))]
+    shm_s = best_push(now("auto"), repeats)
+    lent = (client.health(url)["shm"] or {}).get("slots", 0)
+    name = f"shared memory: {threads} slots" if lent else "shared memory unavailable: HTTP"
+    return rows + [(name, wire, mb, shm_s)]
 
 
 def table(rows: list[tuple]) -> str:
