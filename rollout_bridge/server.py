@@ -2,6 +2,7 @@
 
     python -m rollout_bridge.server --model DIR [--engine vllm|transformers|auto]
         [--host 127.0.0.1] [--port 8470] [--token SECRET] [--max-model-len N]
+        [--shm-dir /dev/shm] [--shm-mb 2048]
 
 JSON for control, safetensors bodies for tensors, no pickle. Routes:
   GET  /health                      status, engine, weight version, instance id
