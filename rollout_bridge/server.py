@@ -149,7 +149,7 @@ class RolloutServer:
         except shm.SlotUnavailable as e:
             raise BadRequest(409, "shm_unavailable", f"{e}; PUT the chunk instead") from None
         if self.push is not push:  # dropped or replaced while waiting
-            self.slots.release(slot)
+            self.slots.release(slot, push.push_id)
             self._staged(request)
         return web.json_response({"slot": slot.index, "path": slot.path,
                                   "capacity": slot.capacity, "version": self.version})
@@ -170,7 +170,7 @@ class RolloutServer:
         try:
             return await self._stage_chunk(request, push, slot.view(nbytes))
         finally:
-            self.slots.release(slot)
+            self.slots.release(slot, push.push_id)
 
     async def _stage_chunk(self, request, push: StagedPush, body) -> web.Response:
         """Chunks come in any order and in parallel: parsed as views of the body, names

@@ -110,9 +110,12 @@ class SlotPool:
         slot = self.slots.get(index)
         return slot if slot is not None and slot.owner == owner else None
 
-    def release(self, slot: Slot) -> None:
-        slot.owner = None
-        self._released.set()
+    def release(self, slot: Slot, owner: str) -> None:
+        """Lends `slot` again, unless `owner` lost it already: a push dropped while its
+        chunk was being read has its slots freed, and maybe lent to the next push."""
+        if slot.owner == owner:
+            slot.owner = None
+            self._released.set()
 
     def release_owner(self, owner: str) -> None:
         """Every slot a push still holds (it was committed, dropped or replaced)."""

@@ -4,8 +4,10 @@ A real server process (transformers engine) with its slots in a test directory: 
 through slots serve the pushed weights, slots are reused within the byte budget, a chunk
 over the budget or a client that cannot open the slots falls back to HTTP, a bad slot
 request is a 4xx, and slot files go with the server (or with the next one, after a kill).
+The pool alone: its byte budget, waiting for a release, and a late release by a dropped push.
 """
 
+import asyncio
 import logging
 import os
 import signal
@@ -151,3 +153,44 @@ def test_slot_files_go_with_the_server_or_with_the_next_one(model_dir, models, t
     assert slot_files(slot_dir)  # a killed server cannot clean up
     with running_server(model_dir, "transformers", log_dir=str(tmp_path), args=args):
         assert slot_files(slot_dir) == []  # the next server on the directory does
+
+
+# ---- the pool itself (no server) ------------------------------------------------------------
+
+def test_a_slot_freed_with_its_dropped_push_is_not_freed_again_by_that_push(tmp_path):
+    """A push dropped while one of its chunks is read: its slots go to the next push, and
+    the late release of the old chunk must not lend the new push's slot a second time."""
+    async def scenario():
+        pool = shm.SlotPool(str(tmp_path), 4 << 20, "t")
+        slot = await pool.acquire(1 << 20, "old")
+        pool.release_owner("old")  # the push was dropped
+        again = await pool.acquire(1 << 20, "new")
+        assert again is slot and slot.owner == "new"
+        pool.release(slot, "old")  # the old chunk's handler finishing late
+        assert slot.owner == "new"
+        other = await pool.acquire(1 << 20, "new")
+        assert other is not slot
+        pool.close()
+        assert slot_files(tmp_path) == []
+    asyncio.run(scenario())
+
+
+def test_the_pool_waits_for_a_release_within_its_budget_and_refuses_a_larger_chunk(tmp_path):
+    async def scenario():
+        pool = shm.SlotPool(str(tmp_path), 3 << 20, "t")
+        held = [await pool.acquire(1 << 20, "p") for _ in range(3)]
+        waiting = asyncio.ensure_future(pool.acquire(1 << 20, "p"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the budget is lent out
+        pool.release(held[1], "p")
+        assert await asyncio.wait_for(waiting, 5) is held[1]
+        with pytest.raises(shm.SlotUnavailable, match="no slot came free"):
+            await pool.acquire(1 << 20, "p", timeout_s=0.05)
+        with pytest.raises(shm.SlotTooLarge, match="exceeds the shared-memory budget"):
+            await pool.acquire(4 << 20, "p")
+        for slot in held:
+            pool.release(slot, "p")
+        bigger = await pool.acquire(2 << 20, "p")  # free small slots give way to it
+        assert bigger.capacity == 2 << 20 and pool.bytes <= 3 << 20
+        pool.close()
+    asyncio.run(scenario())
