@@ -56,7 +56,7 @@ class SlotPool:
         """A free slot of at least `nbytes`, made (or grown) within the budget, or waited for."""
         if nbytes > self.budget_bytes:
             raise SlotTooLarge(f"a chunk of {nbytes} bytes exceeds the shared-memory budget "
-                                  f"of {self.budget_bytes} (--shm-mb)")
+                               f"of {self.budget_bytes} (--shm-mb)")
         while (slot := self._take(nbytes, owner)) is None:
             self._released.clear()  # one event loop: no release can slip in between
             try:
@@ -142,11 +142,11 @@ def remove_stale(directory: str) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
