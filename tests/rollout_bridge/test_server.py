@@ -15,20 +15,9 @@ from lvr_jax.model.sampler import SamplingParams, generate
 from rollout_bridge import export, wire
 from rollout_bridge.client import RolloutClient, RolloutError
 from tests import vllm_env
-from tests.rollout_bridge.servers import running_server, tiny_model
+from tests.rollout_bridge.servers import running_server
 
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def models(tokenizer):
-    """The model the server starts from (A) and two 'trained' successors (B, C)."""
-    return [tiny_model(tokenizer, seed=s) for s in range(3)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(models, tokenizer, tmp_path_factory):
-    return export.export_dir(models[0], str(tmp_path_factory.mktemp("llm")), tokenizer)
 
 
 def engine_python(engine: str) -> str:

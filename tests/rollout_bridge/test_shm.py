@@ -18,20 +18,10 @@ import pytest
 
 from rollout_bridge import export, shm
 from rollout_bridge.client import RolloutClient
-from tests.rollout_bridge.servers import running_server, start_server, stop_server, tiny_model
+from tests.rollout_bridge.servers import running_server, start_server, stop_server
 from tests.rollout_bridge.test_server import jax_greedy, server_greedy, video_and_text
 
 CHUNK = 20_000  # bytes of tensor data per chunk: the tiny model in ~20 chunks
-
-
-@pytest.fixture(scope="module")
-def models(tokenizer):
-    return [tiny_model(tokenizer, seed=s) for s in range(3)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(models, tokenizer, tmp_path_factory):
-    return export.export_dir(models[0], str(tmp_path_factory.mktemp("llm")), tokenizer)
 
 
 def serve(model_dir, slot_dir, tmp_path, shm_mb=8, **kwargs):
