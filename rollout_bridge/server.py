@@ -156,8 +156,8 @@ class RolloutServer:
 
     async def slot_chunk(self, request):
         """The chunk a same-host client wrote into a lent slot; the slot is lent again after."""
-        push = self._staged(request)
         nbytes = self._byte_count(await self._json(request))
+        push = self._staged(request)  # after the read: a bad chunk may have dropped it since
         index = request.match_info["slot"]
         slot = (self.slots.lent(int(index), push.push_id)
                 if self.slots is not None and index.isdigit() else None)
@@ -176,6 +176,7 @@ class RolloutServer:
         """Chunks come in any order and in parallel: parsed as views of the body, names
         claimed on the loop, finiteness checked and the engine's copy made in a worker
         thread, then staged."""
+        self._staged(request)  # not dropped by another chunk while this body was read
         try:
             tensors = parse_weight_chunk(body)
         except Exception as e:  # not a safetensors body

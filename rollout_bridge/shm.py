@@ -129,7 +129,8 @@ class SlotPool:
             self._retire(slot)
 
     def stats(self) -> dict:
-        return {"slots": len(self.slots), "bytes": self.bytes, "budget_bytes": self.budget_bytes}
+        return {"slots": len(self.slots), "lent": sum(s.owner is not None for s in self.slots.values()),
+                "bytes": self.bytes, "budget_bytes": self.budget_bytes}
 
 
 def remove_stale(directory: str) -> None:

@@ -8,9 +8,12 @@ The pool alone: its byte budget, waiting for a release, and a late release by a 
 """
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
+import threading
+import time
 
 import httpx2
 import numpy as np
@@ -123,6 +126,37 @@ def test_bad_slot_requests_get_a_4xx_and_leave_the_push_usable(model_dir, models
         client.push_chunks(server.url, lambda: bodies, 5, threads=2)
         assert client.health()["version"] == 5
         client.close()
+        http.close()
+
+
+def test_a_slot_chunk_of_a_push_dropped_while_its_request_arrives_is_an_unknown_push(
+        model_dir, tmp_path):
+    """Parallel uploads: one chunk's request is being read when another chunk drops the
+    push and frees its slots. The answer names the dropped push (which the client passes
+    over for the bad chunk's own error), not a slot that looks never lent."""
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    with serve(model_dir, slot_dir, tmp_path) as server:
+        http = httpx2.Client(base_url=server.url)
+        push_id = http.post("/weights").json()["push_id"]
+        lent = http.post(f"/weights/{push_id}/slots", json={"bytes": 1 << 20}).json()
+        rest_of_body = threading.Event()
+
+        def slowly_sent_body():
+            yield b'{"bytes": '
+            rest_of_body.wait(30)
+            yield b"8}"
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx2.post, f"{server.url}/weights/{push_id}/slots/"
+                                 f"{lent['slot']}", content=slowly_sent_body(), timeout=60)
+            time.sleep(1.0)  # the server is reading that body
+            bad = http.put(f"/weights/{push_id}", content=b"\xff" * 64)
+            assert bad.status_code == 400 and bad.json()["code"] == "bad_body"
+            rest_of_body.set()
+            answer = answer.result()
+        assert answer.status_code == 404 and answer.json()["code"] == "unknown_push", answer.text
+        assert http.get("/health").json()["shm"]["lent"] == 0
         http.close()
 
 
