@@ -65,7 +65,11 @@ def get_config(stage: str = "sft"):
         c.data.batch_size = 32
         c.data.categories = ("Temporal", "Goal & Purpose", "Plot & Narrative")
         c.optim.update(lr=3e-4, schedule="constant", warmup_steps=0)
-        c.rl.update(num_generations=8, max_new_tokens=112, update_batch_size=16, kl_coef=1e-3)
+        # KL 1e-2, the paper's coefficient. At 1e-3 seed 1's KL to the SFT model reached 0.11
+        # and forms GRPO had nothing to correct fell ("appeared third" 100 -> 79%, "moved and
+        # touched" 96 -> 72%): 69.5% -> 65.3%. At 1e-2 its KL stays under 0.03, those forms
+        # stay at 96-100%, and every seed gains (README, "Why the KL coefficient is 1e-2").
+        c.rl.update(num_generations=8, max_new_tokens=112, update_batch_size=16, kl_coef=1e-2)
         c.eval.every = 3
         c.train.num_steps = 12
     return c

@@ -4,10 +4,13 @@ The reward is measured on the same training prompts with the same sampling seed 
 after GRPO, so only the parameters differ between the two measurements.
 
 The margin is what a random update of the same size does not reach. Measured with this
-recipe (2026-11-30): with each rollout batch's scores shuffled among its responses (the
-same update machinery, advantages unrelated to the answers), six GRPO seeds changed the
-reward by +0.020, -0.003, -0.040, -0.023, -0.097 and +0.001; with the real scores, seeds
-0-3 by +0.048, +0.076, +0.028 and +0.028 (this test runs seed 0).
+recipe on the lossless synthetic set (2026-12-01, 8 simulated devices as the tests run): with
+each rollout batch's scores shuffled among its responses (the same update machinery,
+advantages unrelated to the answers), GRPO seeds 0-3 changed the reward by -0.122, -0.226,
+-0.082 and -0.132; with the real scores, seeds 0-5 by +0.091, +0.099, +0.209, +0.063,
++0.065 and +0.039 (this test runs seed 0). At the demo's lr 2e-4 the two overlapped
+(shuffled +0.008 to +0.085, real +0.029 to +0.157, KL 1e-2): twelve small updates of a model
+near chance mostly sharpen its sampling, whatever the scores say.
 """
 
 import dataclasses
@@ -22,8 +25,9 @@ from lvr_jax.rl.learner import GRPOLearner
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 
 
-# Above the largest reward change of a shuffled-score update (+0.020, module docstring).
-RANDOM_UPDATE_MARGIN = 0.025
+# Above the largest reward change of a shuffled-score update (-0.082, module docstring) and
+# below the smallest of a real one (+0.039).
+RANDOM_UPDATE_MARGIN = 0.03
 
 
 def mean_training_reward(config, batches: int = 3, seed: int = 7) -> float:
@@ -45,8 +49,8 @@ def test_grpo_increases_the_mean_reward_after_sft(tmp_path, tiny_train_config):
 
     grpo = tiny_train_config("grpo", 12)
     grpo.model.init = str(tmp_path / "sft" / "model")
-    grpo.optim.update(lr=2e-4)
-    grpo.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=4, kl_coef=1e-3)
+    grpo.optim.update(lr=1e-3)
+    grpo.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=4, kl_coef=1e-2)
     before = mean_training_reward(grpo)
     train.run(grpo, str(tmp_path / "grpo"))
     grpo.model.init = str(tmp_path / "grpo" / "model")
