@@ -129,8 +129,9 @@ class SlotPool:
             self._retire(slot)
 
     def stats(self) -> dict:
-        return {"slots": len(self.slots), "lent": sum(s.owner is not None for s in self.slots.values()),
-                "bytes": self.bytes, "budget_bytes": self.budget_bytes}
+        lent = sum(slot.owner is not None for slot in self.slots.values())
+        return {"slots": len(self.slots), "lent": lent, "bytes": self.bytes,
+                "budget_bytes": self.budget_bytes}
 
 
 def remove_stale(directory: str) -> None:
