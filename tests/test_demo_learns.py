@@ -8,7 +8,7 @@ recipe on the lossless synthetic set (2026-12-01, 8 simulated devices as the tes
 each rollout batch's scores shuffled among its responses (the same update machinery,
 advantages unrelated to the answers), GRPO seeds 0-3 changed the reward by -0.122, -0.226,
 -0.082 and -0.132; with the real scores, seeds 0-5 by +0.091, +0.099, +0.209, +0.063,
-+0.065 and +0.039 (this test runs seed 0). At the demo's lr 2e-4 the two overlapped
++0.065 and +0.039 (this test runs seed 0). At the previous lr 2e-4 the two overlapped
 (shuffled +0.008 to +0.085, real +0.029 to +0.157, KL 1e-2): twelve small updates of a model
 near chance mostly sharpen its sampling, whatever the scores say.
 """
