@@ -6,9 +6,10 @@
     client.generate([{"before": ids_a, "embeddings": key, "after": ids_b}], n=8, version=1)
 
 `lvr_jax.rl.rollout.ServerEngine` makes a client the learner's rollout engine. A server
-that stops answering is waited for (retries with backoff up to `wait_s`). Weight chunks to a
-server on the same host go through shared-memory slots it lends (`rollout_bridge.shm`),
-everything else over HTTP.
+that stops answering is waited for (retries with backoff up to `wait_s`). Weight chunks to
+a server on loopback go through shared-memory slots it lends (`rollout_bridge.shm`, which
+checks each file before writing), everything else over HTTP. While another client pushes
+to a server, a push waits (up to `wait_s`) for it to end.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from rollout_bridge import shm, wire
 log = logging.getLogger("rollout_bridge.client")
 Body = Union[bytes, list]  # a chunk: bytes, or buffers sent one after another (no join)
 RETRY_STATUS = (502, 503, 504)  # a proxy or a server still starting; a 500 is a bug: raise it
+# Why a slot chunk goes over HTTP after all: no file to open here, or one that is no slot
+# (shm.SlotRefused), or a lend that makes no sense. A server's 4xx on the chunk is raised.
+SLOT_FAILURES = (OSError, ValueError, LookupError, TypeError)
 TRANSPORTS = ("auto", "http")  # auto: shared memory where the server is on this host
 
 
@@ -100,25 +104,30 @@ class RolloutClient:
         return self.request(url or self.urls[0], "GET", "/health").json()
 
     # ---- weights -----------------------------------------------------------------------
-    def push_weights(self, model, version: int, urls: Optional[Sequence[str]] = None) -> int:
+    def push_weights(self, model, version: int, urls: Optional[Sequence[str]] = None,
+                     replace: bool = False) -> int:
         """Exports the LLM of `model` and pushes it to every server (or `urls`) as `version`;
         the next chunk is exported while `upload_threads` earlier ones upload."""
         from rollout_bridge.export import iter_weight_chunks
         chunks = lambda: iter_weight_chunks(model, self.chunk_bytes, dtype=self.dtype)  # noqa: E731
         for url in urls or self.urls:
-            self.push_chunks(url, chunks, version, threads=self.upload_threads)
+            self.push_chunks(url, chunks, version, threads=self.upload_threads, replace=replace)
         return version
 
     def push_chunks(self, url: str, chunks: Callable[[], Iterable[Body]], version: int,
-                    threads: int = 1) -> None:
+                    threads: int = 1, replace: bool = False) -> None:
         """One push (begin, chunks, commit); restarted if the server restarts mid-push.
-        A body is bytes or a list of buffers; `threads` > 1 uploads that many at once."""
+        A body is bytes or a list of buffers; `threads` > 1 uploads that many at once.
+        `replace` drops another client's push in progress (a restarted trainer's
+        predecessor); without, this push waits for that one to end."""
         for attempt in range(3):
             try:
-                begun = self.request(url, "POST", "/weights").json()
-                push_id = begun["push_id"]
-                slots = bool(begun.get("shm")) and self.transport == "auto"
-                upload_all(self._chunk_sender(url, push_id, slots), chunks(), threads)
+                begun = self._begin(url, replace)
+                push_id, shared = begun["push_id"], begun.get("shm")
+                slots = (self.transport == "auto" and isinstance(shared, dict)
+                         and wire.is_loopback_url(url))
+                upload_all(self._chunk_sender(url, push_id, shared if slots else None),
+                           chunks(), threads)
                 self.request(url, "POST", f"/weights/{push_id}/commit", json={"version": version})
                 return
             except RolloutError as e:
@@ -126,39 +135,60 @@ class RolloutClient:
                     raise
                 log.warning("push to %s was interrupted (%s); pushing again", url, e)
 
-    def _chunk_sender(self, url: str, push_id: str, slots: bool) -> Callable[[Body], None]:
-        """send(body) for one push: into a shared-memory slot the server lends while it lends
-        them and this host can open them (a server elsewhere: the first try finds no file),
-        else as the body of a PUT (a chunk over the server's slot budget: that one alone)."""
+    def _begin(self, url: str, replace: bool) -> dict:
+        """POST /weights; while another client's push is in progress there (409
+        push_in_progress), backs off and asks again for up to `wait_s`."""
+        start, delay = time.monotonic(), self.retry.backoff_s
+        while True:
+            try:
+                return self.request(url, "POST", "/weights", json={"replace": replace}).json()
+            except RolloutError as e:
+                if e.code != "push_in_progress" or time.monotonic() - start + delay > \
+                        self.retry.wait_s:
+                    raise
+                log.warning("%s; asking again in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, self.retry.max_backoff_s)
+
+    def _chunk_sender(self, url: str, push_id: str,
+                      shared: Optional[dict]) -> Callable[[Body], None]:
+        """send(body) for one push: into a shared-memory slot while the server lends them
+        (`shared`: its slot directory and uid; None: a server not on loopback, or HTTP asked)
+        and they check out as its slots, else as the body of a PUT (a chunk over the
+        server's slot budget: that one alone)."""
         def put(body: Body) -> None:
             self.request(url, "PUT", f"/weights/{push_id}", content=body, headers={
                 "Content-Type": "application/octet-stream", "Content-Length": str(body_size(body))})
 
         def send(body: Body) -> None:
-            nonlocal slots
-            if slots:
+            nonlocal shared
+            if shared is not None:
                 try:
-                    return self._send_through_slot(url, push_id, body)
+                    return self._send_through_slot(url, push_id, body, shared)
                 except RolloutError as e:
                     if e.code not in ("too_large", "shm_unavailable"):
                         raise
-                    slots = e.code == "too_large"
+                    shared = shared if e.code == "too_large" else None
                     log.info("%s: %s", url, e)
-                except OSError as e:
-                    slots = False
-                    log.info("%s lends shared memory this host cannot open (%s): pushing "
-                             "over HTTP", url, e)
+                except SLOT_FAILURES as e:
+                    shared = None
+                    log.warning("%s lends shared memory this host cannot open or will not "
+                                "write (%s): this push goes over HTTP", url, e)
             put(body)
         return send
 
-    def _send_through_slot(self, url: str, push_id: str, body: Body) -> None:
+    def _send_through_slot(self, url: str, push_id: str, body: Body, shared: dict) -> None:
         nbytes = body_size(body)
         room = max(nbytes, self.chunk_bytes) + shm.SLACK  # any chunk fits any slot
         lent = self.request(url, "POST", f"/weights/{push_id}/slots", json={"bytes": room}).json()
+        if not nbytes <= lent["capacity"]:
+            raise shm.SlotRefused(f"slot {lent['slot']} of {lent['capacity']} bytes is lent "
+                                  f"for a chunk of {nbytes}")
         self.slot_maps.write(lent["path"], lent["capacity"],
-                             body if isinstance(body, list) else [body])
+                             body if isinstance(body, list) else [body],
+                             directory=shared["dir"], owner=shared["uid"])
         self.request(url, "POST", f"/weights/{push_id}/slots/{lent['slot']}",
-                     json={"bytes": nbytes})
+                     json={"bytes": nbytes, "lend": lent["lend"]})
 
     # ---- embeddings --------------------------------------------------------------------
     def upload_embeddings(self, embeds_nd: np.ndarray, url: Optional[str] = None) -> str:

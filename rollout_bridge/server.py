@@ -2,20 +2,24 @@
 
     python -m rollout_bridge.server --model DIR [--engine vllm|transformers|auto]
         [--host 127.0.0.1] [--port 8470] [--token SECRET] [--max-model-len N]
-        [--shm-dir /dev/shm] [--shm-mb 2048]
+        [--shm-dir /dev/shm] [--shm-mb 2048] [--push-idle-s 60]
 
 JSON for control, safetensors bodies for tensors, no pickle. Routes:
   GET  /health                      status, engine, weight version, instance id
-  POST /weights                     start a push -> {"push_id"}
+  POST /weights                     {"replace": bool?} start a push -> {"push_id", "shm"}
   PUT  /weights/{push_id}           one safetensors chunk of Hugging Face tensors
   POST /weights/{push_id}/slots     {"bytes"} -> a shared-memory slot lent to a same-host client
-  POST /weights/{push_id}/slots/{i} {"bytes"}: the chunk the client wrote into slot i
+  POST /weights/{push_id}/slots/{i} {"bytes", "lend"}: the chunk the client wrote into slot i
   POST /weights/{push_id}/commit    {"version": int?} -> apply all at once, or 4xx and keep the old
   HEAD/PUT /embeddings/{sha256}     prompt embeddings [N, D] keyed by the body's sha256
   POST /generate                    {"prompts": [{"before", "embeddings", "after"}], "n", ...}
 Every response carries the serving weight version (header X-Weight-Version, and in JSON);
 every error is JSON {"error", "code"}: 4xx for input that cannot be served, 500 for a bug.
 Binding beyond loopback needs --token; with a token every route needs `Authorization: Bearer`.
+One push at a time: a begin while another push is active gets 409 push_in_progress; a
+restarted trainer takes over with {"replace": true}, and a push idle for --push-idle-s is
+dropped by the next begin. A --shm-dir that other users can write (without the sticky bit
+of /dev/shm) or that another user owns stops the server at start.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import ipaddress
 import logging
 import os
 import uuid
@@ -32,9 +35,10 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from rollout_bridge import shm, wire
+from rollout_bridge.pushes import WeightPushes
 from rollout_bridge.requests import BadRequest, parse_generate
-from rollout_bridge.store import (EmbeddingStore, PushError, StagedPush, count_non_finite,
-                                  parse_weight_chunk)
+from rollout_bridge.store import EmbeddingStore, count_non_finite
+from rollout_bridge.wire import is_loopback
 
 log = logging.getLogger("rollout_bridge.server")
 VERSION_HEADER = "X-Weight-Version"
@@ -52,17 +56,17 @@ def internal_error(request: web.Request, e: Exception) -> BadRequest:
 
 
 class RolloutServer:
-    """The state behind the routes: engine, weight version, embeddings, the push in progress."""
+    """The state behind the routes: engine, weight version, embeddings, weight pushes."""
 
     def __init__(self, engine, *, token: str | None = None, embed_budget_bytes: int = 1 << 30,
                  max_concurrent: int = 4, max_new_tokens: int = 8192, max_n: int = 64,
-                 slots: shm.SlotPool | None = None):
+                 slots: shm.SlotPool | None = None, push_idle_s: float = 60.0):
         self.engine, self.token = engine, token
         self.version = 0
         self.instance = uuid.uuid4().hex  # changes on restart: clients then push again
         self.embeddings = EmbeddingStore(embed_budget_bytes)
-        self.push: StagedPush | None = None
-        self.slots = slots  # shared memory for same-host pushes (None: HTTP bodies only)
+        # slots: shared memory for same-host pushes (None: HTTP bodies only)
+        self.pushes = WeightPushes(self, slots, push_idle_s)
         self.engine_lock = asyncio.Lock()  # a weight apply never overlaps a generate
         self.generate_slots = asyncio.Semaphore(max_concurrent)
         self.max_new_tokens, self.max_n = max_new_tokens, max_n
@@ -101,7 +105,7 @@ class RolloutServer:
             raise BadRequest(401, "unauthorized", "missing or wrong bearer token "
                              "(send 'Authorization: Bearer <token>')")
 
-    async def _in_thread(self, fn, *args):
+    async def in_thread(self, fn, *args):
         """Engine work off the event loop, so health and uploads stay responsive."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
@@ -112,118 +116,15 @@ class RolloutServer:
                                   "max_model_len": self.engine.max_model_len,
                                   "protocol": wire.PROTOCOL_VERSION,
                                   "embeddings": self.embeddings.stats(),
-                                  "shm": self.slots.stats() if self.slots else None})
+                                  "shm": slots.stats() if (slots := self.pushes.slots) else None})
 
-    async def begin_push(self, request):
-        if self.push is not None:  # a newer push replaces an unfinished one
-            self._drop(self.push)
-        self.push = StagedPush(dict(self.engine.shapes))
-        return web.json_response({"push_id": self.push.push_id, "version": self.version,
-                                  "shm": self.slots is not None})
-
-    def _staged(self, request) -> StagedPush:
-        push_id = request.match_info["push_id"]
-        if self.push is None or self.push.push_id != push_id:
-            raise BadRequest(404, "unknown_push", f"no weight push {push_id!r} in progress "
-                             "(it was committed, rejected or replaced by a newer one)")
-        return self.push
-
-    async def push_chunk(self, request):
-        """One chunk in the request's body."""
-        push = self._staged(request)
-        return await self._stage_chunk(request, push, await read_body(request))
-
-    async def lend_slot(self, request):
-        """A shared-memory slot of at least `bytes` for one chunk of this push (waits while
-        the budget is lent out). 413 too_large: PUT this chunk; 409 shm_unavailable: PUT
-        the push's chunks."""
-        push = self._staged(request)
-        nbytes = self._byte_count(await self._json(request))
-        if self.slots is None:
-            raise BadRequest(409, "shm_unavailable", "this server takes no chunks through "
-                             "shared memory (--shm-mb 0, or no writable --shm-dir); PUT them")
-        try:
-            slot = await self.slots.acquire(nbytes, push.push_id)
-        except shm.SlotTooLarge as e:
-            raise BadRequest(413, "too_large", f"{e}; PUT the chunk instead") from None
-        except shm.SlotUnavailable as e:
-            raise BadRequest(409, "shm_unavailable", f"{e}; PUT the chunk instead") from None
-        if self.push is not push:  # dropped or replaced while waiting
-            self.slots.release(slot, push.push_id)
-            self._staged(request)
-        return web.json_response({"slot": slot.index, "path": slot.path,
-                                  "capacity": slot.capacity, "version": self.version})
-
-    async def slot_chunk(self, request):
-        """The chunk a same-host client wrote into a lent slot; the slot is lent again after."""
-        nbytes = self._byte_count(await self._json(request))
-        push = self._staged(request)  # after the read: a bad chunk may have dropped it since
-        index = request.match_info["slot"]
-        slot = (self.slots.lent(int(index), push.push_id)
-                if self.slots is not None and index.isdigit() else None)
-        if slot is None:
-            raise BadRequest(404, "unknown_slot", f"slot {index} is not lent to push "
-                             f"{push.push_id!r}")
-        if nbytes > slot.capacity:
-            raise BadRequest(400, "bad_request", f"bytes {nbytes} exceeds slot {index}'s "
-                             f"capacity {slot.capacity}")
-        try:
-            return await self._stage_chunk(request, push, slot.view(nbytes))
-        finally:
-            self.slots.release(slot, push.push_id)
-
-    async def _stage_chunk(self, request, push: StagedPush, body) -> web.Response:
-        """Chunks come in any order and in parallel: parsed as views of the body, names
-        claimed on the loop, finiteness checked and the engine's copy made in a worker
-        thread, then staged."""
-        self._staged(request)  # not dropped by another chunk while this body was read
-        try:
-            tensors = parse_weight_chunk(body)
-        except Exception as e:  # not a safetensors body
-            self._drop(push)
-            raise BadRequest(400, "bad_body", f"weight chunk is not a safetensors body: {e}")
-        try:
-            push.claim(tensors)
-            staged = await self._in_thread(self._checked_copy, tensors)
-        except PushError as e:
-            self._drop(push)
-            raise BadRequest(422, "bad_weights", f"{e}; push dropped, serving version "
-                             f"{self.version}") from None
-        push = self._staged(request)  # still the push in progress after the wait
-        push.stage(staged)
-        return web.json_response({"received": len(push.tensors), "version": self.version})
-
-    def _checked_copy(self, tensors):
-        StagedPush.check(tensors)
-        return self.engine.stage(tensors)
-
-    @staticmethod
-    def _byte_count(body: dict) -> int:
-        nbytes = body.get("bytes")
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
-            raise BadRequest(400, "bad_request", f"bytes must be a positive integer, got "
-                             f"{nbytes!r}")
-        return nbytes
-
-    def _drop(self, push: StagedPush) -> None:
-        if self.push is push:
-            self.push = None
-        if self.slots is not None:
-            self.slots.release_owner(push.push_id)
-
-    async def commit_push(self, request):
-        push = self._staged(request)
-        wanted = (await self._json(request)).get("version", self.version + 1)
-        self._drop(push)
-        try:
-            tensors = push.complete()
-        except PushError as e:
-            raise BadRequest(422, "bad_weights", f"{e}; serving version {self.version}") from None
-        if not isinstance(wanted, int) or wanted <= self.version:
-            raise BadRequest(409, "stale_version", f"version {wanted!r} is not above the "
-                             f"serving version {self.version}")
-        async with self.engine_lock:
-            await self._in_thread(self.engine.apply, tensors)
+    async def apply(self, tensors, wanted) -> web.Response:
+        """Loads a complete push as version `wanted` (above the serving one), or 409."""
+        async with self.engine_lock:  # the check too: another commit may be applying
+            if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted <= self.version:
+                raise BadRequest(409, "stale_version", f"version {wanted!r} is not above the "
+                                 f"serving version {self.version}")
+            await self.in_thread(self.engine.apply, tensors)
             self.version = wanted
         log.warning("weights version %d applied (%d tensors)", wanted, len(tensors))
         return web.json_response({"version": self.version})
@@ -255,7 +156,7 @@ class RolloutServer:
         return web.json_response({"key": key, "version": self.version})
 
     async def generate(self, request):
-        job = parse_generate(await self._json(request), self)
+        job = parse_generate(await self.json_body(request), self)
         async with self.generate_slots:
             async with self.engine_lock:
                 if job.version is not None and job.version != self.version:
@@ -264,7 +165,7 @@ class RolloutServer:
                 prompts = [self._prompt_embeds(p) for p in job.prompts]
                 self._check_length(prompts, job.sampling.max_tokens)
                 try:
-                    outputs = await self._in_thread(self.engine.generate, prompts, job.sampling)
+                    outputs = await self.in_thread(self.engine.generate, prompts, job.sampling)
                 except self.engine.rejects as e:  # the engine's own validation (vLLM's limits)
                     raise BadRequest(422, "engine_rejected", f"{type(e).__name__}: {e}") from e
                 version = self.version
@@ -294,7 +195,10 @@ class RolloutServer:
                                  f"+ max_tokens {max_tokens} = {len(prompt) + max_tokens} "
                                  f"exceeds the served model's limit of {limit} (--max-model-len)")
 
-    async def _json(self, request) -> dict:
+    async def json_body(self, request, optional: bool = False) -> dict:
+        """The request's JSON object ({} for no body where `optional`), or 400."""
+        if optional and not request.can_read_body:
+            return {}
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
@@ -307,41 +211,11 @@ class RolloutServer:
 
     def app(self, max_request_bytes: int) -> web.Application:
         app = web.Application(middlewares=[self.middleware], client_max_size=max_request_bytes)
-        app.add_routes([web.get("/health", self.health), web.post("/weights", self.begin_push),
-                        web.put("/weights/{push_id}", self.push_chunk),
-                        web.post("/weights/{push_id}/slots", self.lend_slot),
-                        web.post("/weights/{push_id}/slots/{slot}", self.slot_chunk),
-                        web.post("/weights/{push_id}/commit", self.commit_push),
+        app.add_routes([web.get("/health", self.health), *self.pushes.routes(),
                         web.head("/embeddings/{key}", self.has_embeddings),
                         web.put("/embeddings/{key}", self.put_embeddings),
                         web.post("/generate", self.generate)])
         return app
-
-
-async def read_body(request: web.Request) -> bytearray:
-    """The body in one writable buffer sized from Content-Length (one copy out of the
-    socket's buffers, none for joining), so tensors can view it."""
-    size = request.content_length
-    if size is None:
-        return bytearray(await request.read())
-    if size > request.client_max_size:
-        raise web.HTTPRequestEntityTooLarge(request.client_max_size, size)
-    body, filled = bytearray(size), 0
-    async for data in request.content.iter_any():
-        body[filled:filled + len(data)] = data
-        filled += len(data)
-    if filled != size:
-        raise BadRequest(400, "bad_body", f"body has {filled} bytes; Content-Length said {size}")
-    return body
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -358,9 +232,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embed-budget-mb", type=int, default=4096)
     p.add_argument("--shm-dir", default=shm.default_directory(),
                    help="where same-host clients get shared-memory slots for weight chunks "
-                        "(default /dev/shm where writable)")
+                        "(default /dev/shm where writable); refused if other users can "
+                        "write it without the sticky bit, or if another user owns it")
     p.add_argument("--shm-mb", type=int, default=2048,
                    help="bytes of slots lent at once (0: chunks only over HTTP)")
+    p.add_argument("--push-idle-s", type=float, default=60.0,
+                   help="a weight push with no request for this long may be taken over by "
+                        "another client's begin (its trainer died)")
     p.add_argument("--max-concurrent", type=int, default=4, help="generate requests at once")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + max_tokens served (default: the model's "
@@ -370,6 +248,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not is_loopback(args.host) and not args.token:
         p.error(f"--host {args.host} is not loopback: pass --token (or set ROLLOUT_TOKEN) so "
                 "that only the trainer can push weights")
+    if args.shm_dir and args.shm_mb > 0:
+        args.shm_dir = os.path.realpath(args.shm_dir)
+        if problem := shm.unsafe_directory(args.shm_dir):
+            p.exit(2, f"{p.prog}: error: --shm-dir {args.shm_dir} {problem}; pass a directory "
+                   "only this user can write (chmod go-w), /dev/shm, or --shm-mb 0 for HTTP "
+                   "pushes only\n")
     return args
 
 
@@ -386,7 +270,8 @@ def main(argv=None) -> None:
     slots = (shm.SlotPool(args.shm_dir, args.shm_mb << 20, uuid.uuid4().hex[:8])
              if args.shm_dir and args.shm_mb > 0 else None)
     server = RolloutServer(engine, token=args.token, embed_budget_bytes=args.embed_budget_mb << 20,
-                           max_concurrent=args.max_concurrent, slots=slots)
+                           max_concurrent=args.max_concurrent, slots=slots,
+                           push_idle_s=args.push_idle_s)
     log.warning("serving %s with the %s engine on %s:%d", args.model, engine.name, args.host,
                 args.port)
     app = server.app(args.max_request_mb << 20)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
+import time
 import uuid
 
 import torch
@@ -109,12 +111,29 @@ class StagedPush:
 
     Chunks may arrive in any order and in parallel: `claim` (names, shapes, duplicates)
     runs first and reserves the names, `check` (finiteness, the costly part) may then run
-    in a worker thread, and `stage` keeps the tensors."""
+    in a worker thread, and `stage` keeps the tensors. `busy` marks its requests in
+    progress, so the server can tell an abandoned push (`idle_s`) from a slow one."""
 
     expected: dict[str, tuple]
     push_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     claimed: set = dataclasses.field(default_factory=set)
+    in_flight: int = 0
+    last_active: float = dataclasses.field(default_factory=time.monotonic)
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Around each request of this push: while one runs the push is not idle."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.last_active = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds since the push's last request ended (0 while one is in progress)."""
+        return 0.0 if self.in_flight else time.monotonic() - self.last_active
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         """claim, check and stage in one go."""

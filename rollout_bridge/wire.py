@@ -7,13 +7,15 @@ the server runs in vLLM's own environment.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import urllib.parse
 
 import numpy as np
 from safetensors.numpy import save
 
 EMBEDS_NAME = "embeds"  # the one tensor of an embeddings upload
-PROTOCOL_VERSION = 1  # bumped when a route or a body changes incompatibly
+PROTOCOL_VERSION = 2  # bumped when a route or a body changes incompatibly (2: slot lends)
 # Weight chunks may name, in their safetensors __metadata__, tensors sent as the transpose
 # of their Hugging Face layout (a JAX [in, out] kernel as is); the server reads them as `.T`.
 TRANSPOSED_KEY = "transposed"
@@ -59,3 +61,18 @@ def weight_chunk(tensors: list[tuple[str, np.ndarray, bool]]) -> list:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
     return [len(text).to_bytes(8, "little") + text, *views]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine through loopback (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether a server URL is on this host by loopback, the only one whose slots we write."""
+    return is_loopback(urllib.parse.urlsplit(url).hostname or "")

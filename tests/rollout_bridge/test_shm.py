@@ -3,8 +3,9 @@
 A real server process (transformers engine) with its slots in a test directory: pushes
 through slots serve the pushed weights, slots are reused within the byte budget, a chunk
 over the budget or a client that cannot open the slots falls back to HTTP, a bad slot
-request is a 4xx, and slot files go with the server (or with the next one, after a kill).
-The pool alone: its byte budget, waiting for a release, and a late release by a dropped push.
+request (or slot id) is a 4xx, and slot files go with the server (or with the next one,
+after a kill). The pool alone: its byte budget, waiting for a release, and the slots of a
+dropped push retired. (Slots the client must not write: test_shm_trust.py.)
 """
 
 import asyncio
@@ -105,27 +106,48 @@ def test_bad_slot_requests_get_a_4xx_and_leave_the_push_usable(model_dir, models
         answer = http.post(f"/weights/{push_id}/slots", json={"bytes": 9 << 20})
         assert answer.status_code == 413 and answer.json()["code"] == "too_large"
         lent = http.post(f"/weights/{push_id}/slots", json={"bytes": 1 << 20}).json()
-        for slot, body in ((lent["slot"], {"bytes": (1 << 20) + 1}), ("7", {"bytes": 8}),
-                           ("x", {"bytes": 8})):
-            answer = http.post(f"/weights/{push_id}/slots/{slot}", json=body)
+        slot, lend = lent["slot"], lent["lend"]
+        for slot_id, body in ((slot, {"bytes": (1 << 20) + 1, "lend": lend}),
+                              (slot, {"bytes": 8}), (slot, {"bytes": 8, "lend": lend + 1}),
+                              ("7", {"bytes": 8, "lend": lend}), ("x", {"bytes": 8, "lend": lend})):
+            answer = http.post(f"/weights/{push_id}/slots/{slot_id}", json=body)
             assert answer.status_code in (400, 404), answer.text
         answer = http.post("/weights/nope/slots", json={"bytes": 8})
         assert answer.status_code == 404 and answer.json()["code"] == "unknown_push"
-        other = http.post("/weights").json()["push_id"]  # replaces the push: its slot is free
-        answer = http.post(f"/weights/{push_id}/slots/{lent['slot']}", json={"bytes": 8})
+        other = http.post("/weights", json={"replace": True}).json()["push_id"]
+        answer = http.post(f"/weights/{push_id}/slots/{slot}", json={"bytes": 8, "lend": lend})
         assert answer.status_code == 404
+        assert not os.path.exists(lent["path"])  # still lent to the replaced push: retired
         bodies = list(export.iter_weight_chunks(models[1], CHUNK))
-        with open(lent["path"], "r+b") as f:  # a not-safetensors chunk drops the push
-            f.write(b"\xff" * 64)
         again = http.post(f"/weights/{other}/slots", json={"bytes": 1 << 20}).json()
-        assert again["slot"] == lent["slot"]  # the replaced push's slot, lent again
-        answer = http.post(f"/weights/{other}/slots/{again['slot']}", json={"bytes": 64})
+        assert again["path"] != lent["path"] and again["lend"] > lend
+        with open(again["path"], "r+b") as f:  # a not-safetensors chunk drops the push
+            f.write(b"\xff" * 64)
+        answer = http.post(f"/weights/{other}/slots/{again['slot']}",
+                           json={"bytes": 64, "lend": again["lend"]})
         assert answer.status_code == 400 and answer.json()["code"] == "bad_body"
-        assert http.get("/health").json()["shm"]["slots"] == 1
+        assert http.get("/health").json()["shm"]["slots"] == 0  # the dropped push's: retired
         client = RolloutClient([server.url], chunk_bytes=CHUNK)
         client.push_chunks(server.url, lambda: bodies, 5, threads=2)
         assert client.health()["version"] == 5
         client.close()
+        http.close()
+
+
+def test_slot_ids_that_are_no_slot_number_get_400_naming_them(model_dir, tmp_path):
+    """'²' passed str.isdigit but not int(), 5000 digits pass neither int()'s limit: both
+    were 500s."""
+    slot_dir = tmp_path / "shm"
+    slot_dir.mkdir()
+    with serve(model_dir, slot_dir, tmp_path) as server:
+        http = httpx2.Client(base_url=server.url)
+        push_id = http.post("/weights").json()["push_id"]
+        lend = http.post(f"/weights/{push_id}/slots", json={"bytes": 1 << 20}).json()["lend"]
+        for slot_id in ("\u00b2", "9" * 5000, "\u0663", "-1", "1e3"):
+            answer = http.post(f"/weights/{push_id}/slots/{slot_id}",
+                               json={"bytes": 8, "lend": lend})
+            assert answer.status_code == 400, answer.text
+            assert f"slot id {slot_id[:24]!r}" in answer.json()["error"]
         http.close()
 
 
@@ -143,9 +165,9 @@ def test_a_slot_chunk_of_a_push_dropped_while_its_request_arrives_is_an_unknown_
         rest_of_body = threading.Event()
 
         def slowly_sent_body():
-            yield b'{"bytes": '
+            yield b'{"bytes": 8, "lend": '
             rest_of_body.wait(30)
-            yield b"8}"
+            yield b"%d}" % lent["lend"]
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             answer = pool.submit(httpx2.post, f"{server.url}/weights/{push_id}/slots/"
@@ -181,19 +203,27 @@ def test_slot_files_go_with_the_server_or_with_the_next_one(model_dir, models, t
 
 # ---- the pool itself (no server) ------------------------------------------------------------
 
-def test_a_slot_freed_with_its_dropped_push_is_not_freed_again_by_that_push(tmp_path):
-    """A push dropped while one of its chunks is read: its slots go to the next push, and
-    the late release of the old chunk must not lend the new push's slot a second time."""
+def test_a_slot_still_lent_when_its_push_is_dropped_is_retired_not_lent_again(tmp_path):
+    """A push dropped while its client may still write a lent slot: the next push gets
+    another file, released slots are reused under a new lend number, and the late release
+    of the old chunk changes nothing."""
     async def scenario():
         pool = shm.SlotPool(str(tmp_path), 4 << 20, "t")
+        done = await pool.acquire(1 << 20, "old")
+        pool.release(done, "old")  # a chunk read and staged: the slot is free
         slot = await pool.acquire(1 << 20, "old")
-        pool.release_owner("old")  # the push was dropped
+        assert slot is done
+        writing = await pool.acquire(1 << 20, "old")
+        pool.release(slot, "old")
+        pool.retire_owner("old")  # the push was dropped while `writing` was lent
+        assert not os.path.exists(writing.path) and slot_files(tmp_path) == [
+            os.path.basename(slot.path)]
         again = await pool.acquire(1 << 20, "new")
-        assert again is slot and slot.owner == "new"
-        pool.release(slot, "old")  # the old chunk's handler finishing late
-        assert slot.owner == "new"
         other = await pool.acquire(1 << 20, "new")
-        assert other is not slot
+        assert again is slot and again.lend > writing.lend and other is not writing
+        pool.release(writing, "old")  # the old chunk's handler finishing late
+        assert pool.lent(again.index, "new", again.lend) is again
+        assert pool.lent(again.index, "new", writing.lend) is None
         pool.close()
         assert slot_files(tmp_path) == []
     asyncio.run(scenario())
