@@ -6,7 +6,8 @@
     client.generate([{"before": ids_a, "embeddings": key, "after": ids_b}], n=8, version=1)
 
 `lvr_jax.rl.rollout.ServerEngine` makes a client the learner's rollout engine. A server
-that stops answering is waited for (retries with backoff up to `wait_s`). Weight chunks to
+that stops answering is waited for (retries with backoff up to `wait_s`), but a generate
+that reached it and timed out is not sent again (it may still run there). Weight chunks to
 a server on loopback go through shared-memory slots it lends (`rollout_bridge.shm`, which
 checks each file before writing), everything else over HTTP. While another client pushes
 to a server, a push waits (up to `wait_s`) for it to end.
@@ -53,7 +54,9 @@ class RolloutServerUnavailable(RuntimeError):
 @dataclasses.dataclass
 class RetryPolicy:
     """Per request: `timeout_s`; on failure back off from `backoff_s` (doubling, capped at
-    `max_backoff_s`) for at least `retries` tries and until `wait_s` have passed."""
+    `max_backoff_s`) until `wait_s` have passed, at least `retries` tries where they fail
+    sooner; no try starts after `wait_s` + `max_backoff_s`, so a request ends within that
+    + `timeout_s`."""
 
     timeout_s: float = 120.0
     retries: int = 3
@@ -81,8 +84,11 @@ class RolloutClient:
         self.known_keys: dict[str, set[str]] = {u: set() for u in self.urls}
 
     # ---- transport ---------------------------------------------------------------------
-    def request(self, url: str, method: str, path: str, **kwargs) -> httpx2.Response:
-        """One request with retries; errors raise RolloutError, silence RolloutServerUnavailable."""
+    def request(self, url: str, method: str, path: str, *, resend: bool = True,
+                **kwargs) -> httpx2.Response:
+        """One request with retries; errors raise RolloutError, silence RolloutServerUnavailable.
+        A request the server got but did not answer in time (read timeout, 504) is sent again
+        only with `resend`: without, the server may still be working on it."""
         start, delay, tries = time.monotonic(), self.retry.backoff_s, 0
         while True:
             tries += 1
@@ -91,10 +97,18 @@ class RolloutClient:
                 if response.status_code not in RETRY_STATUS:
                     return _checked(url, response)
                 cause = f"HTTP {response.status_code}: {response.text[:200]}"
+                running = response.status_code == 504
             except httpx2.TransportError as e:
                 cause = f"{type(e).__name__}: {e}"
+                # Refused, or lost with the server (a restart): nothing of it runs there.
+                # A read timeout leaves a live server working on it.
+                running = isinstance(e, httpx2.ReadTimeout)
             waited = time.monotonic() - start
-            if tries >= self.retry.retries and waited + delay > self.retry.wait_s:
+            if running and not resend:
+                raise RolloutServerUnavailable(url, waited, f"{cause}; not sent again: the "
+                                               "server may still be working on it")
+            if waited + delay > self.retry.wait_s and (tries >= self.retry.retries
+                                                       or waited >= self.retry.wait_s):
                 raise RolloutServerUnavailable(url, waited, cause)
             log.warning("rollout server %s: %s; retrying in %.1f s", url, cause, delay)
             time.sleep(delay)
@@ -219,7 +233,8 @@ class RolloutClient:
         body = {"prompts": prompts, "n": n, "temperature": temperature, "top_p": top_p,
                 "top_k": top_k, "max_tokens": max_tokens, "stop_token_ids": list(stop_token_ids),
                 "seed": seed, "version": version}
-        return self.request(url or self.urls[0], "POST", "/generate", json=body).json()
+        return self.request(url or self.urls[0], "POST", "/generate", json=body,
+                            resend=False).json()
 
     def close(self) -> None:
         self.http.close()

@@ -19,7 +19,8 @@ Binding beyond loopback needs --token; with a token every route needs `Authoriza
 One push at a time: a begin while another push is active gets 409 push_in_progress; a
 restarted trainer takes over with {"replace": true}, and a push idle for --push-idle-s is
 dropped by the next begin. A --shm-dir that other users can write (without the sticky bit
-of /dev/shm) or that another user owns stops the server at start.
+of /dev/shm) or that another user owns stops the server at start. A generate whose client
+disconnects is not started, or stopped between tokens (transformers engine).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from rollout_bridge import shm, wire
+from rollout_bridge.cancel import ClientGone, TokenStop, client_gone, run_unless_gone
 from rollout_bridge.pushes import WeightPushes
 from rollout_bridge.requests import BadRequest, parse_generate
 from rollout_bridge.store import EmbeddingStore, count_non_finite
@@ -67,6 +69,7 @@ class RolloutServer:
         self.embeddings = EmbeddingStore(embed_budget_bytes)
         # slots: shared memory for same-host pushes (None: HTTP bodies only)
         self.pushes = WeightPushes(self, slots, push_idle_s)
+        self.stop = TokenStop(engine)
         self.engine_lock = asyncio.Lock()  # a weight apply never overlaps a generate
         self.generate_slots = asyncio.Semaphore(max_concurrent)
         self.max_new_tokens, self.max_n = max_new_tokens, max_n
@@ -162,15 +165,27 @@ class RolloutServer:
                 if job.version is not None and job.version != self.version:
                     raise BadRequest(409, "version_mismatch", f"request wants weights version "
                                      f"{job.version}; serving {self.version} (push first)")
-                prompts = [self._prompt_embeds(p) for p in job.prompts]
-                self._check_length(prompts, job.sampling.max_tokens)
                 try:
-                    outputs = await self.in_thread(self.engine.generate, prompts, job.sampling)
-                except self.engine.rejects as e:  # the engine's own validation (vLLM's limits)
-                    raise BadRequest(422, "engine_rejected", f"{type(e).__name__}: {e}") from e
+                    outputs = await self._sample(request, job)
+                except ClientGone as e:  # nobody reads this answer; the log says why it ended
+                    log.warning("generate of %d prompts not finished: %s", len(job.prompts), e)
+                    raise BadRequest(499, "client_closed", str(e)) from None
                 version = self.version
         return web.json_response({"version": version, "outputs": [
             [{"token_ids": t, "logprobs": lp} for t, lp in samples] for samples in outputs]})
+
+    async def _sample(self, request, job):
+        """The engine's samples for `job`, unless its client has gone (ClientGone) before or
+        while they are made: queued work of a client that timed out is never started."""
+        if client_gone(request):
+            raise ClientGone("its client closed the connection while it waited its turn")
+        prompts = [self._prompt_embeds(p) for p in job.prompts]
+        self._check_length(prompts, job.sampling.max_tokens)
+        try:
+            return await run_unless_gone(request, self.stop, self.engine.generate, prompts,
+                                         job.sampling)
+        except self.engine.rejects as e:  # the engine's own validation (vLLM's limits)
+            raise BadRequest(422, "engine_rejected", f"{type(e).__name__}: {e}") from e
 
     def _prompt_embeds(self, prompt):
         """Text embeddings from the current weights around the uploaded video embeddings."""

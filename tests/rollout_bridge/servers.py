@@ -113,10 +113,10 @@ def running_server(model_dir: str, engine: str, **kwargs):
 
 
 @contextlib.contextmanager
-def serving_in_thread(app: web.Application):
-    """`app` on 127.0.0.1 (a free port) from an event loop in a background thread; yields
-    its base URL. For tests that need a route of their own beside the server's."""
-    loop, runner, port = asyncio.new_event_loop(), web.AppRunner(app), free_port()
+def serving_in_thread(app: web.Application, port: int = 0):
+    """`app` on 127.0.0.1 (`port`, or a free one) from an event loop in a background thread;
+    yields its base URL. For tests that need a route of their own beside the server's."""
+    loop, runner, port = asyncio.new_event_loop(), web.AppRunner(app), port or free_port()
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
