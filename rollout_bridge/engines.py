@@ -9,29 +9,23 @@ that only when those filters are on (the trainer's `logprob_mismatch` shows it).
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
+import threading
+from typing import Optional
 
 import torch
 from safetensors import safe_open
+
+from lvr_jax.sampling import SamplingParams
 
 EMBED_NAME = "model.embed_tokens.weight"
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """One generate request's settings; temperature 0 is greedy, top_k 0 / top_p 1 are off."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 64
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int = 0
+class GenerateStopped(Exception):
+    """A generate whose `stop` was set before it finished (its client has gone)."""
 
 
 def llm_dir(path: str) -> str:
@@ -104,7 +98,10 @@ class Engine:
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def generate(self, prompts: list[torch.Tensor], s: Sampling) -> list[list[tuple[list, list]]]:
+    def generate(self, prompts: list[torch.Tensor], s: SamplingParams, seed: int = 0,
+                 stop: Optional[threading.Event] = None) -> list[list[tuple[list, list]]]:
+        """`s.num_samples` samples (token ids, log-probs) of each prompt [T, D], sampled from
+        `seed`; raises GenerateStopped where the engine can stop once `stop` is set."""
         raise NotImplementedError
 
 
@@ -126,7 +123,7 @@ def filter_logits(logits_bv: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return logits_bv
 
 
-def sample_token(logits_bv: torch.Tensor, s: Sampling, gen: torch.Generator):
+def sample_token(logits_bv: torch.Tensor, s: SamplingParams, gen: torch.Generator):
     """Next token [B] and its log-prob under logits / T (raw logits when greedy)."""
     if s.temperature == 0.0:
         token = logits_bv.argmax(-1)
@@ -172,15 +169,19 @@ class TransformersEngine(Engine):
             self.spare[name], param.data = param.data, value
 
     @torch.no_grad()
-    def _sample_one(self, embeds_td: torch.Tensor, s: Sampling, gen: torch.Generator):
-        """n samples of one prompt: one prefill of n rows, then decoding until all stop."""
-        x = embeds_td.to(self.dtype)[None].expand(s.n, -1, -1)
+    def _sample_one(self, embeds_td: torch.Tensor, s: SamplingParams, gen: torch.Generator,
+                    stop: Optional[threading.Event]):
+        """n samples of one prompt: one prefill of n rows, then decoding until all stop
+        (or, between two tokens, until `stop` is set)."""
+        x = embeds_td.to(self.dtype)[None].expand(s.num_samples, -1, -1)
         out = self.model(inputs_embeds=x, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
-        done = torch.zeros(s.n, dtype=torch.bool)
+        done = torch.zeros(s.num_samples, dtype=torch.bool)
         tokens, logps = [], []
         stops = torch.as_tensor(s.stop_token_ids or (-1,))
-        for _ in range(s.max_tokens):
+        for _ in range(s.max_new_tokens):
+            if stop is not None and stop.is_set():
+                raise GenerateStopped("stopped between tokens")
             token, logp = sample_token(logits, s, gen)
             tokens.append(token), logps.append(torch.where(done, 0.0, logp))
             done = done | torch.isin(token, stops)
@@ -190,9 +191,9 @@ class TransformersEngine(Engine):
             cache, logits = out.past_key_values, out.logits[:, -1].float()
         return _trim(torch.stack(tokens, 1), torch.stack(logps, 1), stops)
 
-    def generate(self, prompts, s):
-        gen = torch.Generator().manual_seed(s.seed)
-        return [self._sample_one(p, s, gen) for p in prompts]
+    def generate(self, prompts, s, seed=0, stop=None):
+        gen = torch.Generator().manual_seed(seed)
+        return [self._sample_one(p, s, gen, stop) for p in prompts]
 
 
 def owned_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,18 +254,22 @@ class VllmEngine(Engine):
             "weights_iterator": list(tensors.items()), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
 
-    def generate(self, prompts, s):
+    def generate(self, prompts, s, seed=0, stop=None):
+        """vLLM's blocking generate runs its whole batch: `stop` is looked at before."""
+        if stop is not None and stop.is_set():
+            raise GenerateStopped("stopped before it started")
         # vLLM refuses n > 1 when greedy; n identical requests give the same answer.
-        copies = s.n if s.temperature == 0.0 else 1
+        n = s.num_samples
+        copies = n if s.temperature == 0.0 else 1
         params = self._vllm.SamplingParams(
-            n=s.n // copies, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            max_tokens=s.max_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=True,
-            logprobs=0, seed=None if self._cpu else s.seed, detokenize=False)
+            n=n // copies, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=True, logprobs=0, seed=None if self._cpu else seed, detokenize=False)
         inputs = [{"prompt_embeds": p.to(self.dtype)} for p in prompts for _ in range(copies)]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = [(list(c.token_ids), [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
                    for out in outputs for c in out.outputs]
-        return [samples[i:i + s.n] for i in range(0, len(samples), s.n)]
+        return [samples[i:i + n] for i in range(0, len(samples), n)]
 
 
 def vllm_client_errors() -> tuple[type[Exception], ...]:

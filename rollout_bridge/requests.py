@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Optional
 
-from rollout_bridge.engines import Sampling
+from lvr_jax.sampling import SamplingParams
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 GENERATE_FIELDS = ("prompts", "n", "temperature", "top_p", "top_k", "max_tokens",
@@ -30,7 +30,8 @@ class Prompt:
 @dataclasses.dataclass(frozen=True)
 class GenerateJob:
     prompts: list[Prompt]
-    sampling: Sampling
+    sampling: SamplingParams
+    seed: int
     version: Optional[int]  # the weight version the caller expects, if it cares
 
 
@@ -113,14 +114,15 @@ def parse_generate(body: dict, server) -> GenerateJob:
     if not isinstance(prompts, list) or not prompts:
         raise _bad("prompts must be a non-empty list")
     stops = _ids(body.get("stop_token_ids", []), "stop_token_ids", server.vocab)
-    sampling = Sampling(
-        n=_number(body, "n", int, 1, 1, server.max_n),
+    sampling = SamplingParams(
+        num_samples=_number(body, "n", int, 1, 1, server.max_n),
         temperature=_temperature(body), top_p=_top_p(body),
         top_k=_number(body, "top_k", int, 0, 0, server.vocab),
-        max_tokens=_number(body, "max_tokens", int, 64, 1, server.max_new_tokens),
-        stop_token_ids=tuple(stops), seed=_number(body, "seed", int, 0, 0, 2**63 - 1))
+        max_new_tokens=_number(body, "max_tokens", int, 64, 1, server.max_new_tokens),
+        stop_token_ids=tuple(stops))
+    seed = _number(body, "seed", int, 0, 0, 2**63 - 1)
     version = body.get("version")
     if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
         raise _bad("version must be an int (the weight version the caller expects)")
     return GenerateJob([_prompt(p, i, server.vocab) for i, p in enumerate(prompts)],
-                       sampling, version)
+                       sampling, seed, version)

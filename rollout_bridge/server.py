@@ -36,7 +36,7 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from rollout_bridge import shm, wire
-from rollout_bridge.cancel import ClientGone, TokenStop, client_gone, run_unless_gone
+from rollout_bridge.cancel import ClientGone, client_gone, run_unless_gone
 from rollout_bridge.pushes import WeightPushes
 from rollout_bridge.requests import BadRequest, parse_generate
 from rollout_bridge.store import EmbeddingStore, count_non_finite
@@ -69,7 +69,6 @@ class RolloutServer:
         self.embeddings = EmbeddingStore(embed_budget_bytes)
         # slots: shared memory for same-host pushes (None: HTTP bodies only)
         self.pushes = WeightPushes(self, slots, push_idle_s)
-        self.stop = TokenStop(engine)
         self.engine_lock = asyncio.Lock()  # a weight apply never overlaps a generate
         self.generate_slots = asyncio.Semaphore(max_concurrent)
         self.max_new_tokens, self.max_n = max_new_tokens, max_n
@@ -180,10 +179,10 @@ class RolloutServer:
         if client_gone(request):
             raise ClientGone("its client closed the connection while it waited its turn")
         prompts = [self._prompt_embeds(p) for p in job.prompts]
-        self._check_length(prompts, job.sampling.max_tokens)
+        self._check_length(prompts, job.sampling.max_new_tokens)
         try:
-            return await run_unless_gone(request, self.stop, self.engine.generate, prompts,
-                                         job.sampling)
+            return await run_unless_gone(request, self.engine.generate, prompts, job.sampling,
+                                         job.seed)
         except self.engine.rejects as e:  # the engine's own validation (vLLM's limits)
             raise BadRequest(422, "engine_rejected", f"{type(e).__name__}: {e}") from e
 

@@ -18,18 +18,7 @@ from flax import nnx
 
 from lvr_jax.kernels import blockwise_attention
 from lvr_jax.model.qwen2 import KVCache, Qwen2, positions_from_valid
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    num_samples: int = 1  # G: samples per prompt sharing its prefill
+from lvr_jax.sampling import SamplingParams
 
 
 @jax.tree_util.register_dataclass

@@ -22,7 +22,7 @@ from rollout_bridge.client import RetryPolicy, RolloutClient, RolloutServerUnava
 from rollout_bridge.engines import TransformersEngine
 from rollout_bridge.server import RolloutServer
 from tests.rollout_bridge.servers import serving_in_thread
-from tests.vllm_env import free_port
+from rollout_bridge.launch import free_port
 
 SMALL = {"prompts": [{"before": [1, 2]}], "max_tokens": 2, "temperature": 0.0}
 
@@ -39,10 +39,10 @@ class SlowEngine:
     def embed(self, ids):
         return torch.zeros(len(ids), 4)
 
-    def generate(self, prompts, s):
+    def generate(self, prompts, s, seed=0, stop=None):
         self.calls += 1
         time.sleep(self.seconds)
-        return [[([1], [0.0])] * s.n for _ in prompts]
+        return [[([1], [0.0])] * s.num_samples for _ in prompts]
 
 
 def abandon(url: str, body: dict, count: int, after_s: float) -> None:
