@@ -37,7 +37,7 @@ def prompt_embeddings(args, data_dir: str):
     from configs.demo import get_config
     from lvr_jax import build
     from lvr_jax.data.pipeline import rl_dataset
-    from lvr_jax.data.video import normalize_frames
+    from lvr_jax.model.siglip import normalize_frames
 
     c = get_config("grpo")
     c.model.vision, c.model.llm = dict(SMALL_VISION), dict(SMALL_LLM)

@@ -1,7 +1,7 @@
 """Video decoding: uniformly sampled frames, resized square, as uint8; decord first, PyAV as fallback.
 
 Frames leave this module as uint8 `[F, S, S, 3]` (small to pass between processes);
-`normalize_frames` is the one place that turns them into the vision tower's float input.
+`model.siglip.normalize_frames` is the one place that turns them into the tower's input.
 Every failure is a `BadVideoError` whose message names the file and says what is wrong.
 
 Memory: a video larger than `max_pixels` per frame is refused before decoding, and one larger
@@ -63,11 +63,6 @@ class VideoFrames:
 def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
     """Uniform sampling of REFERENCE.md §3: `linspace(0, N-1, num_frames)` rounded down."""
     return np.floor(np.linspace(0, total_frames - 1, num_frames)).astype(np.int32)
-
-
-def normalize_frames(frames_u8):
-    """uint8 frames -> float32 in [-1, 1] (SigLIP mean 0.5, std 0.5); numpy or jax arrays."""
-    return frames_u8.astype("float32") / 127.5 - 1.0
 
 
 def resize_frames(frames_fhwc: np.ndarray, size: int) -> np.ndarray:

@@ -16,6 +16,12 @@ from lvr_jax.model import layers
 from lvr_jax.model.config import SiglipConfig
 
 
+def normalize_frames(frames_u8):
+    """uint8 frames as decoded -> the tower's input, float32 in [-1, 1] (SigLIP's mean 0.5,
+    std 0.5); numpy or jax arrays."""
+    return frames_u8.astype("float32") / 127.5 - 1.0
+
+
 class Attention(nnx.Module):
     def __init__(self, c: SiglipConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

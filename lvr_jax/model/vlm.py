@@ -45,19 +45,13 @@ class LongVILA(nnx.Module):
         The half of `encode_video` after the vision tower: SFT caches the (frozen) tower's
         features and trains the projector through this.
         """
-        return self.arrange_video(self.mm_projector(features_fpc))
+        return projected_video(self.mm_projector, features_fpc, self.video_token_embeds(),
+                               self.config)
 
     def video_token_embeds(self) -> tuple:
         """The video encoder's (start, end, sep) token embeddings, each [n, D] or None."""
         ids = self.config.video_encoder.token_ids(self.config.newline_token_id)
         return tuple(self.embed_tokens(jnp.asarray(i, jnp.int32)) if i else None for i in ids)
-
-    def arrange_video(self, tokens_ftd):
-        """Projector tokens [F, T, D] -> [num_video_tokens(F), D] (pooling, "\\n"s, separators)."""
-        start, end, sep = self.video_token_embeds()
-        tokens_ftd = tokens_ftd.astype(jnp.dtype(self.config.dtype))  # as embed_tokens returns
-        return video_encoders.arrange_video(tokens_ftd, self.config.video_encoder.pools,
-                                            start, end, sep)
 
     def embed_inputs(self, input_ids_bt, video_embeds_bnd=None, valid_bt=None,
                      video_valid_bn=None):
@@ -98,6 +92,13 @@ class LongVILA(nnx.Module):
         embeds, valid = self.embed_inputs(input_ids_bt, video_embeds, valid, video_valid)
         return self.llm(inputs_embeds=embeds, valid=valid, positions=positions, cache=cache,
                         attention_fn=attention_fn)
+
+
+def projected_video(projector, features_fpc, separators: tuple, config: LongVILAConfig):
+    """Vision features [F, patches, C] -> [num_video_tokens(F), D]: the projector's tokens
+    arranged by the video encoder (pooling, "\\n"s, the (start, end, sep) embeddings)."""
+    tokens_ftd = projector(features_fpc).astype(jnp.dtype(config.dtype))  # as embed_tokens
+    return video_encoders.arrange_video(tokens_ftd, config.video_encoder.pools, *separators)
 
 
 def splice_index(input_ids_bt, num_video: int, video_token_id: int):

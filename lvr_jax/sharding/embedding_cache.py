@@ -66,7 +66,7 @@ class EmbeddingCache:
     def of(cls, cache_config, disk: bool = True) -> "EmbeddingCache":
         """The cache a recipe's `cache` section asks for (`disk`: with its disk store)."""
         return cls(cache_config.budget_mb << 20, (cache_config.disk_dir or None) if disk else None,
-                   bool(cache_config.get("on_host", False)))
+                   bool(cache_config.on_host))
 
     def get(self, key: str, compute: Callable[[], jax.Array]) -> jax.Array:
         """The cached value of `key`, computing (and storing) it on a miss."""

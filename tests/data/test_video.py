@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from lvr_jax.data.frame_cache import FrameCache
-from lvr_jax.data.video import (BadVideoError, normalize_frames, read_decord, read_frames,
-                                read_pyav, resize_frames, sample_indices)
+from lvr_jax.data.video import (BadVideoError, read_decord, read_frames, read_pyav,
+                                resize_frames, sample_indices)
+from lvr_jax.model.siglip import normalize_frames
 from tests.data.conftest import BAD_VIDEOS, SIZE, write_faststart_mp4, ramp_frames
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lvr_jax.data.video import normalize_frames
+from lvr_jax.model.siglip import normalize_frames
 from lvr_jax.datagen.captioners import clip_embedder, clip_prompts
 from lvr_jax.model import PRESETS, LongVILA
 from lvr_jax.model.video_encoders import VideoEncoderConfig

@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lvr_jax.data.video import normalize_frames
+from lvr_jax.model.siglip import normalize_frames
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
 from tests.sharding.helpers import make_model, mesh_of, rel_err
