@@ -8,12 +8,12 @@ The LLM has Qwen2-1.5B's shapes (28 layers, 1536 wide, 12 heads / 2 KV heads, vo
 frame); bf16 compute, f32 parameters and AdamW state, per-layer remat, one device (mesh
 1x1x1x1). The steps are the trainer's own jitted functions on random weights and inputs:
 
-  SFT    `training.guarded_update` with `sft.learner`'s loss: one sequence of `--tokens`
+  SFT    `training.guarded_update` with the SFT stage's loss: one sequence of `--tokens`
          merged tokens (cached vision features -> trainable projector -> LLM), the loss
          on the text tokens.
   GRPO   rollout (`sampler.generate`: one prefill of the prompt, G samples decoded
-         together), old-policy and reference log-probs (`rl.learner`'s scoring forward),
-         one update (`guarded_update` with `rl.learner`'s loss) on the G sequences.
+         together), old-policy and reference log-probs (`forwards.response_logprobs_fn`),
+         one update (`guarded_update` with the GRPO stage's loss) on the G sequences.
 
 MFU counts model FLOPs (6 x parameters x tokens for the matmuls, causal attention
 6 x T^2 x heads x head_dim per layer, forward + backward; remat recomputation not
@@ -113,14 +113,12 @@ def build(kernel: str, stage: str, args):
     cfg = train_config(stage, kernel, frames, args.text, args)
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
     model = LongVILA(mc, rngs=nnx.Rngs(0))
-    if stage == "sft":
-        from lvr_jax.sft import learner
-    else:
-        from lvr_jax.rl import learner
+    from lvr_jax.stages import stage_of
+    stage = stage_of(cfg)
     tx = training.make_optimizer(cfg.optim)
-    state = training.TrainState.create(model, learner.trainable_filter(cfg), tx)
-    update = training.jit_update(tx, learner.make_loss_fn(cfg, mesh))
-    return mc, cfg, mesh, model, state, update, learner
+    state = training.TrainState.create(model, stage.trainable_filter(cfg), tx)
+    update = training.jit_update(tx, stage.loss_fn(cfg, mesh))
+    return mc, cfg, mesh, model, state, update, stage
 
 
 def random_ids(shape, vocab, video_id, seed):
@@ -130,8 +128,8 @@ def random_ids(shape, vocab, video_id, seed):
 
 def sft_step(kernel: str, args, peak: float) -> dict:
     from flax import nnx
-    mc, cfg, mesh, model, state, update, learner = build(kernel, "sft", args)
-    shapes = learner.abstract_batch(cfg, mc)
+    mc, cfg, mesh, model, state, update, stage = build(kernel, "sft", args)
+    shapes = stage.abstract_batch(cfg, mc)
     ids = random_ids(shapes["input_ids"].shape, mc.llm.vocab_size, mc.video_token_id, 1)
     ids = ids.at[:, 64].set(mc.video_token_id)
     batch = {"input_ids": ids, "token_mask": jnp.ones_like(ids),
@@ -156,7 +154,7 @@ def sft_step(kernel: str, args, peak: float) -> dict:
 
 def grpo_step(kernel: str, args, peak: float) -> dict:
     from lvr_jax.model.sampler import SamplingParams, generate
-    mc, cfg, mesh, model, state, update, learner = build(kernel, "grpo", args)
+    mc, cfg, mesh, model, state, update, _ = build(kernel, "grpo", args)
     g, m, d = args.generations, args.response, mc.llm.hidden_size
     t = args.tokens - m  # prompt (video + text) + response = --tokens
     prompt = 0.02 * jax.random.normal(jax.random.key(3), (1, t, d), jnp.bfloat16)
@@ -167,7 +165,8 @@ def grpo_step(kernel: str, args, peak: float) -> dict:
     tokens = rollout()
     n = tokens.shape[0]
     from flax import nnx
-    logprobs_fn = nnx.jit(learner.make_response_logprobs(mesh, cfg.mesh))
+    from lvr_jax.sharding.forwards import response_logprobs_fn
+    logprobs_fn = nnx.jit(response_logprobs_fn(mesh, cfg.mesh))
     ones = jnp.ones((n, m), jnp.float32)
     index = jnp.zeros((n,), jnp.int32)
     score = lambda: logprobs_fn(model.llm, prompt, valid, index, tokens, ones, 1.0)[0]  # noqa: E731

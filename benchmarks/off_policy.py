@@ -2,8 +2,8 @@
 
     python -m benchmarks.off_policy --data runs/demo/data --init runs/demo/sft/model
 
-runs the demo's GRPO recipe twice from the same model and data through `python -m
-lvr_jax.train`'s `train.run`, `rl.rollout.backend=server`: once synchronous
+runs the demo's GRPO recipe twice from the same model and data through
+`lvr_jax.trainer.run` with `rl.rollout.backend=server`: once synchronous
 (`rl.off_policy_steps=0`: push, generate, then update) and once one-step off-policy
 (`rl.off_policy_steps=1`: the server generates batch k+1 while the trainer updates on batch
 k, `rl.rollout_correction=token-tis`). Prints the mean step time (the first, compiling, step
@@ -40,8 +40,8 @@ def parse_args(argv=None):
 
 
 def recipe(args, data: str, url: str, mode: dict):
-    from lvr_jax.demo import stage_config
-    config = stage_config("grpo", data, args.steps)
+    from lvr_jax.config import demo_config
+    config = demo_config("grpo", data, args.steps)
     config.data.categories = ()  # every category, as the README's figures were measured
     config.model.update(init=args.init or "", allow_random_init=not args.init)
     config.rl.rollout.update(backend="server", urls=[url], wait_s=120)
@@ -57,9 +57,9 @@ def recipe(args, data: str, url: str, mode: dict):
 
 
 def run_mode(args, data, url, mode, workdir) -> list[dict]:
-    from lvr_jax import train
+    from lvr_jax import trainer
     from lvr_jax.metrics import read_metrics
-    train.run(recipe(args, data, url, mode), workdir)
+    trainer.run(recipe(args, data, url, mode), workdir)
     return [r for r in read_metrics(os.path.join(workdir, "grpo_metrics.jsonl")) if "reward" in r]
 
 
@@ -81,7 +81,7 @@ def main(argv=None):
     from lvr_jax import build
     from lvr_jax.data.synthetic import generate
     from rollout_bridge import export
-    from tests.rollout_bridge.servers import running_server
+    from rollout_bridge.launch import running_server
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or os.path.join(tmp, "data")

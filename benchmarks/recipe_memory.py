@@ -7,7 +7,7 @@ the MR-SP attention strategy and the recipe's mesh; the ceiling of each.
 
 Each cell compiles every phase of a step of `configs/<recipe>.py` as shipped (its batch
 sizes, micro-batches, chunks, offloads) on 8 simulated devices with
-`data.num_frames` and `mesh.attention` changed, from shapes alone (`build.phase_memory`,
+`data.num_frames` and `mesh.attention` changed, from shapes alone (`memory_report.phase_memory`,
 what `python -m lvr_jax.train --compile_only` prints), and shows the worst phase: its peak
 by XLA's memory analysis of this CPU compile plus what the step holds beside it (weights,
 optimizer state, reference policy). The ceiling is the most frames at which every phase
@@ -29,7 +29,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lvr_jax import build  # noqa: E402
+from lvr_jax import memory_report  # noqa: E402
+from lvr_jax.config import preset_config  # noqa: E402
 from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
 
 GIB = 1 << 30
@@ -85,7 +86,7 @@ def cell_config(args, platform: str, strategy: str, frames: int):
 
 def heads_allow(config, mesh) -> bool:
     """Ulysses gives each device all the sequence and heads / sp of the heads."""
-    heads = build.preset_config(config).llm.num_attention_heads
+    heads = preset_config(config).llm.num_attention_heads
     return config.mesh.attention != "ulysses" or heads % mesh.shape["sp"] == 0
 
 
@@ -95,7 +96,7 @@ def measure(config) -> dict | str:
     if not heads_allow(config, mesh):
         return "heads do not divide"
     try:
-        report = build.phase_memory(config, mesh)
+        report = memory_report.phase_memory(config, mesh)
     except ValueError as error:  # e.g. a chunk of prompts that fsdp does not divide
         return f"cannot run: {error}"
     return {phase: total for phase, (_, _, total) in report.items()}

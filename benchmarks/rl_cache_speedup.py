@@ -3,7 +3,7 @@
     python -m benchmarks.rl_cache_speedup                      # 16, 64, 256 frames, ~5 min
     python -m benchmarks.rl_cache_speedup --frames 256 --repeats 7 --generations 8
 
-The baseline is `rl.reencode_video`, the reference implementation's behaviour: the rollout
+The baseline is `reencoding_learner`, the reference implementation's behaviour: the rollout
 encodes each prompt's video once (its G samples share one prefill, as vLLM's `n` does), and
 the old-policy, reference and update forwards encode it again for every sequence (each of
 the G samples is its own row there). With the cache, a warm step encodes nothing.
@@ -89,32 +89,81 @@ def bench_config(args, data_dir: str):
     return c
 
 
+def reencoding_learner(model, config, tokenizer):
+    """A GRPOLearner as the reference implementation computes a step: the rollout encodes each
+    prompt's video once (its G samples share one prefill, as vLLM's `n` does), and every later
+    forward (old-policy, reference, update, update-measuring) encodes the video again for each
+    sequence, each of the G samples its own prompt; nothing is cached."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lvr_jax.rl.learner import GRPOLearner
+    from lvr_jax.rl.passes import Passes
+    from lvr_jax.rl.rollout import Rollout
+    from lvr_jax.sharding.embedding_cache import EmbeddingCache
+    from lvr_jax.sharding.video_embeddings import VideoEmbedder
+
+    class Reencoding(VideoEmbedder):
+        def videos(self, batch):  # every video encoded now, the cache bypassed
+            return jnp.stack([self.encode(f) for f in batch["frames"]])
+
+    class ReencodingRollout(Rollout):
+        def collect(self, model, batch, rng, prompts=None):
+            """Also keeps what each later forward needs to encode its video again."""
+            train, metrics = super().collect(model, batch, rng, prompts)
+            order = train["prompt_order"]
+            train.update(frames=batch["frames"][order],
+                         prompt_ids=np.asarray(batch["prompt_ids"])[order],
+                         prompt_mask=np.asarray(batch["prompt_mask"]).astype(bool)[order])
+            return train, metrics
+
+    class ReencodingPasses(Passes):
+        def prompts(self, train, prompts):
+            """Each sequence its own prompt, its video encoded again."""
+            index = np.repeat(prompts, self.g)
+            embeds, valid = videos.prompts(learner.state.model(), {
+                k: train[k][index] for k in ("frames", "prompt_ids", "prompt_mask")})
+            return {"prompt_embeds": embeds, "prompt_valid": valid,
+                    "prompt_index": jnp.arange(len(index))}
+
+    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    videos = learner.videos = Reencoding(model, EmbeddingCache())
+    r, p = learner.rollout, learner.passes
+    learner.rollout = ReencodingRollout(config, tokenizer, videos, r.engine, r.placement)
+    learner.passes = ReencodingPasses(config.rl, p.placement, p.micro, p.streamed)
+    return learner
+
+
 def timed_encodes(learner, seconds: list):
     """Adds the wall time of each uncached encode (normalisation, transfer, tower, projector)
     to seconds[-1]; a warm cached step makes none."""
     import jax
 
-    encode_each = learner._encode_each
+    encode = learner.videos.encode_normalised
 
-    def timed(frames_bfhwc):
+    def timed(frames_fhwc):
         start = time.perf_counter()
-        out = jax.block_until_ready(encode_each(frames_bfhwc))
+        out = jax.block_until_ready(encode(frames_fhwc))
         seconds[-1] += time.perf_counter() - start
         return out
 
-    learner._encode_each = timed
+    learner.videos.encode_normalised = timed
 
 
 def make_learner(config, reencode: bool, seconds: list):
+    import dataclasses
+
     from lvr_jax import build
     from lvr_jax.rl.learner import GRPOLearner
     from lvr_jax.sharding.embedding_cache import EmbeddingCache
 
     config = config.copy_and_resolve_references()
-    config.rl.reencode_video = reencode
     tokenizer, model = build.build_model(config)
-    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
-    learner.stop_ids = ()  # every response runs to max_new_tokens: the same work per step
+    learner = (reencoding_learner(model, config, tokenizer) if reencode
+               else GRPOLearner(model, config, tokenizer, EmbeddingCache()))
+    # every response runs to max_new_tokens: the same work per step
+    r = learner.rollout
+    r.params = dataclasses.replace(r.params, stop_token_ids=())
     timed_encodes(learner, seconds)
     return learner
 
@@ -146,7 +195,7 @@ def measure(args, config) -> list[dict]:
     model = learners["cached"].state.model()
     rows = []
     for frames in args.frames:
-        batches = load_batches(config, frames, args.batches, learners["cached"].tokenizer, model)
+        batches = load_batches(config, frames, args.batches, learners["cached"].rollout.tokenizer, model)
         for batch in batches:  # compile, fill the cache
             for mode, learner in learners.items():
                 timed_step(learner, batch, enc[mode])
@@ -187,17 +236,18 @@ def main(argv=None) -> None:
 
     from lvr_jax import build
     from lvr_jax.data.synthetic import generate
+    from lvr_jax.config import preset_config
     from lvr_jax.model import PRESETS
 
     data_dir = args.data or tempfile.mkdtemp(prefix="rl_cache_bench_")
     if not os.path.exists(os.path.join(data_dir, "train.jsonl")):
         generate(data_dir, num_videos=8, frames=max(args.frames), size=64, seed=0, progress=False)
     config = bench_config(args, data_dir)
-    print_flop_table(build.preset_config(config), PRESETS["longvila_r1_7b"]())
+    print_flop_table(preset_config(config), PRESETS["longvila_r1_7b"]())
     print(f"GRPO step: {args.prompts} prompts x G={args.generations}, {args.max_new_tokens} new "
           f"tokens, 1 update mini-batch, KL to the reference on; CPU, medians of "
           f"{args.repeats}")
-    print("re-encode = rl.reencode_video (per prompt in the rollout, per sequence in the "
+    print("re-encode = reencoding_learner (per prompt in the rollout, per sequence in the "
           "log-prob and update forwards); cached = warm embedding cache, no encodes")
     print(HEADER, flush=True)
     measure(args, config)

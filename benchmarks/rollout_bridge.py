@@ -27,6 +27,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def servable_tiny_model(tokenizer, layers: int):
+    """The tiny preset with head_dim 32 (vLLM's minimum) and an untied head (vLLM's in-place
+    reload does not refresh a tied one), random weights."""
+    import dataclasses
+
+    from flax import nnx
+
+    from lvr_jax.model import PRESETS, LongVILA
+    base = PRESETS["tiny"](vocab_size=tokenizer.vocab_size)
+    llm = dataclasses.replace(base.llm, num_attention_heads=2, num_key_value_heads=1,
+                              tie_word_embeddings=False, num_hidden_layers=layers)
+    config = base.replace(llm=llm, video_token_id=tokenizer.video_id,
+                          newline_token_id=tokenizer.newline_id)
+    return LongVILA(config, rngs=nnx.Rngs(0))
+
+
 def timed(fn, repeats=3):
     fn()  # warm-up (compilation)
     start = time.perf_counter()
@@ -40,12 +56,12 @@ def main(argv=None):
     from lvr_jax.model.sampler import SamplingParams, generate
     from lvr_jax.tokenizer import build_tiny_tokenizer
     from rollout_bridge import export
-    from lvr_jax.rl.rollout import ServerEngine
+    from lvr_jax.rl.engines import ServerEngine
     from rollout_bridge.client import RolloutClient
-    from tests.rollout_bridge.servers import running_server, tiny_model
+    from rollout_bridge.launch import running_server
     args = parse_args(argv)
     tok = build_tiny_tokenizer()
-    model = tiny_model(tok, num_hidden_layers=args.layers)
+    model = servable_tiny_model(tok, args.layers)
     prompt_embeds = jax.random.normal(jax.random.key(0), (args.prompts, args.video_tokens, 64))
     valid = jnp.ones(prompt_embeds.shape[:2], bool)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=1.0,

@@ -29,7 +29,7 @@ from benchmarks.gpu_step import median_time
 from lvr_jax.model.config import Qwen2Config
 from lvr_jax.model.qwen2 import Qwen2, positions_from_valid
 from lvr_jax.rl import grpo
-from lvr_jax.rl.learner import make_response_logprobs
+from lvr_jax.sharding.forwards import response_logprobs_fn
 from lvr_jax.sharding import sequence
 
 DEMO_LLM = Qwen2Config(vocab_size=700, hidden_size=128, intermediate_size=256,
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     llm = Qwen2(DEMO_LLM, rngs=nnx.Rngs(0))
-    shared = make_response_logprobs()
+    shared = response_logprobs_fn()
     print("| case | sequences x tokens | pass | whole sequences | shared prompt | speed-up |")
     print("|---|---|---|---|---|---|")
     for name in args.cases:

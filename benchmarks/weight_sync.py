@@ -110,7 +110,7 @@ def table(rows: list[tuple]) -> str:
 def main(argv=None):
     from rollout_bridge import export
     from rollout_bridge.client import RolloutClient
-    from tests.rollout_bridge.servers import running_server
+    from rollout_bridge.launch import running_server
     args = parse_args(argv)
     model = llm_of_size(args.size_mb)
     rows = []

@@ -7,9 +7,17 @@ Fields are grouped the way the code is: model, data, mesh, optim, train, sft, rl
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import os
+import pathlib
+
 import ml_collections
 
 from lvr_jax.cli import CommandLineError
+from lvr_jax.model import PRESETS
+from lvr_jax.model.video_encoders import (VideoEncoderConfig, VideoEncoderError,
+                                          parse_video_encoder)
 from lvr_jax.sharding.mesh import DEFAULT_RULES
 
 
@@ -89,7 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
         # One more forward per step to log how the update moved the sampled responses
         # (logp_shift_pos / logp_shift_neg / update_alignment); its cost is one log-prob pass.
         measure_update=True,
-        reencode_video=False,  # True: the reference's baseline for benchmarks, no embedding cache
         # backend "jax": the embedded sampler; "server": rollout_bridge servers at `urls`
         # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
         # transport "auto": weight chunks through shared memory to servers on this host,
@@ -141,35 +148,48 @@ class ConfigError(CommandLineError):
     Raised from an entrypoint's main, `lvr_jax.cli.run_app` prints it in one line, exit 2."""
 
 
-def check_model_init(config: ml_collections.ConfigDict) -> None:
-    """Refuses GRPO from random weights unless `model.allow_random_init` asks for it."""
-    model = config.model
-    if config.stage != "grpo" or model.init or model.get("allow_random_init", False):
-        return
-    raise ConfigError(
-        "stage 'grpo' has no model.init, so it would train a randomly initialised "
-        f"{model.preset!r} model: pass --config.model.init=<VILA directory> (e.g. the SFT run's "
-        "<workdir>/model), or --config.model.allow_random_init=True if that is intended")
+def preset_config(config, tokenizer=None):
+    """The LongVILAConfig of `model.preset` with the recipe's overrides (no weights)."""
+    m = config.model
+    base = PRESETS[m.preset](**({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
+    ids = (dict(video_token_id=tokenizer.video_id, newline_token_id=tokenizer.newline_id)
+           if tokenizer else {})
+    return base.replace(
+        vision=dataclasses.replace(base.vision, **m.vision),
+        llm=dataclasses.replace(base.llm, **m.llm), projector_type=m.projector_type,
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, remat_group=m.remat_group,
+        video_encoder=recipe_video_encoder(config, tokenizer) or VideoEncoderConfig(), **ids)
 
 
-def check_sampling(config: ml_collections.ConfigDict) -> None:
-    """GRPO samples at a temperature above 0: greedy samples of a group are all alike (no
-    advantage) and the loss divides the log-probs by the temperature (NaN at 0)."""
-    rl = config.get("rl")
-    if rl is not None and config.stage == "grpo" and not rl.temperature > 0:
-        raise ConfigError(f"rl.temperature must be above 0 for GRPO (got {rl.temperature}): "
-                          "the G samples of a greedy group are identical and carry no signal")
+def recipe_video_encoder(config, tokenizer=None):
+    """`model.video_encoder` of the recipe as a VideoEncoderConfig; None when unset."""
+    if not config.model.video_encoder:
+        return None
+    try:
+        return parse_video_encoder(config.model.video_encoder,
+                                   tokenize=tokenizer.encode if tokenizer else None,
+                                   source="config.model.video_encoder")
+    except VideoEncoderError as error:
+        raise ConfigError(str(error)) from None
 
 
-def check_off_policy(config: ml_collections.ConfigDict) -> None:
-    """One-step off-policy overlaps generation with the update: only rollout servers can."""
-    rl = config.get("rl")
-    if rl is None or config.stage != "grpo" or not rl.off_policy_steps:
-        return
-    if rl.off_policy_steps != 1:
-        raise ConfigError(f"rl.off_policy_steps must be 0 or 1, got {rl.off_policy_steps}")
-    if rl.rollout.backend != "server":
-        raise ConfigError("rl.off_policy_steps=1 generates the next batch on rollout servers "
-                          "while the trainer updates; the embedded sampler shares the trainer's "
-                          "devices and weights: set --config.rl.rollout.backend=server (with "
-                          "rl.rollout.urls) or rl.off_policy_steps=0")
+DEMO_RECIPE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+def demo_config(stage: str, data: str, steps: int | None = None, seed: int = 0):
+    """configs/demo.py for `stage`, reading the synthetic set in the folder `data`."""
+    spec = importlib.util.spec_from_file_location("demo_config", DEMO_RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(stage)
+
+    def moved(path: str) -> str:  # the recipe's record file, in `data`
+        return os.path.join(data, os.path.basename(path))
+
+    config.data.update(records=moved(config.data.records), video_root=data)
+    config.eval.update(records=moved(config.eval.records),
+                       val_records=moved(config.eval.val_records))
+    config.seed = seed
+    if steps is not None:
+        config.train.num_steps = steps
+    return config

@@ -23,23 +23,21 @@ spread of several finished runs and draws their held-out curves in one plot.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
-import pathlib
 
 from absl import logging as absl_logging
 
 import numpy as np
 
-from lvr_jax import train
+from lvr_jax import trainer
+from lvr_jax.config import demo_config
 from lvr_jax.data import synthetic
 from lvr_jax.data.schema import load_eval_records
 from lvr_jax.eval import report, runner
 from lvr_jax.metrics import read_metrics
 
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 # How often the SFT chains of thought make the simulated annotator's slips
 # (synthetic_script.ANNOTATOR_SLIPS): 3 in 4, so that greedy SFT answers follow them
 # (README, "What GRPO corrects in the demo").
@@ -64,25 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="finished demo workdirs (one per seed): print mean and spread, "
                              "plot their held-out curves; trains nothing")
     return parser.parse_args(argv)
-
-
-def stage_config(stage: str, data: str, steps: int | None = None, seed: int = 0):
-    """configs/demo.py for a stage, reading the synthetic set in `data`."""
-    spec = importlib.util.spec_from_file_location("demo_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(stage)
-
-    def moved(path: str) -> str:  # the recipe's record file, in `data`
-        return os.path.join(data, os.path.basename(path))
-
-    config.data.update(records=moved(config.data.records), video_root=data)
-    config.eval.update(records=moved(config.eval.records),
-                       val_records=moved(config.eval.val_records))
-    config.seed = seed
-    if steps is not None:
-        config.train.num_steps = steps
-    return config
 
 
 def evaluate_stage(config, workdir: str, out_dir: str, limit: int) -> dict:
@@ -132,15 +111,15 @@ def main(argv=None) -> dict:
                            annotator_slip=args.annotator_slip)
     results, eval_dir = {}, os.path.join(args.workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    sft = stage_config("sft", data, args.sft_steps, args.seed)
+    sft = demo_config("sft", data, args.sft_steps, args.seed)
     if args.drill_steps is not None:
         sft.drills.steps = args.drill_steps
-    train.run(sft, os.path.join(args.workdir, "sft"))
+    trainer.run(sft, os.path.join(args.workdir, "sft"))
     results["after SFT"] = evaluate_stage(sft, os.path.join(args.workdir, "sft"), eval_dir,
                                           args.eval_limit)
-    grpo = stage_config("grpo", data, args.grpo_steps, args.seed)
+    grpo = demo_config("grpo", data, args.grpo_steps, args.seed)
     grpo.model.init = os.path.join(args.workdir, "sft", "model")
-    train.run(grpo, os.path.join(args.workdir, "grpo"))
+    trainer.run(grpo, os.path.join(args.workdir, "grpo"))
     results["after GRPO"] = evaluate_stage(grpo, os.path.join(args.workdir, "grpo"), eval_dir,
                                            args.eval_limit)
     report.write_comparison(eval_dir, list(results.values()))

@@ -112,7 +112,7 @@ class MicroBatches:
 
 def micro_batching(optim, split: Callable) -> MicroBatches | None:
     """`optim.micro_batch_size` rows at a time (0: the whole batch at once)."""
-    size = int(optim.get("micro_batch_size", 0))
+    size = int(optim.micro_batch_size)
     return MicroBatches(size, split) if size else None
 
 

@@ -5,7 +5,7 @@
     key = client.upload_embeddings(video_embeds_nd)
     client.generate([{"before": ids_a, "embeddings": key, "after": ids_b}], n=8, version=1)
 
-`lvr_jax.rl.rollout.ServerEngine` makes a client the learner's rollout engine. A server
+`lvr_jax.rl.engines.ServerEngine` makes a client the learner's rollout engine. A server
 that stops answering is waited for (retries with backoff up to `wait_s`), but a generate
 that reached it and timed out is not sent again (it may still run there). Weight chunks to
 a server on loopback go through shared-memory slots it lends (`rollout_bridge.shm`, which

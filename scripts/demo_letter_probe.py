@@ -21,7 +21,8 @@ import re
 
 import jax.numpy as jnp
 
-from lvr_jax import build, demo
+from lvr_jax import build
+from lvr_jax.config import demo_config
 from lvr_jax.data.pipeline import eval_dataset
 from lvr_jax.data.schema import LETTERS, load_eval_records
 from lvr_jax.data.synthetic_script import CORNERS, OPTION_COLOURS
@@ -46,7 +47,7 @@ def conclusion_prefixes(target: str) -> dict[str, tuple[str, str]]:
 
 
 def probe(model_dir: str, data_dir: str, n: int) -> dict[str, float]:
-    config = demo.stage_config("sft", data_dir)
+    config = demo_config("sft", data_dir)
     config.model.init = model_dir
     tokenizer, model = build.build_model(config, None)
     val = os.path.join(data_dir, "val.jsonl")

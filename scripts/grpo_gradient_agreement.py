@@ -25,20 +25,19 @@ from flax import nnx
 
 from lvr_jax import build
 from lvr_jax.data.pipeline import rl_dataset
-from lvr_jax.demo import stage_config
+from lvr_jax.config import demo_config
 from lvr_jax.rl.learner import GRPOLearner, make_loss_fn
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 
 
 def flat_gradient(learner: GRPOLearner, grad_fn, batch: dict, rng) -> tuple[np.ndarray, dict]:
     """The GRPO loss's gradient over one rollout batch (summed over its update chunks)."""
-    train, metrics = learner.rollout(batch, rng)
-    train.pop("weights_step")
+    train, metrics = learner.rollout.collect(learner.state.model(), batch, rng)
     train, _ = learner.add_logprobs(train)
     s, total = learner.state, None
-    for prompts in learner.chunks(np.arange(learner.num_prompts(train))):
-        g = grad_fn(s.trainable, s.frozen, graphdef=s.graphdef,
-                    batch=learner.chunk_batch(train, prompts))
+    order = np.arange(learner.passes.num_prompts(train))
+    for chunk in learner.passes.update_batches(train, order):
+        g = grad_fn(s.trainable, s.frozen, graphdef=s.graphdef, batch=chunk)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     leaves = [np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(total)]
     return np.concatenate(leaves), metrics
@@ -62,7 +61,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, default=6, help="rollout batches (at least 2)")
     args = parser.parse_args()
-    config = stage_config("grpo", args.data, seed=args.seed)
+    config = demo_config("grpo", args.data, seed=args.seed)
     config.model.init = args.init
     tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from lvr_jax.config import ConfigError, base_config, check_model_init
+from lvr_jax.config import ConfigError, base_config
+from lvr_jax.rl.stage import check_model_init
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,8 @@ def test_an_override_of_the_default_config_file_is_checked_when_flags_are_define
 
 GRPO_ENTRYPOINT = """
 from lvr_jax.cli import run_app
-from lvr_jax.config import base_config, check_model_init
+from lvr_jax.config import base_config
+from lvr_jax.rl.stage import check_model_init
 
 def main(argv):
     config = base_config()

@@ -19,7 +19,7 @@ import os
 import jax
 import numpy as np
 
-from lvr_jax import build, train
+from lvr_jax import build, trainer
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.rl.learner import GRPOLearner
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
@@ -38,21 +38,21 @@ def mean_training_reward(config, batches: int = 3, seed: int = 7) -> float:
     data = dataclasses.replace(data, shuffle=False, num_workers=0)
     rewards = []
     for i, batch in zip(range(batches), rl_dataset(data, tokenizer)):
-        rewards.append(learner.rollout(batch, jax.random.key(seed + i))[1]["reward"])
+        rewards.append(learner.rollout.collect(learner.state.model(), batch, jax.random.key(seed + i))[1]["reward"])
     return float(np.mean(rewards))
 
 
 def test_grpo_increases_the_mean_reward_after_sft(tmp_path, tiny_train_config):
     sft = tiny_train_config("sft", 120)
     sft.optim.update(lr=3e-3, warmup_steps=10, decay_steps=120)
-    train.run(sft, str(tmp_path / "sft"))
+    trainer.run(sft, str(tmp_path / "sft"))
 
     grpo = tiny_train_config("grpo", 12)
     grpo.model.init = str(tmp_path / "sft" / "model")
     grpo.optim.update(lr=1e-3)
     grpo.rl.update(num_generations=8, max_new_tokens=96, update_batch_size=4, kl_coef=1e-2)
     before = mean_training_reward(grpo)
-    train.run(grpo, str(tmp_path / "grpo"))
+    trainer.run(grpo, str(tmp_path / "grpo"))
     grpo.model.init = str(tmp_path / "grpo" / "model")
     after = mean_training_reward(grpo)
     assert os.path.exists(tmp_path / "grpo" / "grpo_curves.png")

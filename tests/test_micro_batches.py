@@ -48,7 +48,7 @@ def grpo_pass(config, update: bool):
     tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    train, _ = learner.rollout(batch, jax.random.key(0))
+    train, _ = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     # advantages that are not zero (a random model's rewards all equal): the update moves
     train["advantages"] = jax.random.normal(jax.random.key(1), train["advantages"].shape)
     train, _ = learner.add_logprobs(train)

@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from benchmarks import recipe_memory
-from lvr_jax import build
+from lvr_jax import memory_report
+from lvr_jax.config import preset_config
 from lvr_jax.sharding import mesh as mesh_lib
 
 recipe = recipe_memory.recipe  # configs/<name>.py's get_config(platform)
@@ -23,17 +24,17 @@ def test_7b_recipe_phases_fit_80gb_per_device_as_shipped(name, platform):
     config = recipe(name, platform)
     assert config.data.num_frames == 256
     mesh = mesh_lib.make_mesh(config.mesh)
-    report = build.phase_memory(config, mesh)
+    report = memory_report.phase_memory(config, mesh)
     assert sorted(report) == (["frame encoding", "update"] if name.endswith("sft") else
                               ["frame encoding", "log-probs", "optimizer step", "rollout",
                                "update micro-batch"])
     for phase, (memory, held, total) in report.items():
-        assert build.peak_bytes(memory) > 0 and total >= build.peak_bytes(memory)
+        assert memory_report.peak_bytes(memory) > 0 and total >= memory_report.peak_bytes(memory)
         assert total < GPU_80GB, f"{name}:{platform} {phase} needs {total / 2**30:.1f} GiB"
     assert "optimizer state" in report["frame encoding"][1]
     if name.endswith("grpo"):  # micro-batches streamed from host memory (rl.offload_prompts)
         assert "reference policy" in report["update micro-batch"][1]
-    assert build.preset_config(config).llm.num_hidden_layers == 28
+    assert preset_config(config).llm.num_hidden_layers == 28
 
 
 def benchmark_cell(capsys, tmp_path, recipe_name, platform, strategy, frames) -> str:
@@ -64,7 +65,7 @@ def test_the_3b_recipe_fits_80gb_per_device_at_its_frames(capsys, tmp_path):
     """The 3B-class recipe (Qwen2.5-3B, 3x3 projector, temporal pairs: 61 tokens per frame)
     at its shipped 3,600 frames, the paper's 3B ceiling, fits with room to spare."""
     config = recipe("longvila_3b_grpo", "gpu8")
-    model = build.preset_config(config)
+    model = preset_config(config)
     assert config.data.num_frames == 3600 and model.num_video_tokens(2) == 122
     assert model.llm.num_hidden_layers == 36 and model.llm.hidden_size == 2048
     row = benchmark_cell(capsys, tmp_path, "longvila_3b_grpo", "gpu8", "ulysses", 3600)

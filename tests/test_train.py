@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from lvr_jax import build, train
+from lvr_jax import build, trainer
+from lvr_jax.eval.validation import Validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +93,7 @@ def test_nonfinite_batches_skip_the_update_reset_after_a_finite_step_and_stop_af
     give) makes the loss non-finite."""
     config = tiny_train_config("sft", 10)
     config.train.max_nonfinite_steps = 3
-    run = train.Run(config, str(tmp_path / "run"))
+    run = trainer.Run(config, str(tmp_path / "run"))
     clean_batch, poisoned = run.learner.device_batch, {"on": False}
 
     def device_batch(batch):
@@ -127,7 +128,7 @@ def test_grpo_rollout_logprobs_match_the_training_forward_and_only_the_llm_moves
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    rollout, metrics = learner.rollout(batch, jax.random.key(0))
+    rollout, metrics = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     rollout, logprob_metrics = learner.add_logprobs(rollout)
     mask = np.asarray(rollout["response_mask"]) > 0
     np.testing.assert_allclose(np.asarray(rollout["old_logp"])[mask],
@@ -151,7 +152,7 @@ def test_grpo_logs_heldout_accuracy_every_eval_every_steps(tmp_path, tiny_train_
 
     config = tiny_train_config("grpo", 3)
     config.eval.update(every=2, val_size=6, max_new_tokens=24, batch_size=4)
-    train.run(config, str(tmp_path / "run"))
+    trainer.run(config, str(tmp_path / "run"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "grpo_metrics.jsonl")]
     logged = {r["step"]: r["val_accuracy"] for r in rows if "val_accuracy" in r}
     assert sorted(logged) == [0, 2, 3]  # before training, every 2 steps, and the last step
@@ -165,20 +166,18 @@ def test_grpo_logs_heldout_accuracy_every_eval_every_steps(tmp_path, tiny_train_
     assert logged[3] == pytest.approx(result.accuracy)
 
 
-def test_validation_during_training_grades_with_eval_scorer(tiny_train_config, monkeypatch):
+def test_validation_during_training_grades_with_eval_scorer(tiny_train_config):
     from lvr_jax.config import ConfigError
-    from lvr_jax.eval.evaluate import EvalResult
 
     config = tiny_train_config("grpo", 1)
     config.eval.update(every=1, val_size=2, scorer="official")
     tokenizer, model = build.build_model(config)
-    asked = {}
-    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: asked.update(kw) or EvalResult([]))
-    train.Validation(config, model, tokenizer)(model)
-    assert asked["scorer"] == "official"
+    validation = Validation(config, model, tokenizer)
+    assert validation.evaluator.scorer == "official"
+    assert 0 <= validation(model)["val_accuracy"] <= 1
     config.eval.scorer = "exact"
     with pytest.raises(ConfigError, match="eval.scorer"):
-        train.Validation(config, model, tokenizer)
+        Validation(config, model, tokenizer)
 
 
 def _cut_largest_array_file(step_dir):
@@ -202,10 +201,10 @@ def _empty_state_metadata(step_dir):
 @pytest.fixture(scope="module")
 def straight_sft_run(tmp_path_factory, synthetic_set):
     """4 SFT steps with checkpoints at 2 and 4: the reference for the damaged-checkpoint runs."""
-    from lvr_jax.demo import stage_config
+    from lvr_jax.config import demo_config
 
     def config():
-        c = stage_config("sft", synthetic_set, 4)
+        c = demo_config("sft", synthetic_set, 4)
         c.model.llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
         c.data.update(num_frames=8, batch_size=4)
         c.train.update(checkpoint_every=2, keep_checkpoints=10)
@@ -213,7 +212,7 @@ def straight_sft_run(tmp_path_factory, synthetic_set):
         return c
 
     workdir = str(tmp_path_factory.mktemp("straight"))
-    train.run(config(), workdir)
+    trainer.run(config(), workdir)
     return workdir, config
 
 
@@ -228,7 +227,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes
     shutil.copy(os.path.join(straight, "sft_metrics.jsonl"), workdir / "sft_metrics.jsonl")
     damage(str(workdir / "checkpoints" / "4"))
     with caplog.at_level("WARNING"):
-        train.run(config(), str(workdir))
+        trainer.run(config(), str(workdir))
     assert f"checkpoint step 4 ({workdir}/checkpoints/4) cannot be read" in caplog.text
     assert "resumed sft from step 2" in caplog.text
     (aside,) = os.listdir(tmp_path / "run" / "checkpoints_damaged")
@@ -244,7 +243,7 @@ def test_grpo_without_an_init_model_is_refused_unless_asked_for(tmp_path, tiny_t
     config = tiny_train_config("grpo", 1)
     config.model.allow_random_init = False
     with pytest.raises(ValueError, match="stage 'grpo' has no model.init"):
-        train.run(config, str(tmp_path / "run"))
+        trainer.run(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -253,7 +252,7 @@ def test_a_run_whose_videos_are_all_missing_stops_with_the_records_and_root(tmp_
     config = tiny_train_config("sft", 3)
     config.data.video_root = str(tmp_path / "one_folder_too_deep")
     with pytest.raises(SystemExit) as stop:
-        train.run(config, str(tmp_path / "run"))
+        trainer.run(config, str(tmp_path / "run"))
     message = str(stop.value)
     assert "yielded no usable record" in message and config.data.records in message
     assert config.data.video_root in message and "does not exist" in message
@@ -275,7 +274,7 @@ def test_dynamic_sampling_runs_the_log_prob_and_update_passes_on_mixed_groups_on
     tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    train, metrics = learner.rollout(batch, jax.random.key(0))
+    train, metrics = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     prompts, g = len(batch["ground_truth"]), config.rl.num_generations
     mixed = round(metrics["kept_groups"] * prompts)
     assert train["tokens"].shape[0] == max(mixed, 1) * g
@@ -294,7 +293,7 @@ def test_token_mis_leaves_out_the_tokens_the_engine_made_too_unlikely(tiny_train
     tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    train, _ = learner.rollout(batch, jax.random.key(0))
+    train, _ = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     # as if the engine gave every other token 1 nat less: r = e > 1.5 there, about 1 elsewhere
     train["rollout_logp"] = train["rollout_logp"].at[:, ::2].add(-1.0)
     train, metrics = learner.add_logprobs(train)
@@ -318,7 +317,7 @@ def test_a_recipe_with_the_tsp_video_encoder_rolls_out_and_updates_on_pooled_vid
     assert model.config.video_encoder.pools == ((4, 1, 1), (8, 2, 2))
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    rollout, _ = learner.rollout(batch, jax.random.key(0))
+    rollout, _ = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     # 8 frames of a 2x2 token grid: 2 pooled frames of 4 cells + "\n", then 1 of 1 cell + "\n"
     video_tokens = model.config.num_video_tokens(8)
     assert video_tokens == 2 * 5 + 1 * 2
@@ -366,17 +365,18 @@ class CountingData:
 
 
 def test_lookahead_saves_the_state_of_the_batches_handed_out_not_the_one_peeked():
-    data = train.Lookahead(CountingData())
+    data = trainer.Lookahead(CountingData())
     assert [next(data), next(data)] == [0, 1] and data.peek() == 2
     state = data.get_state()
     assert state == {"position": 2}
-    resumed = train.Lookahead(CountingData())
+    resumed = trainer.Lookahead(CountingData())
     resumed.set_state(state)
     assert next(resumed) == 2 and resumed.peek() == 3
 
 
 def test_grpo_at_temperature_0_is_refused_before_it_starts(tiny_train_config):
-    from lvr_jax.config import ConfigError, check_sampling
+    from lvr_jax.config import ConfigError
+    from lvr_jax.rl.stage import check_sampling
     config = tiny_train_config("grpo", 1)
     config.rl.temperature = 0.0
     with pytest.raises(ConfigError, match="rl.temperature must be above 0"):
@@ -386,7 +386,8 @@ def test_grpo_at_temperature_0_is_refused_before_it_starts(tiny_train_config):
 
 
 def test_off_policy_needs_rollout_servers(tiny_train_config):
-    from lvr_jax.config import ConfigError, check_off_policy
+    from lvr_jax.config import ConfigError
+    from lvr_jax.rl.stage import check_off_policy
     config = tiny_train_config("grpo", 1)
     config.rl.off_policy_steps = 1
     with pytest.raises(ConfigError, match="rl.off_policy_steps=1 .*rl.rollout.backend=server"):

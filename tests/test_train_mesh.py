@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lvr_jax import train
+from lvr_jax import trainer
 from lvr_jax.metrics import read_metrics
 from lvr_jax.model import load_pretrained
 from lvr_jax.sharding import frames as frames_lib
@@ -38,7 +38,7 @@ def one_device(synthetic_set, tmp_path_factory):
             config.mesh.shape.update(data=1, fsdp=1, sp=1, tp=1)
             config.eval.every = 0
             workdir = str(tmp_path_factory.mktemp(f"one_device_{stage}"))
-            train.run(config, workdir)
+            trainer.run(config, workdir)
             runs[stage] = (llm_params(f"{workdir}/model"),
                            read_metrics(f"{workdir}/{stage}_metrics.jsonl"))
         return runs[stage]
@@ -72,7 +72,7 @@ def test_three_steps_on_an_sp_mesh_end_where_one_device_ends(tiny_train_config, 
     config = tiny_train_config(stage, 3)
     config.mesh.shape.update(data=1, fsdp=1, sp=8, tp=1)
     config.eval.every = 0
-    train.run(config, str(tmp_path))
+    trainer.run(config, str(tmp_path))
     assert sharded_calls, "the mesh run must take the frame-parallel encoder"
     assert_same_run(stage, one_device(stage), (llm_params(f"{tmp_path}/model"),
                                                read_metrics(f"{tmp_path}/{stage}_metrics.jsonl")))

@@ -6,9 +6,9 @@ import textwrap
 
 
 def tiny_config(stage: str, data: str, steps: int):
-    from lvr_jax.demo import stage_config
+    from lvr_jax.config import demo_config
 
-    c = stage_config(stage, data, steps)
+    c = demo_config(stage, data, steps)
     c.model.llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     c.data.update(num_frames=8, batch_size=4)
     c.rl.update(num_generations=4, max_new_tokens=24, update_batch_size=2)

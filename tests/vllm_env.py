@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import urllib.request
 from typing import Iterator, Sequence
 
 import pytest
+
+from rollout_bridge.launch import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"
@@ -112,13 +113,6 @@ def ensure_vllm_venv(venv: pathlib.Path = VENV) -> pathlib.Path:
         _install(venv)
         (venv / _MARKER).write_text(f"installed in {time.monotonic() - start:.0f} s\n")
     return venv_python(venv)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_command(python: pathlib.Path, model_dir: str, port: int) -> list[str]:

@@ -62,7 +62,7 @@ class DataConfig:
     read_buffer: int = 0  # examples read ahead per process; 0: its share of one batch
     # This host's share: records index, index + count, ... of each shuffled epoch, so that
     # the batches of the `count` shards together hold the records of one batch of
-    # count x batch_size (`build.row_share` picks them for a multi-host run).
+    # count x batch_size (`Stage.row_share` picks them for a multi-host run).
     shard_index: int = 0
     shard_count: int = 1
     think: bool = True  # evaluation prompts: ask for reasoning, or for the letter alone

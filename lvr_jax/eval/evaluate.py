@@ -17,9 +17,11 @@ from tqdm import tqdm
 from lvr_jax.data.pipeline import DataConfig, eval_dataset
 from lvr_jax.data.schema import LETTERS
 from lvr_jax.eval.scoring import DEFAULT_SCORER, get_scorer
-from lvr_jax.model.sampler import SamplingParams
 from lvr_jax.model.vlm import LongVILA
-from lvr_jax.rl.rollout import JaxEngine, response_texts
+from lvr_jax.rl.engines import JaxEngine
+from lvr_jax.rl.rollout import response_texts
+from lvr_jax.sampling import SamplingParams
+from lvr_jax.sharding import forwards
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
 from lvr_jax.sharding.mesh import DEFAULT_RULES
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
@@ -57,31 +59,52 @@ class EvalResult:
         return sum(not p["parsed_ok"] for p in self.predictions)
 
 
+class Evaluator:
+    """Answers evaluation records and grades them; built once, called with each model to
+    evaluate (the same frozen video encoder): the video path (`VideoEmbedder`, its cache and
+    compiled encoders), the engine (default the embedded sampler, its prefill sequence-
+    parallel on `mesh` as `mesh_config` says) and the scorer.
+
+    `video_output`: what the video path caches (`video_embeddings.OUTPUTS`): "embeddings"
+    when tower and projector are frozen; "features" while SFT trains the projector."""
+
+    def __init__(self, model: LongVILA, tokenizer: Tokenizer, max_new_tokens: int = 256,
+                 temperature: float = 0.0, cache: EmbeddingCache | None = None, engine=None,
+                 scorer: str = DEFAULT_SCORER, mesh=None, mesh_config=None,
+                 video_output: str = "embeddings", progress: bool = True):
+        rules = mesh_config.rules if mesh_config is not None else DEFAULT_RULES
+        self.videos = VideoEmbedder(model, cache, mesh, rules, output=video_output)
+        self.engine = engine or JaxEngine(tokenizer.pad_id, forwards.prefill_fn(mesh, mesh_config))
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                     stop_token_ids=(tokenizer.eos_id,))
+        self.tokenizer, self.scorer, self.grade = tokenizer, scorer, get_scorer(scorer)
+        self.progress = progress
+
+    def __call__(self, model: LongVILA, data: DataConfig, records=None) -> EvalResult:
+        """Every record of `data.records` (or of `records`) answered once by `model`, graded."""
+        predictions = []
+        batches = eval_dataset(data, self.tokenizer, records)
+        for batch in tqdm(batches, desc="evaluate", disable=not self.progress):
+            embeds, valid = self.videos.prompts(model, batch)
+            gen = self.engine.generate(model, embeds, valid, self.params, jax.random.key(0))
+            texts = response_texts(self.tokenizer, gen, self.params.stop_token_ids)
+            predictions += [self.prediction(batch, i, text) for i, text in enumerate(texts)]
+        return EvalResult(predictions, self.scorer)
+
+    def prediction(self, batch: dict, i: int, text: str) -> dict:
+        """Record i of `batch` with the answer `text` and its grade."""
+        parsed = self.grade.extract(text)
+        return {"id": batch["id"][i], "category": batch["category"][i],
+                "duration": batch["duration"][i], "answer": batch["answer"][i],
+                "prediction": text, "parsed": parsed, "parsed_ok": parsed in LETTERS,
+                "correct": self.grade.correct(text, batch["answer"][i])}
+
+
 def evaluate(model: LongVILA, tokenizer: Tokenizer, data: DataConfig, max_new_tokens: int = 256,
              temperature: float = 0.0, cache: EmbeddingCache | None = None,
              progress: bool = True, engine=None, records=None,
-             scorer: str = DEFAULT_SCORER, mesh=None, rules=DEFAULT_RULES) -> EvalResult:
-    """Answers every record of `data.records` (or of `records`) once and grades it with `scorer`.
-
-    `engine` (an `rl.rollout.RolloutEngine`) generates; default the embedded sampler
-    (a `ServerEngine` generates on rollout servers). With a `mesh` each video's frames are
-    encoded split over it (`rules`: the recipe's `mesh.rules`)."""
-    grade = get_scorer(scorer)
-    videos = VideoEmbedder(model, cache, mesh, rules)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            stop_token_ids=(tokenizer.eos_id,))
-    engine = engine or JaxEngine(tokenizer.pad_id)
-    predictions = []
-    batches = eval_dataset(data, tokenizer, records)
-    for batch in tqdm(batches, desc="evaluate", disable=not progress):
-        embeds, valid = videos.prompts(model, batch)
-        gen = engine.generate(model, embeds, valid, params, jax.random.key(0))
-        for i, text in enumerate(response_texts(tokenizer, gen, params.stop_token_ids)):
-            parsed = grade.extract(text)
-            predictions.append({
-                "id": batch["id"][i], "category": batch["category"][i],
-                "duration": batch["duration"][i],
-                "answer": batch["answer"][i], "prediction": text, "parsed": parsed,
-                "parsed_ok": parsed in LETTERS,
-                "correct": grade.correct(text, batch["answer"][i])})
-    return EvalResult(predictions, scorer)
+             scorer: str = DEFAULT_SCORER, mesh=None, mesh_config=None) -> EvalResult:
+    """Answers every record of `data.records` (or of `records`) once and grades it with
+    `scorer`: one `Evaluator`, for one model."""
+    return Evaluator(model, tokenizer, max_new_tokens, temperature, cache, engine, scorer, mesh,
+                     mesh_config, progress=progress)(model, data, records)

@@ -8,9 +8,9 @@ import os
 
 from lvr_jax import build
 from lvr_jax.eval import report
-from lvr_jax.eval.evaluate import evaluate
+from lvr_jax.eval.evaluate import Evaluator
+from lvr_jax.rl.engines import make_engine
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
-from lvr_jax.sharding.mesh import rules_of
 
 log = logging.getLogger("lvr_jax.eval")
 
@@ -31,9 +31,11 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
     config.model.init = model_dir(checkpoint)
     mesh = build.make_run_mesh(config)
     tokenizer, model = build.build_model(config, mesh)
-    engine = build.make_rollout_engine(config, tokenizer, mesh)
+    engine = make_engine(config, tokenizer.pad_id, mesh)
     engine.sync_weights(model, 0)
-    cache = EmbeddingCache.of(config.cache)
+    evaluator = Evaluator(model, tokenizer, config.eval.max_new_tokens,
+                          cache=EmbeddingCache.of(config.cache), engine=engine,
+                          scorer=config.eval.scorer, mesh=mesh, mesh_config=config.mesh)
     rows = []
     for frames in frame_counts:
         for think in thinks:
@@ -41,9 +43,7 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
             data = dataclasses.replace(
                 build.data_config(config, model), num_frames=frames, think=think,
                 batch_size=config.eval.batch_size)
-            result = evaluate(model, tokenizer, data, config.eval.max_new_tokens, cache=cache,
-                              engine=engine, records=records, scorer=config.eval.scorer,
-                              mesh=mesh, rules=rules_of(config.mesh))
+            result = evaluator(model, data, records)
             rows.append(report.write_setting(out_dir, setting, result))
             log.warning("%s: %.1f%% of %d (%d unparseable), scorer %s", setting.label,
                         100 * result.accuracy, len(result.predictions), result.unparseable,

@@ -1,170 +1,139 @@
-"""GRPO rollouts in three steps: generate -> score -> build the training batch.
+"""GRPO rollouts: one call turns a batch of prompts into the scored training batch.
 
-- `RolloutEngine` samples G responses per prompt embedding: `JaxEngine` (the embedded
-  sampler, on the trainer's devices) or `ServerEngine` (rollout servers over
-  `rollout_bridge.client`, which speaks HTTP only). `sync_weights` hands an engine the
-  policy it must sample before each rollout.
-- `score`: rewards per response (`rewards.score_responses`), advantages per group.
-- `select_prompts` / `training_batch`: the sequences the log-prob and update passes see,
-  in whole chunks of `rl.update_batch_size` prompts (one compiled shape); with
-  `rl.dynamic_sampling` the groups whose G rewards are all equal, which carry no gradient,
-  are left out before any of those passes instead of being masked through them.
+`Rollout(model, step, batch)` syncs the engine's weights, then takes the batch's prompt
+embeddings (`VideoEmbedder`: each video from the embedding cache), samples G responses per
+prompt from the `RolloutEngine` (`rl.rollout.prompts_per_chunk` prompts at a time), scores
+them (`rewards.score_responses`), takes advantages per group (`grpo.group_advantages`),
+selects the prompts the passes see (`select_prompts`: with `rl.dynamic_sampling` the groups
+whose G rewards are all equal, which carry no gradient, are left out before any pass, in
+whole chunks of `rl.update_batch_size` prompts so that every pass keeps one compiled shape)
+and lays them out as the passes read them (`training_batch`). With `rl.off_policy_steps=1`
+the next batch generates on a background thread while the trainer updates on this one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
-import os
 import time
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvr_jax.model.sampler import Generation, SamplingParams, generate, local_prefill
+from lvr_jax.model.sampler import Generation
 from lvr_jax.rl import grpo, rewards
+from lvr_jax.rl.engines import RolloutEngine
+from lvr_jax.sampling import SamplingParams
 from lvr_jax.sharding import hosts
-from rollout_bridge import export
-from rollout_bridge.client import RetryPolicy, RolloutClient, RolloutError
-
-log = logging.getLogger("lvr_jax.rl.rollout")
+from lvr_jax.sharding.prompts import PromptPlacement
+from lvr_jax.sharding.video_embeddings import VideoEmbedder
 
 
-class RolloutEngine(Protocol):
-    """What samples the policy: rows p * G + g of the Generation are sample g of prompt p."""
-
-    def sync_weights(self, model, step: int) -> None:
-        """Makes `model` the policy sampled from now on (`step`: the trainer's step)."""
-
-    def generate(self, model, prompt_embeds, prompt_valid, params: SamplingParams,
-                 rng) -> Generation:
-        """G = params.num_samples responses to each prompt embedding [P, T, D]."""
+def step_rng(seed: int, step: int):
+    """The random key of training step `step`: fold 0 samples its rollout, 1 shuffles its update."""
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
-class JaxEngine:
-    """The embedded sampler: samples the model it is handed, on the trainer's devices.
-
-    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`."""
-
-    def __init__(self, pad_id: int, prefill=None):
-        self.pad_id, self.prefill = pad_id, prefill or local_prefill
-
-    def sync_weights(self, model, step: int) -> None:
-        del model, step  # nothing to move: generate() reads the weights it is given
-
-    def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
-        return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
-                        pad_id=self.pad_id, prefill=self.prefill)
+def sampling_params(rl, stop_ids: tuple[int, ...]) -> SamplingParams:
+    """How a recipe's `rl` section samples the G responses of each prompt."""
+    return SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                          top_p=rl.top_p, top_k=rl.top_k, stop_token_ids=tuple(stop_ids),
+                          num_samples=rl.num_generations)
 
 
-class ServerEngine:
-    """Rollout servers as an engine.
+def prompts_per_chunk(config) -> int:
+    """Prompts embedded and sampled at a time: `rl.rollout.prompts_per_chunk`, 0 meaning the
+    whole rollout batch."""
+    return config.rl.rollout.prompts_per_chunk or config.data.batch_size
 
-    The prompt embeddings (text + cached video, constant while the embeddings are frozen)
-    are uploaded once under their content key and reused by all G samples and all later
-    steps. A server that comes back as a fresh process gets weights and embeddings again.
-    """
 
-    def __init__(self, client: RolloutClient, pad_id: int = 0, keep_pushed: bool = False):
-        self.client, self.pad_id, self.keep_pushed = client, pad_id, keep_pushed
-        self.model, self.version, self.pushed = None, None, None
+class Rollout:
+    """`rollout(model, step, batch, upcoming=None)` -> (training batch, metrics)."""
 
-    def sync_weights(self, model, step: int) -> None:
-        """Pushes `model` as version step + 1 unless that version is already served.
+    def __init__(self, config, tokenizer, videos: VideoEmbedder, engine: RolloutEngine,
+                 placement: PromptPlacement):
+        self.rl, self.seed, self.tokenizer = config.rl, config.seed, tokenizer
+        self.chunk = prompts_per_chunk(config)
+        self.videos, self.engine, self.placement = videos, engine, placement
+        self.params = sampling_params(config.rl, (tokenizer.eos_id,))
+        # rl.off_policy_steps: the next batch's rollout, generating on this thread meanwhile
+        self.background = (concurrent.futures.ThreadPoolExecutor(1, "rollout")
+                           if config.rl.off_policy_steps else None)
+        self.ahead: tuple[concurrent.futures.Future, int] | None = None
 
-        With `keep_pushed` (one-step off-policy: the update frees the model's buffers while
-        the servers still generate with it) the serialised chunks are kept on the host, so
-        a server that restarts mid-rollout gets this exact version again."""
-        if self.version != step + 1:
-            if self.keep_pushed:  # bytes: copies, not views of buffers the update frees
-                self.pushed = [_as_bytes(body) for body in export.iter_weight_chunks(
-                    model, self.client.chunk_bytes, dtype=self.client.dtype)]
-                for url in self.client.urls:
-                    self._push_again(url, step + 1)
+    def __call__(self, model, step: int, batch: dict, upcoming: dict | None = None):
+        """The training batch of step `step` sampled from `model`, the policy at that step.
+
+        With `rl.off_policy_steps=1` and the next batch given as `upcoming`: the batch that
+        generated during the previous step with the weights before it, while `upcoming` now
+        starts generating with `model` (the rollout correction reweighs the lag)."""
+        if self.background is None or upcoming is None:
+            self.engine.sync_weights(model, step)
+            train, metrics = self.collect(model, batch, jax.random.fold_in(step_rng(self.seed,
+                                                                                   step), 0))
+            return train, {**metrics, "rollout_staleness": 0}
+        if self.ahead is None:  # the first step (or the first after a resume) waits for its own
+            self.engine.sync_weights(model, step)
+            self.ahead = (self._submit(model, batch, step), step)
+        future, weights_step = self.ahead
+        train, metrics = future.result()
+        self.engine.sync_weights(model, step)  # generation is idle: push, then go on
+        self.ahead = (self._submit(model, upcoming, step + 1), step)
+        return train, {**metrics, "rollout_staleness": step - weights_step}
+
+    def _submit(self, model, batch: dict, step: int) -> concurrent.futures.Future:
+        """The rollout of `batch` for step `step` on the background thread; its prompt
+        embeddings are taken here, with the (frozen) video encoder."""
+        prompts = self.videos.prompts(model, batch)
+        rng = jax.random.fold_in(step_rng(self.seed, step), 0)
+        return self.background.submit(self.collect, model, batch, rng, prompts)
+
+    def collect(self, model, batch: dict, rng, prompts=None) -> tuple[dict, dict]:
+        """generate -> score -> the training batch: (training batch, metrics). `prompts`:
+        the batch's prompt embeddings, already taken."""
+        g = self.params.num_samples
+        embeds, valid, gen, seconds = self.generate_in_chunks(model, batch, rng, prompts)
+        lengths = hosts.fetch(gen.lengths)
+        texts = response_texts(self.tokenizer, gen, self.params.stop_token_ids)
+        truths = [t for t in batch["ground_truth"] for _ in range(g)]
+        parts = score(texts, lengths, truths, g, self.rl)
+        order, keep = select_prompts(parts["score"], g, self.rl.update_batch_size,
+                                     self.rl.dynamic_sampling)
+        groups = {k: float(v) for k, v in
+                  grpo.group_stats(parts["score"], parts["accuracy"], g).items()}
+        metrics = {"reward": parts["score"].mean(), "accuracy": parts["accuracy"].mean(),
+                   "format": parts["format"].mean(), "response_length": lengths.mean(),
+                   # dynamic sampling keeps exactly the mixed groups
+                   "kept_groups": groups["mixed_groups"] if self.rl.dynamic_sampling else 1.0,
+                   **groups,
+                   "tokens_per_second": lengths.sum() / seconds,
+                   "cache_hit_rate": self.videos.cache.stats.hit_rate, "sample": texts[0]}
+        return training_batch(embeds, valid, gen, parts, order, keep, g), metrics
+
+    def generate_in_chunks(self, model, batch: dict, rng, prompts=None):
+        """(prompt embeddings, validity, Generation, seconds generating) of the batch,
+        `prompts_per_chunk` prompts at a time (chunk i samples with
+        `fold_in(rng, i)`): each chunk's embeddings are taken, sampled from, and kept as the
+        placement keeps them (under `rl.offload_prompts` in host memory) before the next, so
+        the devices hold one chunk's prompts and KV caches."""
+        size, n = self.chunk, len(batch["ground_truth"])
+        starts = range(0, n, size) if size < n else [0]
+        size = size if len(starts) > 1 else n
+        embeds, valids, generations, seconds = [], [], [], 0.0
+        for i, start in enumerate(starts):
+            rows = slice(start, start + size)
+            if prompts is None:
+                e, v = self.videos.prompts(model, {k: x[rows] for k, x in batch.items()})
             else:
-                self.client.push_weights(model, step + 1)
-        self.model, self.version = model, step + 1
-
-    def _push_again(self, url: str, version: int | None = None) -> None:
-        version = version or self.version
-        if self.pushed is not None:
-            self.client.push_chunks(url, lambda: self.pushed, version,
-                                    threads=self.client.upload_threads)
-        elif self.model is not None:
-            self.client.push_weights(self.model, version, urls=[url])
-
-    def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
-        del model  # the servers sample the version pushed by sync_weights
-        embeds, valid = np.asarray(prompt_embeds, np.float32), np.asarray(prompt_valid, bool)
-        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-        urls = self.client.urls
-        shares = np.array_split(np.arange(embeds.shape[0]), len(urls))
-        with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
-            outputs = pool.map(lambda i: self._generate_share(
-                urls[i], [embeds[p][valid[p]] for p in shares[i]], params, seed + i),
-                range(len(urls)))
-            samples = [s for share in outputs for prompt in share for s in prompt]
-        return generation_of(samples, params.max_new_tokens, self.pad_id)
-
-    def _generate_share(self, url: str, prompts_nd: list, params, seed: int) -> list:
-        """One server's prompts; re-uploads or re-pushes when the server lost them (restart)."""
-        if not prompts_nd:
-            return []
-        for attempt in range(3):
-            keys = [self.client.upload_embeddings(p, url) for p in prompts_nd]
-            try:
-                reply = self.client.generate(
-                    [{"embeddings": k} for k in keys], url=url, n=params.num_samples,
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    max_tokens=params.max_new_tokens, stop_token_ids=params.stop_token_ids,
-                    seed=seed, version=self.version)
-                return reply["outputs"]
-            except RolloutError as e:
-                if attempt == 2 or e.code not in ("unknown_embeddings", "version_mismatch"):
-                    raise
-                log.warning("%s; restoring the server's state", e)
-                self.client.forget_embeddings(url)
-                if e.code == "version_mismatch":
-                    self._push_again(url)
-
-
-def _as_bytes(body) -> bytes:
-    """A weight chunk body (bytes, or a list of buffers viewing the parameters) as bytes."""
-    return body if isinstance(body, bytes) else b"".join(bytes(b) for b in body)
-
-
-def generation_of(samples: list[dict], max_tokens: int, pad_id: int) -> Generation:
-    """Server samples -> a Generation (rows p * G + g, padded to max_tokens)."""
-    tokens = np.full((len(samples), max_tokens), pad_id, np.int32)
-    logprobs = np.zeros((len(samples), max_tokens), np.float32)
-    lengths = np.zeros(len(samples), np.int32)
-    for row, sample in enumerate(samples):
-        ids = sample["token_ids"][:max_tokens]
-        tokens[row, :len(ids)], lengths[row] = ids, len(ids)
-        logprobs[row, :len(ids)] = sample["logprobs"][:len(ids)]
-    return Generation(jnp.asarray(tokens), jnp.asarray(logprobs), jnp.asarray(lengths))
-
-
-def make_engine(rollout_config, pad_id: int, prefill=None,
-                keep_pushed: bool = False) -> RolloutEngine:
-    """The engine `config.rl.rollout` names: "jax" (embedded) or "server" (its urls, token
-    or $ROLLOUT_TOKEN, timeouts, push chunk size, dtype and transport; `keep_pushed`: see ServerEngine)."""
-    r = rollout_config
-    if r.backend == "jax":
-        return JaxEngine(pad_id, prefill)
-    if r.backend != "server":
-        raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {r.backend!r}")
-    if hosts.multiprocess():  # each process would push and sample on its own
-        raise ValueError("rollout servers are driven from one trainer process; a multi-host "
-                         "GRPO run samples with the embedded engine (rl.rollout.backend='jax')")
-    retry = RetryPolicy(timeout_s=r.timeout_s, retries=r.retries, backoff_s=r.backoff_s,
-                        wait_s=r.wait_s)
-    client = RolloutClient(list(r.urls), token=r.token or os.environ.get("ROLLOUT_TOKEN"),
-                           retry=retry, chunk_bytes=int(r.chunk_mb) << 20, dtype=r.dtype or None,
-                           transport=r.transport)
-    return ServerEngine(client, pad_id, keep_pushed)
+                e, v = prompts[0][rows], prompts[1][rows]
+            gen, s = timed_generate(self.engine, model, e, v, self.params,
+                                    jax.random.fold_in(rng, i) if len(starts) > 1 else rng)
+            embeds.append(self.placement.kept(e))
+            valids.append(self.placement.kept(v))
+            generations.append(gen)
+            seconds += s
+        join = np.concatenate if self.placement.offload else jnp.concatenate
+        return join(embeds), join(valids), concatenated(generations), seconds
 
 
 def timed_generate(engine: RolloutEngine, model, embeds, valid, params, rng):
@@ -228,6 +197,7 @@ def training_batch(embeds, valid, gen: Generation, parts: dict, order, keep,
     loss_mask = response_mask * np.repeat(keep, group_size)[:, None]
     return {"prompt_embeds": embeds[order], "prompt_valid": valid[order],
             "prompt_index": jnp.repeat(jnp.arange(len(order)), group_size),
+            "prompt_order": np.asarray(order),  # each prompt's row in the rollout batch
             "tokens": gen.tokens[rows], "rollout_logp": gen.logprobs[rows],
             "response_mask": jnp.asarray(response_mask), "loss_mask": jnp.asarray(loss_mask),
             "advantages": jnp.asarray(parts["advantages"][rows], jnp.float32)}

@@ -92,11 +92,13 @@ def make_loss_fn(config, mesh=None):
     return functools.partial(sft_loss, hidden_fn=forwards.hidden_fn(mesh, config.mesh))
 
 
-# How the update's batch arrays lie on a mesh beyond rows over the batch axes (none here).
-BATCH_LAYOUT: dict = {}
+def video_output(config) -> str:
+    """What the video path gives the update: the frozen tower's features (cached), or the
+    frames themselves when `sft.train_vision_tower` trains the tower too."""
+    return "frames" if config.sft.train_vision_tower else "features"
 
 
-def abstract_batch(config, model_config, mesh=None) -> dict:
+def abstract_batch(config, model_config) -> dict:
     """Shapes of one training batch (for compiling a recipe without data)."""
     b, length, f = config.data.batch_size, config.data.max_length, config.data.num_frames
     v = model_config.vision
@@ -113,15 +115,15 @@ class SFTLearner:
     """Holds the train state and the cached video encoder; `step(batch)` trains on a batch."""
 
     TEXT_PADS = {"input_ids": 0, "loss_mask": 0, "token_mask": 0}  # masked: any id will do
+    looks_ahead = False
 
     def __init__(self, model: LongVILA, config, cache: EmbeddingCache, mesh=None,
                  share: hosts.RowShare = hosts.RowShare()):
         self.tx = training.make_optimizer(config.optim)
         self.state = training.TrainState.create(model, trainable_filter(config), self.tx)
-        self.train_vision = config.sft.train_vision_tower
-        # the frozen tower's features through the cache (the projector trains on top)
-        self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh), output="features",
-                                    share=share)
+        self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh),
+                                    output=video_output(config), share=share)
+        self.video_key = "frames" if self.videos.output == "frames" else "video_features"
         self._update = training.jit_update(self.tx, make_loss_fn(config, mesh),
                                            micro=micro_batches(config))
 
@@ -132,13 +134,11 @@ class SFTLearner:
             length = hosts.agreed_length(np.shape(batch["input_ids"])[1])
             batch = hosts.pad_to(batch, self.TEXT_PADS, length, side="right")
         out = {k: self.videos.global_batch(batch[k]) for k in self.TEXT_PADS}
-        if self.train_vision:
-            out["frames"] = self.videos.normalised(batch)
-        else:
-            out["video_features"] = self.videos.videos(batch)
+        out[self.video_key] = self.videos.videos(batch)
         return out
 
-    def step(self, batch: dict) -> dict:
+    def step(self, batch: dict, upcoming: dict | None = None) -> dict:
+        del upcoming  # SFT never looks ahead
         s = self.state
         s.trainable, s.opt_state, metrics = self._update(
             s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=self.device_batch(batch))

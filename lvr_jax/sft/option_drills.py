@@ -15,16 +15,22 @@ the video and ignores the text before them; drilled, it reasons from its summary
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from lvr_jax import training
+from lvr_jax.config import preset_config
 from lvr_jax.data.batching import PadBatch
 from lvr_jax.data.synthetic_script import option_drill, story_drill
 from lvr_jax.data.templates import encode_text_sft, format_question, sft_target
+from lvr_jax.model import LongVILA, save_pretrained
 from lvr_jax.sft.learner import text_loss
-from lvr_jax.tokenizer import Tokenizer
+from lvr_jax.sharding import hosts
+from lvr_jax.tokenizer import Tokenizer, build_tiny_tokenizer
 
 
 # Drills are 40-90 tokens: buckets of 16 keep the shapes to compile few.
@@ -78,3 +84,16 @@ def train_drills(config, model, tokenizer: Tokenizer):
                 batch=batch)
             bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
     return state.model()
+
+
+def drilled_init(config, workdir: str) -> str:
+    """The preset model after `drills.steps` drills, exported once to `workdir/drills/model`
+    by the first process (on one of its devices); the directory an SFT from scratch starts
+    from."""
+    out = os.path.join(workdir, "drills", "model")
+    if hosts.is_writer() and not os.path.exists(os.path.join(out, "config.json")):
+        tokenizer = build_tiny_tokenizer()
+        model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
+        save_pretrained(train_drills(config, model, tokenizer), out, tokenizer=tokenizer)
+    hosts.barrier("drills")  # the other processes load what the first wrote
+    return out

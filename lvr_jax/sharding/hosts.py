@@ -130,11 +130,11 @@ def local_module(module, mesh: Mesh):
     return nnx.merge(graphdef, replicated_on(state, mesh))
 
 
-def barrier(name: str, timeout_s: int = 3600) -> None:
-    """Every process waits here until all have arrived (e.g. while one writes a model)."""
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (e.g. while one writes a model): a
+    sync of every device, JAX's public barrier."""
     if multiprocess():
-        from jax._src import distributed  # the coordination service's barrier takes a timeout
-        distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+        multihost_utils.sync_global_devices(name)
 
 
 def on_host(module):

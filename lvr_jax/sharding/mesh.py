@@ -14,7 +14,6 @@ import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -53,17 +52,6 @@ DEFAULT_RULES = (
     ("activation_mlp", "tp"),
     ("activation_vocab", "tp"),
 )
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `mesh` section of a recipe: axis sizes (-1 takes the rest), strategy, rules."""
-    return ml_collections.ConfigDict(dict(
-        shape=dict(data=1, fsdp=-1, sp=1, tp=1),
-        attention="ring",
-        rules=DEFAULT_RULES,
-        block_size=512,
-        kernel="blockwise",
-    ))
 
 
 def axis_sizes(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from lvr_jax import build, train
+from lvr_jax import build, trainer
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.metrics import read_metrics
 from lvr_jax.rl.learner import GRPOLearner
@@ -50,12 +50,12 @@ def always_a(tmp_path_factory, synthetic_set):
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory, always_a, synthetic_set):
     """The tiny demo model after a short SFT: the format, letters spread over A-D."""
-    from lvr_jax.demo import stage_config
+    from lvr_jax.config import demo_config
 
     workdir = str(tmp_path_factory.mktemp("sft"))
-    config = tiny(stage_config("sft", synthetic_set, 60), always_a[0])
+    config = tiny(demo_config("sft", synthetic_set, 60), always_a[0])
     config.optim.update(lr=3e-3, warmup_steps=10, decay_steps=60)
-    train.run(config, workdir)
+    trainer.run(config, workdir)
     return os.path.join(workdir, "model")
 
 
@@ -69,9 +69,9 @@ def tiny(config, records):
 
 
 def grpo_config(synthetic_set, records, init, steps=GRPO_STEPS):
-    from lvr_jax.demo import stage_config
+    from lvr_jax.config import demo_config
 
-    config = tiny(stage_config("grpo", synthetic_set, steps), records)
+    config = tiny(demo_config("grpo", synthetic_set, steps), records)
     config.model.init = init
     config.optim.update(lr=1e-3, schedule="constant", warmup_steps=0)
     config.rl.update(num_generations=8, max_new_tokens=64, update_batch_size=4, kl_coef=0.0)
@@ -81,7 +81,7 @@ def grpo_config(synthetic_set, records, init, steps=GRPO_STEPS):
 def test_grpo_learns_to_answer_a_when_a_is_always_right(tmp_path, always_a, sft_model,
                                                           synthetic_set):
     config = grpo_config(synthetic_set, always_a[1], sft_model)
-    train.run(config, str(tmp_path))
+    trainer.run(config, str(tmp_path))
     rows = read_metrics(str(tmp_path / "grpo_metrics.jsonl"))
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
@@ -97,10 +97,11 @@ def test_one_update_raises_positive_and_lowers_negative_advantage_responses(alwa
     tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    rollout, metrics = learner.rollout(batch, jax.random.key(0))
+    rollout, metrics = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     assert 0 < metrics["mixed_groups"] and metrics["pass_at_g"] > 0, metrics
     rollout, _ = learner.add_logprobs(rollout)
     metrics = learner.update(rollout, jax.random.key(1))
+    metrics.update(learner.measure_update(rollout))
     new_logp = np.asarray(learner.sequence_logprobs(learner.state.trainable, rollout))
     mask = np.asarray(rollout["response_mask"])
     shift = ((new_logp - np.asarray(rollout["old_logp"])) * mask).sum(1) / mask.sum(1)
@@ -120,7 +121,7 @@ def test_tokens_outside_the_loss_mask_do_not_change_the_update(always_a, sft_mod
     tokenizer, model = build.build_model(config)
     learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
     batch = next(iter(rl_dataset(build.data_config(config, model), tokenizer)))
-    rollout, _ = learner.rollout(batch, jax.random.key(0))
+    rollout, _ = learner.rollout.collect(learner.state.model(), batch, jax.random.key(0))
     rollout, _ = learner.add_logprobs(rollout)
     outside = np.asarray(rollout["loss_mask"]) == 0
     assert outside.any()

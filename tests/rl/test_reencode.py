@@ -1,4 +1,5 @@
-"""`rl.reencode_video`: the reference's baseline encodes the video again for every forward.
+"""The re-encoding baseline (`benchmarks.rl_cache_speedup.reencoding_learner`, the reference's
+behaviour) encodes the video again for every forward.
 
 It must change only the cost of a step: the same rollout, log-probs and update as with the
 embedding cache, with every encode done outside the cache.
@@ -7,6 +8,7 @@ embedding cache, with every encode done outside the cache.
 import jax
 import numpy as np
 
+from benchmarks.rl_cache_speedup import reencoding_learner
 from lvr_jax import build
 from lvr_jax.data.pipeline import rl_dataset
 from lvr_jax.rl.learner import GRPOLearner
@@ -15,15 +17,16 @@ from lvr_jax.sharding.embedding_cache import EmbeddingCache
 
 def one_step(config, batch, reencode: bool):
     """(learner, rollout with log-probs, update metrics, encoder calls) after one GRPO step."""
-    config.rl.reencode_video = reencode
     tokenizer, model = build.build_model(config)  # same seed: same weights for both learners
-    learner = GRPOLearner(model, config, tokenizer, EmbeddingCache())
+    learner = (reencoding_learner(model, config, tokenizer) if reencode
+               else GRPOLearner(model, config, tokenizer, EmbeddingCache()))
     calls = []
     encode = learner.videos.encode_normalised
     learner.videos.encode_normalised = lambda frames: calls.append(1) or encode(frames)
-    rollout, _ = learner.rollout(batch, jax.random.key(3))
+    rollout, _ = learner.rollout.collect(learner.state.model(), batch, jax.random.key(3))
     rollout, _ = learner.add_logprobs(rollout)
     metrics = learner.update(rollout, jax.random.key(4))
+    metrics.update(learner.measure_update(rollout))
     return learner, rollout, metrics, len(calls)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lvr_jax.model.sampler import Generation
-from lvr_jax.rl import rewards, rollout
+from lvr_jax.rl import engines, rewards, rollout
 
 RIGHT, WRONG, JUNK = "<think>x</think><answer>B</answer>", "<think>x</think><answer>C</answer>", "B"
 
@@ -78,11 +78,11 @@ def test_the_training_batch_holds_the_chosen_prompts_groups_with_kept_ones_in_th
 
 def test_both_engines_follow_the_protocol(tokenizer):
     from rollout_bridge.client import RolloutClient
-    for engine in (rollout.JaxEngine(tokenizer.pad_id),
-                   rollout.ServerEngine(RolloutClient(["http://127.0.0.1:9"]))):
+    for engine in (engines.JaxEngine(tokenizer.pad_id),
+                   engines.ServerEngine(RolloutClient(["http://127.0.0.1:9"]))):
         assert callable(engine.sync_weights) and callable(engine.generate)
     with pytest.raises(ValueError, match="config.rl.rollout.backend must be 'jax' or 'server'"):
-        rollout.make_engine(ml_collections.ConfigDict(dict(backend="torch")), 0)
+        engines.make_engine(ml_collections.ConfigDict(dict(rl=dict(rollout=dict(backend="torch")))), 0)
 
 
 def test_the_embedded_engine_samples_the_model_it_is_handed(tokenizer):
@@ -92,7 +92,7 @@ def test_the_embedded_engine_samples_the_model_it_is_handed(tokenizer):
     model = LongVILA(PRESETS["tiny"](vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
     embeds = jax.random.normal(jax.random.key(0), (2, 6, model.config.llm.hidden_size))
     params = SamplingParams(max_new_tokens=4, temperature=0.0, num_samples=3)
-    engine = rollout.JaxEngine(tokenizer.pad_id)
+    engine = engines.JaxEngine(tokenizer.pad_id)
     engine.sync_weights(model, 0)
     gen = engine.generate(model, embeds, np.ones((2, 6), bool), params, jax.random.key(1))
     assert gen.tokens.shape == (6, 4)

@@ -1,26 +1,20 @@
-"""Tiny models for the rollout bridge tests, and rollout servers as real subprocesses."""
+"""Tiny models for the rollout bridge tests, and an app of the tests' own served in a thread
+(real server subprocesses: `rollout_bridge.launch`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import os
 import pathlib
-import signal
-import subprocess
-import sys
 import threading
-import time
 
-import httpx2
 import jax
-import jax.numpy as jnp
 from aiohttp import web
 from flax import nnx
 
 from lvr_jax.model import PRESETS, LongVILA
-from tests.vllm_env import free_port
+from rollout_bridge.launch import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,70 +40,6 @@ def perturb(model: LongVILA, seed: int, scale: float) -> None:
             value = var.get_value()
             noise = scale * jax.random.normal(jax.random.fold_in(key, i), value.shape)
             var.set_value(value + noise.astype(value.dtype))
-
-
-@dataclasses.dataclass
-class ServerProcess:
-    url: str
-    process: subprocess.Popen
-    log: pathlib.Path
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-
-def start_server(model_dir: str, engine: str, python: str = sys.executable, port: int = 0,
-                 args=(), timeout: float = 300.0, log_dir: str = "/tmp",
-                 max_model_len: int | None = 1024) -> ServerProcess:
-    """`python -m rollout_bridge.server` on 127.0.0.1, returned once /health answers.
-
-    `max_model_len` 1024 keeps vLLM's CPU KV cache small; None serves the model's own limit."""
-    port = port or free_port()
-    log = pathlib.Path(log_dir) / f"rollout-server-{port}.log"
-    length = ["--max-model-len", str(max_model_len)] if max_model_len else []
-    command = [python, "-m", "rollout_bridge.server", "--model", model_dir, "--engine", engine,
-               "--port", str(port), *length, *args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-    env.pop("XLA_FLAGS", None)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=str(ROOT), start_new_session=True)
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"rollout server exited with {process.returncode}:\n{server.tail()}")
-        try:
-            if httpx2.get(server.url + "/health", timeout=2).status_code in (200, 401):
-                return server
-        except httpx2.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(server)
-            raise RuntimeError(f"rollout server not up after {timeout:.0f} s:\n{server.tail()}")
-        time.sleep(0.5)
-
-
-def stop_server(server: ServerProcess, sig=signal.SIGTERM, grace: float = 20.0) -> None:
-    """Signals the server's process group; SIGKILL after `grace`."""
-    if server.process.poll() is not None:
-        return
-    os.killpg(server.process.pid, sig)
-    try:
-        server.process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
-
-
-@contextlib.contextmanager
-def running_server(model_dir: str, engine: str, **kwargs):
-    server = start_server(model_dir, engine, **kwargs)
-    try:
-        yield server
-    finally:
-        stop_server(server)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ import pytest
 
 from rollout_bridge.client import RolloutClient, RolloutError
 from rollout_bridge.server import is_loopback, parse_args
-from tests.rollout_bridge.servers import ROOT, running_server, tiny_model
+from tests.rollout_bridge.servers import ROOT, tiny_model
+from rollout_bridge.launch import running_server
 from rollout_bridge import export
 
 

@@ -11,10 +11,10 @@ import time
 import httpx2
 import pytest
 
-from lvr_jax import build, train
+from lvr_jax import build, trainer
 from rollout_bridge import export
-from tests.rollout_bridge.servers import running_server, start_server, stop_server
-from tests.vllm_env import free_port
+from rollout_bridge.launch import running_server, start_server, stop_server
+from rollout_bridge.launch import free_port
 
 
 def server_config(tiny_train_config, url, steps, wait_s):
@@ -52,7 +52,7 @@ def test_top_p_sampling_on_two_servers_matches_the_trainer_with_the_kl_term_on(
         config = server_config(tiny_train_config, servers[0].url, 2, wait_s=60)
         config.rl.rollout.urls = [s.url for s in servers]
         config.rl.update(temperature=0.9, top_p=0.8, kl_coef=1e-2)
-        train.run(config, workdir)
+        trainer.run(config, workdir)
         healths = [httpx2.get(s.url + "/health").json() for s in servers]
     finally:
         for server in servers:
@@ -73,7 +73,7 @@ def test_one_step_off_policy_trains_each_batch_one_update_after_its_weights(
     with running_server(llm_dir, "transformers", log_dir=str(tmp_path)) as server:
         config = server_config(tiny_train_config, server.url, 3, wait_s=60)
         config.rl.update(off_policy_steps=1, rollout_correction="token-tis", temperature=1.0)
-        train.run(config, workdir)
+        trainer.run(config, workdir)
         health = httpx2.get(server.url + "/health").json()
     rows = [r for r in metrics_rows(workdir) if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -93,7 +93,7 @@ def test_run_recovers_when_a_killed_server_restarts(tiny_train_config, llm_dir, 
     config.rl.off_policy_steps = off_policy_steps
     first = start_server(llm_dir, "transformers", port=port, log_dir=str(tmp_path))
     result = {}
-    runner = threading.Thread(target=lambda: result.update(train.run(config, workdir)))
+    runner = threading.Thread(target=lambda: result.update(trainer.run(config, workdir)))
     runner.start()
     try:
         deadline = time.monotonic() + 300
@@ -127,7 +127,7 @@ def test_server_that_never_returns_stops_the_run_with_a_checkpoint(tiny_train_co
         killer.start()
         with pytest.raises(SystemExit, match=f"rollout server {url} did not answer.*"
                                              "stopped with a checkpoint"):
-            train.run(config, workdir)
+            trainer.run(config, workdir)
         killer.join()
     step = steps_logged(workdir)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))

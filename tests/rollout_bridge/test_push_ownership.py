@@ -17,7 +17,7 @@ import pytest
 
 from rollout_bridge import export, shm
 from rollout_bridge.client import RetryPolicy, RolloutClient, RolloutError
-from tests.rollout_bridge.servers import running_server
+from rollout_bridge.launch import running_server
 from tests.rollout_bridge.test_server import jax_greedy, server_greedy, video_and_text
 
 IDLE_S = 5

@@ -15,7 +15,7 @@ from lvr_jax.model.sampler import SamplingParams, generate
 from rollout_bridge import export, wire
 from rollout_bridge.client import RolloutClient, RolloutError
 from tests import vllm_env
-from tests.rollout_bridge.servers import running_server
+from rollout_bridge.launch import running_server
 
 MAX_TOKENS = 12
 

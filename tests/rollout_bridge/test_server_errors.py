@@ -8,7 +8,8 @@ import pytest
 from rollout_bridge import export
 from rollout_bridge.engines import TransformersEngine
 from rollout_bridge.server import RolloutServer
-from tests.rollout_bridge.servers import running_server, serving_in_thread, start_server, tiny_model
+from tests.rollout_bridge.servers import serving_in_thread, tiny_model
+from rollout_bridge.launch import running_server, start_server
 
 MODEL_POSITIONS = 8192  # max_position_embeddings of the tiny preset
 

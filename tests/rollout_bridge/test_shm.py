@@ -22,7 +22,7 @@ import pytest
 
 from rollout_bridge import export, shm
 from rollout_bridge.client import RolloutClient
-from tests.rollout_bridge.servers import running_server, start_server, stop_server
+from rollout_bridge.launch import running_server, start_server, stop_server
 from tests.rollout_bridge.test_server import jax_greedy, server_greedy, video_and_text
 
 CHUNK = 20_000  # bytes of tensor data per chunk: the tiny model in ~20 chunks

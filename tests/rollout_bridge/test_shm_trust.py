@@ -23,7 +23,8 @@ from aiohttp import web
 from rollout_bridge import shm, wire
 from rollout_bridge.client import RolloutClient
 from rollout_bridge.server import parse_args
-from tests.rollout_bridge.servers import ROOT, running_server, serving_in_thread
+from tests.rollout_bridge.servers import ROOT, serving_in_thread
+from rollout_bridge.launch import running_server
 from tests.rollout_bridge.test_shm import push_and_check
 
 CHUNK = 200_000  # the tiny model in a few chunks, each in a slot of about 1.2 MB

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from lvr_jax import train
+from lvr_jax import trainer
 from lvr_jax.data.schema import LETTERS
 from lvr_jax.data.synthetic_script import (CORNER_OPTIONS, OBJECT_OPTIONS, make_questions,
                                            make_script, story_drill)
@@ -33,7 +33,7 @@ def test_drills_ask_for_the_letter_of_the_named_option_and_train_only_the_answer
 def test_sft_from_scratch_starts_from_the_drilled_model(tmp_path, tiny_train_config):
     config = tiny_train_config("sft", 2)
     config.drills.update(steps=3, batch_size=4)
-    train.run(config, str(tmp_path))
+    trainer.run(config, str(tmp_path))
     assert config.model.init == str(tmp_path / "drills" / "model")
     assert os.path.exists(tmp_path / "drills" / "model" / "llm" / "model.safetensors")
     assert os.path.exists(tmp_path / "model" / "llm" / "model.safetensors")

@@ -3,12 +3,13 @@
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lvr_jax.config import base_config
 from lvr_jax.sharding import mesh as mesh_lib
 from tests.sharding.helpers import mesh_of
 
 
 def test_minus_one_takes_the_remaining_devices():
-    mesh = mesh_lib.make_mesh(mesh_lib.default_config())
+    mesh = mesh_lib.make_mesh(base_config().mesh)
     assert dict(mesh.shape) == dict(data=1, fsdp=8, sp=1, tp=1)
     assert mesh_lib.axis_sizes(dict(data=2, fsdp=1, sp=-1, tp=2), 8) == (2, 1, 2, 2)
 

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from lvr_jax.config import base_config
 from lvr_jax.model import layers
-from lvr_jax.rl.learner import LossConfig, grpo_loss, make_response_logprobs
+from lvr_jax.rl.learner import LossConfig, grpo_loss
+from lvr_jax.sharding.forwards import response_logprobs_fn
 from lvr_jax.sharding import mesh as mesh_lib
 from lvr_jax.sharding.param_placement import shard_model
 from lvr_jax.sharding.sequence import response_logprobs, response_window, token_chunk_count
@@ -91,8 +92,8 @@ def test_grpo_loss_and_grads_under_sp_equal_single_device(strategy):
     mesh = mesh_of(sp=8)
 
     def loss_and_grads(model, mesh):
-        loss_fn = functools.partial(grpo_loss, cfg=LossConfig(),
-                                    logprobs_fn=make_response_logprobs(mesh, mesh_config))
+        loss_fn = functools.partial(grpo_loss, cfg=LossConfig.of(base_config().rl),
+                                    logprobs_fn=response_logprobs_fn(mesh, mesh_config))
         (loss, _), grads = nnx.jit(nnx.value_and_grad(lambda m: loss_fn(m, batch),
                                                       has_aux=True))(model)
         return loss, nnx.state(grads, nnx.Param)
@@ -138,8 +139,8 @@ def test_a_recipe_rules_override_reaches_every_shard_map_of_the_grpo_loss(prepen
     mesh = mesh_of(**shape)
 
     def loss_fn(mesh):
-        return functools.partial(grpo_loss, cfg=LossConfig(),
-                                 logprobs_fn=make_response_logprobs(mesh, mesh_config))
+        return functools.partial(grpo_loss, cfg=LossConfig.of(base_config().rl),
+                                 logprobs_fn=response_logprobs_fn(mesh, mesh_config))
 
     graphdef, state = nnx.split(shard_model(make_model(), mesh))
     specs = set(shard_map_specs(lambda s: loss_fn(mesh)(nnx.merge(graphdef, s), batch)[0],
