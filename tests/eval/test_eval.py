@@ -101,7 +101,7 @@ def test_evaluation_on_a_rollout_server_gives_the_embedded_samplers_answers(toke
     from lvr_jax.rl.engines import ServerEngine
     from rollout_bridge.client import RolloutClient
     from tests.rollout_bridge.servers import tiny_model
-from rollout_bridge.launch import running_server
+    from rollout_bridge.launch import running_server
 
     model = tiny_model(tokenizer)
     llm_dir = export.export_dir(model, str(tmp_path / "llm"), tokenizer)
