@@ -1,17 +1,20 @@
 """python -m lvr_jax.datagen --config=lvr_jax/datagen/config.py --config.videos_dir=... --config.out_dir=...
 
 Generates LongVideo-Reason-style training records. Rerunning skips videos already done;
-the summary is printed at the end.
+the summary is printed at the end. Exit status 1, with one line on stderr, when the run
+stopped on an endpoint that is down, when none of the videos it tried finished, or when the
+outputs hold no record; 2 for a bad setting.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, logging
 from ml_collections import config_flags
 
-from lvr_jax.cli import run_app
+from lvr_jax.cli import CommandLineError, run_app
 from lvr_jax.datagen import config as config_lib
 
 __doc__ += "\n" + config_lib.__doc__  # --help shows every config field
@@ -24,17 +27,20 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD")
     from lvr_jax.datagen.pipeline import check_config, run
-    from lvr_jax.datagen.summary import format_summary
+    from lvr_jax.datagen.summary import failure, format_summary
 
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     try:
         check_config(config)
-    except ValueError as error:
-        raise app.UsageError(str(error))
+    except ValueError as error:  # one line and exit 2, not the whole --help and exit 1
+        raise CommandLineError(str(error)) from None
     summary = run(config)
     print(format_summary(summary))
     print(f"outputs in {config.out_dir}: train.jsonl val.jsonl rejected.jsonl summary.json done/")
+    if why := failure(summary):
+        print(f"lvr_jax.datagen: error: {why}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ class OpenAICaptioner:
         return reply.text.strip()
 
     async def caption(self, clips: Sequence[Clip]) -> list[str]:
-        return list(await asyncio.gather(*(self._caption_one(c) for c in clips)))
+        """Every clip at once; the first failure cancels the others (the video has failed, and
+        their retries would only hold the endpoint's slots)."""
+        tasks = [asyncio.ensure_future(self._caption_one(c)) for c in clips]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def close(self) -> None:
         await self.client.close()

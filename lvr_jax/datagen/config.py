@@ -26,7 +26,12 @@ Fields
   concurrency         requests in flight per endpoint
   videos_in_flight    videos processed at once (a crash loses at most these)
   retries, backoff_seconds, timeout_seconds   per request: retries after the first try, the
-                      first back-off (doubled each retry, with jitter), the HTTP timeout
+                      first back-off (doubled each retry, with jitter), the most one try
+                      takes (connecting to the last byte)
+  request_deadline_seconds  the most one request takes with all its tries and back-offs
+  stop_after_failed_requests  an endpoint that fails this many requests in a row (each after
+                      its retries) stops the run; one that never answered stops it at its
+                      first failed request, and HTTP 401/403/404 stop it at once
   val_fraction, seed  each video goes to val with this probability, by a seeded hash of its id
 """
 
@@ -69,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.retries = 3
     config.backoff_seconds = 1.0
     config.timeout_seconds = 300.0
+    config.request_deadline_seconds = 600.0
+    config.stop_after_failed_requests = 3
     config.val_fraction = 0.1
     config.seed = 0
     config.progress = True

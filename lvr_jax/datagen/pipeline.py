@@ -3,7 +3,10 @@
 `run(config)` processes every video under `config.videos_dir` that has no state file yet,
 `videos_in_flight` at a time, then rebuilds the JSONL outputs and prints nothing itself:
 it returns the summary (see summary.py). A video whose endpoint keeps failing is left
-without a state file, so the next run tries it again.
+without a state file, so the next run tries it again. An endpoint that is down (client.py:
+not answering, failing request after request) stops the run early: no further video is
+started, and the summary's `run.stopped` says why (`summary.failure` turns that, or a run
+that generated nothing, into the one-line reason the entrypoint exits with).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from tqdm import tqdm
 
 from lvr_jax.data.video import BadVideoError
 from lvr_jax.datagen import prompts, records
-from lvr_jax.datagen.client import ChatClient, EndpointError, RetryPolicy
+from lvr_jax.datagen.client import ChatClient, EndpointDown, EndpointError, RetryPolicy
 from lvr_jax.datagen.clips import iter_clips, probe
 from lvr_jax.datagen.parse import Rejection, ReplyError, category_quotas, filter_items, parse_reply
 from lvr_jax.datagen.summary import summarize
@@ -57,15 +60,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("reasoning.base_url is empty; give the reasoning LLM's /v1 URL")
     if not 0.0 <= config.val_fraction <= 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1], got {config.val_fraction}")
+    if config.caption.backend == "embedded" and not os.path.isdir(config.caption.checkpoint):
+        raise ValueError(f"caption.checkpoint {config.caption.checkpoint!r} is not a folder; "
+                         "give a VILA directory (e.g. a training run's model/ export)")
     if config.frames_per_clip < 1 or config.questions_per_video < 1:
         raise ValueError("frames_per_clip and questions_per_video must be at least 1")
+    _check_time_limits(config)
     category_quotas(config.questions_per_video, dict(config.category_targets))  # raises if bad
+
+
+def _check_time_limits(config: ml_collections.ConfigDict) -> None:
+    """The request bounds: positive times, retries >= 0, at least one failure before a stop."""
+    for field in ("timeout_seconds", "request_deadline_seconds"):
+        if not config[field] > 0:
+            raise ValueError(f"{field} must be above 0 seconds, got {config[field]}")
+    if config.retries < 0 or config.stop_after_failed_requests < 1:
+        raise ValueError(f"retries must be at least 0 and stop_after_failed_requests at least "
+                         f"1, got {config.retries} and {config.stop_after_failed_requests}")
 
 
 def _client(endpoint: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> ChatClient:
     return ChatClient(endpoint.base_url, endpoint.model, api_key_env=endpoint.api_key_env,
                       concurrency=config.concurrency, timeout_seconds=config.timeout_seconds,
-                      policy=RetryPolicy(config.retries, config.backoff_seconds))
+                      policy=RetryPolicy(config.retries, config.backoff_seconds),
+                      request_seconds=config.request_deadline_seconds,
+                      stop_after=config.stop_after_failed_requests)
 
 
 def make_captioner(config: ml_collections.ConfigDict):
@@ -151,11 +170,14 @@ async def process_video(video: str, ctx: Context) -> dict[str, Any]:
 
 
 async def _worker(queue: asyncio.Queue, ctx: Context, bar: tqdm, run: dict[str, Any]) -> None:
-    while not queue.empty():
+    while not queue.empty() and not run["stopped"]:
         video = queue.get_nowait()
         try:
             state = await process_video(video, ctx)
         except EndpointError as error:
+            if isinstance(error, EndpointDown) and not run["stopped"]:
+                log.error("stopping the run: %s", error)
+                run["stopped"] = str(error)
             log.error("video %r not finished: %s; it is retried on the next run", video, error)
             run["failed"] += 1
             run["errors"][video] = str(error)
@@ -175,21 +197,30 @@ async def resolve_model(client: ChatClient) -> None:
     log.info("using model %r served at %s", client.model, client.url)
 
 
+async def _resolve_models(ctx: Context, run: dict[str, Any]) -> None:
+    """Model names the config leaves empty; an endpoint that is down stops the run here."""
+    try:
+        await resolve_model(ctx.reasoning)
+        if ctx.config.caption.backend == "openai":
+            await resolve_model(ctx.captioner.client)
+    except EndpointError as error:  # no model list: no request of the run can go out
+        log.error("stopping the run before any video: %s", error)
+        run["stopped"] = str(error)
+
+
 async def run_async(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Processes the pending videos and rebuilds the outputs; returns the summary."""
     videos = records.find_videos(config.videos_dir, config.videos_glob)
     pending = [v for v in videos if not records.is_done(config.out_dir, v)]
     run = {"found": len(videos), "skipped": len(videos) - len(pending), "finished": 0,
-           "failed": 0, "kept": 0, "errors": {}}
+           "failed": 0, "kept": 0, "errors": {}, "stopped": None}
     quotas = category_quotas(config.questions_per_video, dict(config.category_targets))
     ctx = Context(config, None, _client(config.reasoning, config), quotas,
                   random.Random(config.seed))
     try:
         if pending:
             ctx.captioner = make_captioner(config)
-            await resolve_model(ctx.reasoning)
-            if config.caption.backend == "openai":
-                await resolve_model(ctx.captioner.client)
+            await _resolve_models(ctx, run)
         queue: asyncio.Queue = asyncio.Queue()
         for video in pending:
             queue.put_nowait(video)

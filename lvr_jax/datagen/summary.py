@@ -1,4 +1,5 @@
-"""The final summary: videos, clips, questions kept per category and split, rejections by reason."""
+"""The final summary: videos, clips, questions kept per category and split, rejections by
+reason; and `failure`, why a run counts as failed (the entrypoint's non-zero exit)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,38 @@ def _rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     for category in CATEGORIES:
         train, val = summary["kept"]["train"][category], summary["kept"]["val"][category]
         rows.append((f"kept {category} (train / val)", f"{train} / {val}"))
-    total = sum(sum(by_cat.values()) for by_cat in summary["kept"].values())
-    rows.append(("kept in all", total))
+    rows.append(("kept in all", _kept(summary)))
     rows += [(f"rejected: {reason}", n) for reason, n in summary["rejected"].items()]
+    if run.get("stopped"):
+        rows.append(("stopped early", run["stopped"]))
     return [(name, str(value)) for name, value in rows]
+
+
+def _kept(summary: Mapping[str, Any]) -> int:
+    return sum(sum(by_cat.values()) for by_cat in summary["kept"].values())
+
+
+def failure(summary: Mapping[str, Any]) -> str | None:
+    """Why the run failed, in one line, or None: it stopped on an endpoint that is down, no
+    video it tried finished, no video was found, or the outputs hold no record at all."""
+    run = summary["run"]
+    pending = run["found"] - run["skipped"]
+    if run.get("stopped"):
+        left = pending - run["finished"]
+        why = (f"stopped early, {left} of {pending} videos left for the next run: "
+               f"{run['stopped']}")
+    elif pending and not run["finished"]:
+        first = next(iter(run["errors"].values()), "")
+        why = (f"none of the {pending} videos finished ({run['failed']} failed; the first: "
+               f"{first}); rerun to retry them")
+    elif not run["found"]:
+        why = "no video found under videos_dir (check videos_dir and videos_glob)"
+    elif not _kept(summary):
+        why = (f"no training record was kept: videos by status {summary['videos_by_status']}, "
+               f"rejections {summary['rejected']}; see rejected.jsonl")
+    else:
+        return None
+    return " ".join(why.split())
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

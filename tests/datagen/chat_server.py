@@ -3,7 +3,9 @@
 It speaks HTTP like vLLM does (`GET /v1/models`, `POST /v1/chat/completions`): image
 requests get a caption; reasoning requests get the next scripted reply, or by default a
 valid reply built from the prompt's clip timeline. Tests can make it fail with given
-HTTP statuses, slow it down, or hold a request until released (to kill a client mid-video).
+HTTP statuses, slow it down, or hold a request until released (to kill a client mid-video);
+or break every chat request from the n-th on: an HTTP status, a body that is not JSON,
+no answer at all, or an answer trickled a byte at a time.
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ class ChatScript:
         self.in_flight = {"caption": 0, "reasoning": 0}
         self.max_in_flight = {"caption": 0, "reasoning": 0}
         self.reasoning_calls = 0
+        # every chat request from number `broken_from` (1-based) on gets `broken` (None: none):
+        # an int status, "garbage" (200, an HTML body), "hang" (no answer until the server
+        # closes) or "trickle" (200 and a byte every 0.1 s, never the whole body)
+        self.broken: int | str | None = None
+        self.broken_from = 1
+        self.chat_calls = 0
+
+    def breaks(self) -> int | str | None:
+        """What the next chat request gets, if it is broken (counts the request)."""
+        with self.lock:
+            self.chat_calls += 1
+            return self.broken if self.chat_calls >= self.broken_from else None
 
     def caption_requests(self) -> list[dict]:
         return [r for r in self.requests if _has_images(r)]
@@ -109,10 +123,33 @@ def _handler(script: ChatScript):
                 return self._send(200, {"object": "list", "data": [{"id": "fake-llm"}]})
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
+        def _broken(self, how: int | str) -> None:
+            """Answers the way `ChatScript.broken` says."""
+            if isinstance(how, int):
+                return self._send(how, {"error": {"message": "scripted failure"}})
+            if how == "hang":
+                script.release.wait(120)
+                return None
+            data = b"<html>\n<body>502 Bad Gateway</body>\n</html>\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(10_000 if how == "trickle" else len(data)))
+            self.end_headers()
+            if how == "garbage":
+                return self.wfile.write(data)
+            with contextlib.suppress(OSError):  # the client gave up: the socket is closed
+                while not script.release.wait(0.1):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+
         def do_POST(self):
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if (how := script.breaks()) is not None:
+                with script.lock:
+                    script.requests.append(body)
+                return self._broken(how)
             kind = "caption" if _has_images(body) else "reasoning"
             with script.lock:
                 script.in_flight[kind] += 1

@@ -35,7 +35,7 @@ def test_videos_become_training_records_split_by_video(videos_dir, out_dir, serv
     val_videos = {r["videos"] for r in read_jsonl(val)}
     assert train_videos and val_videos and not train_videos & val_videos
     assert summary["run"] == {"found": 3, "skipped": 0, "finished": 3, "failed": 0, "kept": 12,
-                              "errors": {}}
+                              "errors": {}, "stopped": None}
     assert summary["clips_captioned"] == 9 and summary["rejected"] == {}
     assert "kept Temporal (train / val)" in format_summary(summary)
 
@@ -145,7 +145,10 @@ def test_config_errors_name_the_field(tmp_path):
     config.caption.backend, config.caption.checkpoint = "embedded", ""
     with pytest.raises(ValueError, match="caption.checkpoint"):
         check_config(config)
-    config.caption.checkpoint, config.category_targets.temporal = "ckpt", -1
+    config.caption.checkpoint = str(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="caption.checkpoint '.*ckpt' is not a folder"):
+        check_config(config)
+    config.caption.checkpoint, config.category_targets.temporal = str(tmp_path), -1
     with pytest.raises(ValueError, match="category_targets"):
         check_config(config)
     config.videos_dir = str(tmp_path / "missing")
