@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPTION_LINE = re.compile(r"^\s*\(?([A-D])[.)]\s*(.+?)\s*$")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_LISTED = 20  # bad records named in the warning; the rest are counted
 
 
 class RecordError(ValueError):
@@ -228,12 +229,18 @@ def _read_jsonl(path: str, name: str) -> Iterator[tuple[str, Any]]:
                 yield origin, _parse_json_line(line, origin)
 
 
+def _json_problem(error: json.JSONDecodeError, position: str) -> str:
+    """json's message and `position`; some of its messages end in "at" already ("Invalid
+    control character at"), which must not read "at at"."""
+    return f"{error.msg.removesuffix(' at')} at {position}"
+
+
 def _parse_json_line(line: str, origin: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as error:
-        return RecordError(f"{origin}: not valid JSON ({error.msg} at column {error.colno}); "
-                           "fix or remove the line")
+        problem = _json_problem(error, f"column {error.colno}")
+        return RecordError(f"{origin}: not valid JSON ({problem}); fix or remove the line")
 
 
 def _read_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
@@ -247,8 +254,8 @@ def _read_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RecordError(f"{name}: not valid JSON ({error.msg} at line {error.lineno}, "
-                          f"column {error.colno})") from None
+        problem = _json_problem(error, f"line {error.lineno}, column {error.colno}")
+        raise RecordError(f"{name}: not valid JSON ({problem})") from None
     if not isinstance(rows, list):
         raise RecordError(f"{name}: expected a JSON list of records, got {type(rows).__name__}")
     for number, row in enumerate(rows):
@@ -291,9 +298,10 @@ def _load(paths: str | Sequence[str], parse, on_bad_record: str) -> list:
                           f"{len(skipped)} were bad (on_bad_record='skip'); the first: "
                           f"{skipped[0]}")
     if skipped:
-        log.warning(
-            "skipped %d bad records (on_bad_record='skip'):\n  %s", len(skipped),
-            "\n  ".join(skipped[:20]))
+        shown = "\n  ".join(skipped[:_LISTED])
+        more = f"\n  ... and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
+        log.warning("skipped %d bad records (on_bad_record='skip'):\n  %s%s", len(skipped), shown,
+                    more)
     return records
 
 

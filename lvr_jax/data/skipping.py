@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 MAX_MESSAGES = 20  # per epoch, kept in the state and the report
 
 
+def listed(messages, total: int, indent: str = "\n  ") -> str:
+    """`messages` one per line, then "... and N more" when `total` counts more than they show."""
+    lines = list(messages)
+    if total > len(lines):
+        lines.append(f"... and {total - len(lines)} more")
+    return indent + indent.join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class EpochReport:
     """What one epoch read: records seen, and those skipped by reason with their messages."""
@@ -39,7 +47,7 @@ class EpochReport:
         if not self.num_skipped:
             return head
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"{head} ({reasons}):\n  " + "\n  ".join(self.messages)
+        return f"{head} ({reasons}):" + listed(self.messages, self.num_skipped)
 
 
 class NoUsableRecordsError(RuntimeError):
@@ -47,10 +55,10 @@ class NoUsableRecordsError(RuntimeError):
 
 
 def _no_usable_records(report: EpochReport, source: str) -> NoUsableRecordsError:
-    reasons = "\n  ".join(report.messages[:5])
+    reasons = listed(report.messages[:5], report.num_skipped)
     return NoUsableRecordsError(
         f"epoch {report.epoch} of {source} yielded no usable record: all {report.records} were "
-        f"skipped. Check data.records and data.video_root. First reasons:\n  {reasons}")
+        f"skipped. Check data.records and data.video_root. First reasons:{reasons}")
 
 
 class SkipBadRecords(grain.IterDataset):

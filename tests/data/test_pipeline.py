@@ -321,3 +321,18 @@ def test_a_4096_pixel_video_is_read_under_a_memory_cap(huge_video_set, tmp_path,
     else:
         assert sorted(out["kept"]) == sorted(good + ["line 4 of t.jsonl"])
         assert out["frame_shapes"] == [[16, 448, 448, 3]]
+
+
+def test_the_epoch_report_says_how_many_reasons_it_left_out(tmp_path, video_dir, tokenizer,
+                                                            caplog):
+    rows = [train_row("good.mp4")] + [train_row(f"missing_{k}.mp4") for k in range(25)]
+    reports = []
+    config = _config(write_jsonl(str(tmp_path / "t.jsonl"), rows), video_dir, shuffle=False,
+                     num_frames=4)
+    with caplog.at_level(logging.WARNING):
+        _run(sft_dataset(config, tokenizer, on_epoch_end=reports.append))
+    (report,) = reports
+    assert len(report.messages) == 20 and report.num_skipped == 25
+    assert str(report).endswith("(line 21 of t.jsonl)\n  ... and 5 more")
+    assert "... and 5 more" in caplog.text
+

@@ -178,3 +178,28 @@ def test_an_empty_file_beside_files_with_records_is_only_a_warning(tmp_path, cap
     with caplog.at_level("WARNING"):
         records = load_train_records([train, str(tmp_path / "val.jsonl")])
     assert len(records) == len(ROWS) and "val.jsonl' holds no records" in caplog.text
+
+
+def test_json_messages_that_end_in_at_do_not_read_at_at(tmp_path):
+    # json says "Invalid control character at" / "Unterminated string starting at"
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"problem": "a\tb"}\n')  # a raw tab inside a string
+    with pytest.raises(RecordError) as error:
+        load_train_records(str(jsonl))
+    assert "(Invalid control character at column 15); fix or remove the line" in str(error.value)
+    (tmp_path / "train.json").write_text('[{"problem": "x')
+    with pytest.raises(RecordError) as error:
+        load_train_records(str(tmp_path / "train.json"))
+    assert str(error.value) == ("train.json: not valid JSON (Unterminated string starting at "
+                                "line 1, column 14)")
+    assert "at at" not in str(error.value)
+
+
+def test_skipped_bad_records_past_the_first_20_are_counted(tmp_path, caplog):
+    path = write_jsonl(str(tmp_path / "train.jsonl"), [ROWS[0]] + ["not json"] * 25)
+    with caplog.at_level(logging.WARNING):
+        assert len(load_train_records(path, on_bad_record="skip")) == 1
+    assert "skipped 25 bad records" in caplog.text and "line 21 of train.jsonl" in caplog.text
+    assert "line 22 of train.jsonl" not in caplog.text
+    assert caplog.text.rstrip().endswith("... and 5 more")
+
