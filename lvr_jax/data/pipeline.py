@@ -29,11 +29,12 @@ from lvr_jax.data.batching import PadBatch, default_buckets
 from lvr_jax.data.frame_cache import FrameCache
 from lvr_jax.data.schema import (EvalRecord, TrainRecord, category_name, load_eval_records,
                                  load_train_records)
-from lvr_jax.data.skipping import EpochReport, SkipBadRecords
+from lvr_jax.data.skipping import EpochReport, SkipBadRecords, SkippedRecord
 from lvr_jax.data.video import BACKENDS, DEFAULT_MAX_PIXELS, BadVideoError, read_frames
 from lvr_jax.tokenizer import Tokenizer
 
-__all__ = ["DataConfig", "EpochReport", "sft_dataset", "rl_dataset", "eval_dataset"]
+__all__ = ["DataConfig", "EpochReport", "SkippedRecord", "sft_dataset", "rl_dataset",
+           "eval_dataset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +103,12 @@ class DataConfig:
         return self.num_frames * self.frame_size ** 2 * 3
 
 
-def _skip(reason: str, message: str, epoch: int, error: BadVideoError | None = None) -> dict:
-    """The element a worker returns in place of a record it cannot use."""
+def _skip(record, reason: str, message: str, epoch: int,
+          error: BadVideoError | None = None) -> dict:
+    """The element a worker returns in place of `record` when it cannot use it."""
     details = (error.path, error.reason, error.where) if error else None
-    return {"_skip": reason, "_message": message, "_error": details, "epoch": epoch}
+    return {"_skip": reason, "_message": message, "_error": details, "epoch": epoch,
+            "record": record.origin, "id": getattr(record, "id", None)}
 
 
 class _TagEpoch:
@@ -129,13 +132,13 @@ class _MakeExample:
         tokens = self._tokens(record)
         length = len(next(iter(tokens.values())))
         if length > self.config.max_length:
-            return _skip("too_long", f"{record.origin}: {length} text tokens exceed max_length "
-                                     f"{self.config.max_length}", epoch)
+            return _skip(record, "too_long", f"{record.origin}: {length} text tokens exceed "
+                         f"max_length {self.config.max_length}", epoch)
         try:
             video = self._frames(record)
         except BadVideoError as error:
             error = BadVideoError(error.path, error.reason, record.origin)
-            return _skip("bad_video", str(error), epoch, error)
+            return _skip(record, "bad_video", str(error), epoch, error)
         return {**tokens, **self._metadata(record), "frames": video.frames,
                 "frame_indices": video.indices, "video_key": video.fingerprint,
                 "record": record.origin, "epoch": epoch}
@@ -189,11 +192,20 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def records_source(config: DataConfig, records: Sequence) -> str:
+    """The files `records` were read from, which errors name: the records handed in (the
+    evaluation's, say) rather than `config.records` (the training files)."""
+    files = list(dict.fromkeys(r.file for r in records if getattr(r, "file", "")))
+    return ", ".join(files) if files else str(config.records or "the records")
+
+
 def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenizer,
            batch_fn: PadBatch, drop_remainder: bool,
-           on_epoch_end: Callable[[EpochReport], None] | None) -> grain.IterDataset:
+           on_epoch_end: Callable[[EpochReport], None] | None,
+           on_skip: Callable[[SkippedRecord], None] | None = None) -> grain.IterDataset:
+    files = records_source(config, records)
     if drop_remainder and len(records) < config.batch_size:  # else no batch, ever
-        raise ValueError(f"{config.records}: {len(records)} records, fewer than one batch "
+        raise ValueError(f"{files}: {len(records)} records, fewer than one batch "
                          f"(data.batch_size={config.batch_size})")
     ds = _records_dataset(records, config).map(_MakeExample(kind, config, tokenizer))
     ds = ds.to_iter_dataset(config.read_options)
@@ -202,9 +214,9 @@ def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenize
         options = grain.MultiprocessingOptions(num_workers=config.num_workers,
                                                per_worker_buffer_size=config.worker_buffer_size)
         ds = ds.mp_prefetch(options)
-    source = f"{config.records or 'the records'} (video_root {config.video_root or '.'!r})"
+    source = f"{files} (video_root {config.video_root or '.'!r})"
     ds = SkipBadRecords(ds, on_bad_video=config.on_bad_video, on_epoch_end=on_epoch_end,
-                        source=source)
+                        source=source, on_skip=on_skip)
     return ds.batch(config.batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
 
 
@@ -244,10 +256,12 @@ def rl_dataset(config: DataConfig, tokenizer: Tokenizer,
 
 def eval_dataset(config: DataConfig, tokenizer: Tokenizer,
                  records: Sequence[EvalRecord] | None = None,
-                 on_epoch_end: Callable[[EpochReport], None] | None = None) -> grain.IterDataset:
-    """Every record once, in file order: prompt_ids/prompt_mask, answer, category, duration, frames."""
+                 on_epoch_end: Callable[[EpochReport], None] | None = None,
+                 on_skip: Callable[[SkippedRecord], None] | None = None) -> grain.IterDataset:
+    """Every record once, in file order: prompt_ids/prompt_mask, answer, category, duration,
+    frames; each record skipped (a bad video, too long) is handed to `on_skip`."""
     records = records if records is not None else load_eval_records(config.records,
                                                                     config.on_bad_record)
     config = dataclasses.replace(config, shuffle=False, num_epochs=1)
     batch_fn = PadBatch({"prompt_ids": tokenizer.pad_id}, "prompt_mask", config.buckets, "left")
-    return _build("eval", records, config, tokenizer, batch_fn, False, on_epoch_end)
+    return _build("eval", records, config, tokenizer, batch_fn, False, on_epoch_end, on_skip)

@@ -46,6 +46,8 @@ class TrainRecord:
     origin: str  # where it came from, e.g. "line 17 of train.jsonl"
     reasoning: str | None = None
     category: str | None = None
+    # the records file it was read from ("" when made in code); not part of equality
+    file: str = dataclasses.field(default="", compare=False)
 
     @property
     def ground_truth(self) -> str:
@@ -65,6 +67,8 @@ class EvalRecord:
     origin: str
     duration: str | None = None
     id: str | None = None
+    # the records file it was read from ("" when made in code); not part of equality
+    file: str = dataclasses.field(default="", compare=False)
 
 
 def answer_span(answer: str) -> str:
@@ -281,7 +285,7 @@ def _load(paths: str | Sequence[str], parse, on_bad_record: str) -> list:
             try:
                 if isinstance(row, RecordError):
                     raise row
-                records.append(parse(row, origin))
+                records.append(dataclasses.replace(parse(row, origin), file=path))
             except RecordError as error:
                 if on_bad_record == "error":
                     raise

@@ -3,8 +3,10 @@
 Workers return a marker (`_skip`, `_message`) in place of a record they cannot use; this stage
 runs in the main process, so its counts are exact whatever the number of workers. The counts
 live in the iterator state, so a restored run reports the same totals. At the end of each epoch
-an `EpochReport` is logged and handed to `on_epoch_end`. An epoch in which every record was
-skipped stops the run with `NoUsableRecordsError` (else it would read forever and never step).
+an `EpochReport` is logged (here, once) and handed to `on_epoch_end`; each skipped record is
+also handed to `on_skip` (evaluation lists every question it could not ask). An epoch in which
+every record was skipped stops the run with `NoUsableRecordsError` (else it would read forever
+and never step).
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def listed(messages, total: int, indent: str = "\n  ") -> str:
     if total > len(lines):
         lines.append(f"... and {total - len(lines)} more")
     return indent + indent.join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRecord:
+    """One record a pipeline skipped: where it came from, its id (if the record has one), why."""
+
+    record: str  # its origin, e.g. "line 17 of test_eval.jsonl"
+    reason: str  # "bad_video" or "too_long"
+    message: str
+    id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +70,7 @@ def _no_usable_records(report: EpochReport, source: str) -> NoUsableRecordsError
     reasons = listed(report.messages[:5], report.num_skipped)
     return NoUsableRecordsError(
         f"epoch {report.epoch} of {source} yielded no usable record: all {report.records} were "
-        f"skipped. Check data.records and data.video_root. First reasons:{reasons}")
+        f"skipped. Check the records file and data.video_root. First reasons:{reasons}")
 
 
 class SkipBadRecords(grain.IterDataset):
@@ -66,13 +78,15 @@ class SkipBadRecords(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, on_bad_video: str = "skip",
                  on_epoch_end: Callable[[EpochReport], None] | None = None,
-                 source: str = "the records"):
+                 source: str = "the records",
+                 on_skip: Callable[[SkippedRecord], None] | None = None):
         super().__init__(parent)
         self.on_bad_video, self.on_epoch_end, self.source = on_bad_video, on_epoch_end, source
+        self.on_skip = on_skip
 
     def __iter__(self) -> grain.DatasetIterator:
         return _SkipIterator(self._parent.__iter__(), self.on_bad_video, self.on_epoch_end,
-                             self.source)
+                             self.source, self.on_skip)
 
     def __str__(self) -> str:
         return f"SkipBadRecords(on_bad_video={self.on_bad_video!r})"
@@ -86,9 +100,11 @@ class _SkipIterator(grain.DatasetIterator):
     """Counts per epoch; reports an epoch when the next one starts or the data ends."""
 
     def __init__(self, parent: grain.DatasetIterator, on_bad_video: str,
-                 on_epoch_end: Callable[[EpochReport], None] | None, source: str):
+                 on_epoch_end: Callable[[EpochReport], None] | None, source: str,
+                 on_skip: Callable[[SkippedRecord], None] | None = None):
         super().__init__(parent)
         self._on_bad_video, self._on_epoch_end, self._source = on_bad_video, on_epoch_end, source
+        self._on_skip = on_skip
         self._tally = _fresh_tally(0)
 
     def __next__(self):
@@ -116,6 +132,9 @@ class _SkipIterator(grain.DatasetIterator):
         skipped[reason] = skipped.get(reason, 0) + 1
         if len(self._tally["messages"]) < MAX_MESSAGES:
             self._tally["messages"].append(message)
+        if self._on_skip is not None:
+            self._on_skip(SkippedRecord(element.get("record", ""), reason, message,
+                                        element.get("id")))
 
     def _report(self) -> None:
         tally = self._tally

@@ -3,6 +3,9 @@
 Answers are extracted and graded by the scorer named `scorer` (`eval.scoring`: "math", the
 accuracy reward of training, by default; "official", the LongVideo-Reason-eval script's); an
 answer that is not one of the option letters counts as wrong and is also counted as unparseable.
+A question that cannot be asked (its video is missing or broken, its prompt too long) is
+skipped: it is listed in `EvalResult.skipped` with its reason, and the accuracy is over the
+questions answered.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lvr_jax.data.pipeline import DataConfig, eval_dataset
+from lvr_jax.data.pipeline import DataConfig, SkippedRecord, eval_dataset
 from lvr_jax.data.schema import LETTERS
 from lvr_jax.eval.scoring import DEFAULT_SCORER, get_scorer
 from lvr_jax.model.vlm import LongVILA
@@ -30,8 +33,23 @@ from lvr_jax.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class EvalResult:
-    predictions: list[dict]
+    predictions: list[dict]  # one per question answered
     scorer: str = DEFAULT_SCORER  # the name of the scorer that graded them
+    # one per question skipped: {"id", "record", "reason", "message"}
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def answered(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def questions(self) -> int:
+        """Questions asked for: answered and skipped."""
+        return len(self.predictions) + len(self.skipped)
+
+    def counts(self) -> str:
+        """`answered 8 of 12, 4 skipped`: what the accuracy is over."""
+        return f"answered {self.answered} of {self.questions}, {len(self.skipped)} skipped"
 
     @property
     def accuracy(self) -> float:
@@ -59,6 +77,11 @@ class EvalResult:
         return sum(not p["parsed_ok"] for p in self.predictions)
 
 
+def skipped_row(skip: SkippedRecord) -> dict:
+    """A skipped question as written in the reports: its id, where it is, why it was skipped."""
+    return {"id": skip.id, "record": skip.record, "reason": skip.reason, "message": skip.message}
+
+
 class Evaluator:
     """Answers evaluation records and grades them; built once, called with each model to
     evaluate (the same frozen video encoder): the video path (`VideoEmbedder`, its cache and
@@ -81,15 +104,17 @@ class Evaluator:
         self.progress = progress
 
     def __call__(self, model: LongVILA, data: DataConfig, records=None) -> EvalResult:
-        """Every record of `data.records` (or of `records`) answered once by `model`, graded."""
-        predictions = []
-        batches = eval_dataset(data, self.tokenizer, records)
+        """Every record of `data.records` (or of `records`) answered once by `model` and
+        graded, or skipped with its reason."""
+        predictions, skipped = [], []
+        batches = eval_dataset(data, self.tokenizer, records,
+                               on_skip=lambda s: skipped.append(skipped_row(s)))
         for batch in tqdm(batches, desc="evaluate", disable=not self.progress):
             embeds, valid = self.videos.prompts(model, batch)
             gen = self.engine.generate(model, embeds, valid, self.params, jax.random.key(0))
             texts = response_texts(self.tokenizer, gen, self.params.stop_token_ids)
             predictions += [self.prediction(batch, i, text) for i, text in enumerate(texts)]
-        return EvalResult(predictions, self.scorer)
+        return EvalResult(predictions, self.scorer, skipped)
 
     def prediction(self, batch: dict, i: int, text: str) -> dict:
         """Record i of `batch` with the answer `text` and its grade."""

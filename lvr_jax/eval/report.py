@@ -3,11 +3,14 @@
 One *setting* is (checkpoint, number of frames, reasoning on/off). Each gets
 `<label>.json` (summary and every prediction) and `<label>_categories.png`; all settings
 together get `results.md`, `results.json` and, when frame counts differ,
-`accuracy_vs_frames.png`. Every file and table names the scorer that graded the answers.
+`accuracy_vs_frames.png`. Every file and table names the scorer that graded the answers, and
+how many questions were answered and skipped (accuracy is over those answered); the skipped
+ones are listed with their reasons.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -24,6 +27,7 @@ from lvr_jax.eval.scoring import SCORERS  # noqa: E402
 
 DURATIONS = ("short", "medium", "long")
 CHANCE = 0.25
+LISTED_SKIPS = 20  # skipped questions named per setting in results.md; all are in <label>.json
 
 
 def checkpoint_name(path: str) -> str:
@@ -48,12 +52,21 @@ class Setting:
 
 
 def summary(result: EvalResult) -> dict:
-    """The scorer; overall, per-category and per-duration accuracy; the unparseable count."""
+    """The scorer; overall, per-category and per-duration accuracy (over the questions
+    answered); the unparseable count; questions asked, answered, skipped, and why skipped."""
     return {"scorer": result.scorer, "accuracy": result.accuracy,
-            "questions": len(result.predictions),
+            "questions": result.questions, "answered": result.answered,
+            "skipped": len(result.skipped),
             "correct": sum(p["correct"] for p in result.predictions),
             "unparseable": result.unparseable, "per_category": result.per_category,
-            "per_duration": result.per_duration}
+            "per_duration": result.per_duration, "skipped_records": result.skipped}
+
+
+def counts(row: dict) -> str:
+    """`answered 8 of 12, 4 skipped` for a summary row (one written before skips were
+    counted has no `answered`: all its questions were)."""
+    answered = row.get("answered", row["questions"])
+    return f"answered {answered} of {row['questions']}, {row.get('skipped', 0)} skipped"
 
 
 def write_setting(out_dir: str, setting: Setting, result: EvalResult) -> dict:
@@ -63,7 +76,7 @@ def write_setting(out_dir: str, setting: Setting, result: EvalResult) -> dict:
     with open(os.path.join(out_dir, f"{setting.label}.json"), "w", encoding="utf-8") as f:
         json.dump({**row, "predictions": result.predictions}, f, indent=1, ensure_ascii=False)
     plot_categories({setting.label: row}, os.path.join(out_dir, f"{setting.label}_categories.png"),
-                    setting.label)
+                    f"{setting.label}, {counts(row)}")
     return row
 
 
@@ -85,7 +98,7 @@ def _columns(rows: Sequence[dict], field: str, order: Sequence[str]) -> list[str
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """A title naming the scorer, then one line per setting: scorer, overall, per category, per
-    duration bucket, unparseable."""
+    duration bucket, unparseable, questions answered of asked; then the skipped questions."""
     categories = _columns(rows, "per_category", CATEGORIES)
     durations = _columns(rows, "per_duration", DURATIONS)
     head = ["checkpoint", "frames", "reasoning", "scorer", "overall", *categories, *durations,
@@ -98,9 +111,45 @@ def markdown_table(rows: Sequence[dict]) -> str:
                  r["scorer"],
                  f"**{r['accuracy']:.1%}**", *(pct(r["per_category"], c) for c in categories),
                  *(pct(r["per_duration"], d) for d in durations), str(r["unparseable"]),
-                 str(r["questions"])]
+                 counts(r)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + skipped_lines(rows)) + "\n"
+
+
+def _label(row: dict) -> str:
+    return Setting(row["checkpoint"], row["num_frames"], row["think"]).label
+
+
+def skipped_lines(rows: Sequence[dict]) -> list[str]:
+    """The skipped questions under the table, with their reasons; settings that skipped the
+    same questions share one list. Nothing when every question was answered."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("skipped"):
+            key = tuple((s["record"], s["message"]) for s in r["skipped_records"])
+            groups.setdefault(key, []).append(r)
+    if not groups:
+        return []
+    lines = ["", "**Skipped questions** (not graded: each setting's accuracy is over the "
+                 "questions it answered):"]
+    for same in groups.values():
+        lines += _skipped_group(same)
+    return lines
+
+
+def _skipped_group(rows: Sequence[dict]) -> list[str]:
+    first = rows[0]
+    by_reason = collections.Counter(s["reason"] for s in first["skipped_records"])
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
+    lines = [f"- {', '.join(map(_label, rows))}: {first['skipped']} of {first['questions']} "
+             f"skipped ({reasons})"]
+    for s in first["skipped_records"][:LISTED_SKIPS]:
+        named = f"id {s['id']}: " if s["id"] is not None else ""
+        lines.append(f"  - {named}{s['message']}")  # the message names the record's line
+    if first["skipped"] > LISTED_SKIPS:
+        lines.append(f"  - ... and {first['skipped'] - LISTED_SKIPS} more (all in "
+                     f"{_label(first)}.json)")
+    return lines
 
 
 def plot_categories(rows: dict[str, dict], out_png: str, title: str = "") -> None:

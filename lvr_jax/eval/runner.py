@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -22,6 +23,15 @@ def model_dir(checkpoint: str) -> str:
             return candidate
     raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither a VILA directory (config.json) "
                             "nor a training workdir with a model/ export")
+
+
+def skip_reasons(result) -> str:
+    """`; skipped: 3 bad_video, 1 too_long (listed in results.md)`, or nothing."""
+    if not result.skipped:
+        return ""
+    by_reason = collections.Counter(s["reason"] for s in result.skipped)
+    return "; skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items())) + \
+        " (listed in results.md and the setting's JSON)"
 
 
 def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks: list[bool],
@@ -45,7 +55,7 @@ def evaluate_checkpoint(config, checkpoint: str, frame_counts: list[int], thinks
                 batch_size=config.eval.batch_size)
             result = evaluator(model, data, records)
             rows.append(report.write_setting(out_dir, setting, result))
-            log.warning("%s: %.1f%% of %d (%d unparseable), scorer %s", setting.label,
-                        100 * result.accuracy, len(result.predictions), result.unparseable,
-                        result.scorer)
+            log.warning("%s: %.1f%% of the questions answered (%s; %d unparseable), "
+                        "scorer %s%s", setting.label, 100 * result.accuracy, result.counts(),
+                        result.unparseable, result.scorer, skip_reasons(result))
     return rows

@@ -336,3 +336,14 @@ def test_the_epoch_report_says_how_many_reasons_it_left_out(tmp_path, video_dir,
     assert str(report).endswith("(line 21 of t.jsonl)\n  ... and 5 more")
     assert "... and 5 more" in caplog.text
 
+
+def test_records_handed_in_are_named_by_their_own_file(synthetic_dir, tokenizer, tmp_path):
+    # evaluation passes its records with the training settings, whose records are train.jsonl
+    from lvr_jax.data.schema import load_eval_records
+
+    evaluation = os.path.join(synthetic_dir, "test_eval.jsonl")
+    config = _config(os.path.join(synthetic_dir, "train.jsonl"), str(tmp_path), num_frames=4)
+    with pytest.raises(NoUsableRecordsError) as error:
+        _run(eval_dataset(config, tokenizer, load_eval_records(evaluation)))
+    assert f"epoch 0 of {evaluation} (video_root" in str(error.value)
+    assert "train.jsonl" not in str(error.value)

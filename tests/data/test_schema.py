@@ -203,3 +203,7 @@ def test_skipped_bad_records_past_the_first_20_are_counted(tmp_path, caplog):
     assert "line 22 of train.jsonl" not in caplog.text
     assert caplog.text.rstrip().endswith("... and 5 more")
 
+
+def test_records_know_the_file_they_were_read_from(tmp_path):
+    path = write_jsonl(str(tmp_path / "train.jsonl"), ROWS)
+    assert {r.file for r in load_train_records(path)} == {path}

@@ -47,10 +47,15 @@ def test_entrypoint_compares_frame_counts_and_reasoning_modes(make_vila_dir, syn
                                                               tmp_path):
     checkpoint, _, _, _ = make_vila_dir()
     out = tmp_path / "eval"
+    with open(f"{synthetic_set}/test_eval.jsonl") as f:  # three questions, then a broken one
+        rows = [json.loads(line) for line in f][:4]
+    rows[3]["videos"] = "videos/missing.mp4"
+    records = tmp_path / "test_eval.jsonl"
+    records.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cmd = [sys.executable, "-m", "lvr_jax.eval", "--config=configs/demo.py:sft",
-           f"--config.eval.records={synthetic_set}/test_eval.jsonl",
+           f"--config.eval.records={records}",
            f"--config.data.video_root={synthetic_set}", "--config.eval.max_new_tokens=12",
-           f"--checkpoint={checkpoint}", "--num_frames=4,8", "--think=on,off", "--limit=3",
+           f"--checkpoint={checkpoint}", "--num_frames=4,8", "--think=on,off",
            "--scorer=official", f"--out={out}"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -62,9 +67,22 @@ def test_entrypoint_compares_frame_counts_and_reasoning_modes(make_vila_dir, syn
         assert saved["correct"] == sum(p["correct"] for p in saved["predictions"])
         assert all(not p["correct"] for p in saved["predictions"] if not p["parsed_ok"])
         assert (out / f"{label}_categories.png").exists()
+        assert (saved["questions"], saved["answered"], saved["skipped"]) == (4, 3, 1)
+        assert saved["skipped_records"][0]["record"] == "line 4 of test_eval.jsonl"
+        assert f"{label}: " in run.stderr  # the log line of each setting
+    assert run.stderr.count("(answered 3 of 4, 1 skipped; ") == len(labels)
+    assert run.stderr.count("; skipped: 1 bad_video (listed in results.md") == len(labels)
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 4 + len(labels) and table[0].startswith("**Accuracy, scorer: official (")
-    assert all(line.split(" | ")[3] == "official" for line in table[4:])
+    assert len(table) == 4 + len(labels) + 4  # and the skipped question under the table
+    assert table[0].startswith("**Accuracy, scorer: official (")
+    settings = table[4:4 + len(labels)]
+    assert all(line.split(" | ")[3] == "official" for line in settings)
+    assert all(line.endswith("| answered 3 of 4, 1 skipped |") for line in settings)
+    assert table[-2] == f"- {', '.join(labels)}: 1 of 4 skipped (1 bad_video)"
+    missing = f"{synthetic_set}/videos/missing.mp4"
+    assert table[-1].startswith(f"  - id {rows[3]['id']}: video '{missing}' does not exist")
+    assert table[-1].endswith("(line 4 of test_eval.jsonl)")
+    assert "\n".join(table) in run.stdout  # the printed table is the file's
     assert [r["scorer"] for r in json.loads((out / "results.json").read_text())] == \
         ["official"] * len(labels)
     assert os.path.getsize(out / "accuracy_vs_frames.png") > 0
@@ -176,3 +194,90 @@ def test_the_scorer_decides_the_numbers_and_every_file_names_it(tokenizer, synth
     assert table[0].startswith("**Accuracy, scorer: math (") and "; official (" in table[0]
     assert [line.split(" | ")[3:5] for line in table[4:]] == [["math", "**75.0%**"],
                                                               ["official", "**25.0%**"]]
+
+
+def tiny_random_model(tokenizer):
+    """The tiny preset with random weights (what it answers, the scripted engine decides)."""
+    from flax import nnx
+
+    from lvr_jax.model import PRESETS, LongVILA
+
+    preset = PRESETS["tiny"](vocab_size=tokenizer.vocab_size)
+    return LongVILA(preset.replace(video_token_id=tokenizer.video_id,
+                                   newline_token_id=tokenizer.newline_id), rngs=nnx.Rngs(0))
+
+
+def test_skipped_questions_are_counted_and_listed_in_every_file(tokenizer, synthetic_set,
+                                                                tmp_path):
+    import dataclasses
+
+    from lvr_jax.data.pipeline import DataConfig
+    from lvr_jax.data.schema import load_eval_records
+    from lvr_jax.eval.evaluate import evaluate
+    from lvr_jax.eval.runner import skip_reasons
+
+    model = tiny_random_model(tokenizer)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    records = load_eval_records(f"{synthetic_set}/test_eval.jsonl")[:4]
+    records[1] = dataclasses.replace(records[1], video="videos/missing.mp4")
+    records[3] = dataclasses.replace(records[3], video=str(tmp_path / "empty.mp4"))
+    data = DataConfig(records=f"{synthetic_set}/train.jsonl", video_root=synthetic_set,
+                      num_frames=4, frame_size=model.config.vision.image_size, batch_size=2,
+                      num_workers=0)
+    answers = [f"<answer>{r.answer}</answer>" for r in (records[0], records[2])]
+    result = evaluate(model, tokenizer, data, 4, records=records, progress=False,
+                      engine=ScriptedEngine(tokenizer, answers))
+    assert (result.answered, result.questions, result.accuracy) == (2, 4, 1.0)
+    assert [(s["id"], s["record"], s["reason"]) for s in result.skipped] == [
+        (records[1].id, "line 2 of test_eval.jsonl", "bad_video"),
+        (records[3].id, "line 4 of test_eval.jsonl", "bad_video")]
+    assert "missing.mp4' does not exist" in result.skipped[0]["message"]
+    assert "is empty (0 bytes)" in result.skipped[1]["message"]
+    assert result.counts() == "answered 2 of 4, 2 skipped"
+    assert skip_reasons(result).startswith("; skipped: 2 bad_video")
+
+    setting = report.Setting(str(tmp_path / "ckpt"), 4, True)
+    row = report.write_setting(str(tmp_path / "eval"), setting, result)
+    saved = json.loads((tmp_path / "eval" / f"{setting.label}.json").read_text())
+    assert (saved["questions"], saved["answered"], saved["skipped"]) == (4, 2, 2)
+    assert saved["skipped_records"] == result.skipped and len(saved["predictions"]) == 2
+    report.write_comparison(str(tmp_path / "eval"), [row, {**row, "think": False}])
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert table.count("| answered 2 of 4, 2 skipped |") == 2
+    assert ("- ckpt-4f-think, ckpt-4f-direct: 2 of 4 skipped (2 bad_video)\n"
+            f"  - id {records[1].id}: video '{synthetic_set}/videos/missing.mp4' does not "
+            "exist") in table
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())[0]["skipped"] == 2
+
+
+def test_a_long_skipped_list_says_how_many_more():
+    skipped = [{"id": None, "record": f"line {k} of e.jsonl", "reason": "bad_video",
+                "message": f"video 'v{k}.mp4' does not exist (line {k} of e.jsonl)"}
+               for k in range(1, 26)]
+    result = EvalResult([prediction("Temporal", True)], skipped=skipped)
+    row = {**report.summary(result), "checkpoint": "runs/x/model", "num_frames": 16, "think": True}
+    lines = report.markdown_table([row]).splitlines()
+    assert "answered 1 of 26, 25 skipped" in lines[4]
+    assert lines[-1] == "  - ... and 5 more (all in x-16f-think.json)"
+    assert lines[-2] == "  - video 'v20.mp4' does not exist (line 20 of e.jsonl)"
+
+
+def test_evaluation_errors_name_the_evaluation_records_not_the_training_ones(
+        tokenizer, synthetic_set, tmp_path):
+    from lvr_jax.data.pipeline import DataConfig
+    from lvr_jax.data.schema import load_eval_records
+    from lvr_jax.data.skipping import NoUsableRecordsError
+    from lvr_jax.eval.evaluate import evaluate
+
+    model = tiny_random_model(tokenizer)
+    wrong_root = str(tmp_path / "not_the_videos")
+    data = DataConfig(records=f"{synthetic_set}/train.jsonl", video_root=wrong_root,
+                      num_frames=4, frame_size=model.config.vision.image_size, batch_size=2,
+                      num_workers=0)  # as build.data_config makes it: the training records
+    records = load_eval_records(f"{synthetic_set}/test_eval.jsonl")[:3]
+    with pytest.raises(NoUsableRecordsError) as error:
+        evaluate(model, tokenizer, data, 4, records=records, progress=False,
+                 engine=ScriptedEngine(tokenizer, []))
+    message = str(error.value)
+    assert f"epoch 0 of {synthetic_set}/test_eval.jsonl (video_root {wrong_root!r})" in message
+    assert "train.jsonl" not in message and "all 3 were skipped" in message
