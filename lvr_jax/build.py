@@ -9,6 +9,7 @@ them imports an entrypoint.
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 from flax import nnx
@@ -43,6 +44,7 @@ def build_model(config, mesh=None):
     m = config.model
     rules = mesh_lib.rules_of(config.mesh)
     if m.init:
+        check_init_dir(m.init)
         tokenizer = load_tokenizer(m.init)
         kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                   remat_group=m.remat_group, video_encoder=recipe_video_encoder(config, tokenizer))
@@ -53,6 +55,16 @@ def build_model(config, mesh=None):
     model = LongVILA(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed))
     model = shard_model(model, mesh, rules) if mesh else model
     return tokenizer, check_video_frames(config, model)
+
+
+def check_init_dir(path: str) -> None:
+    """A usage error unless `model.init` is a folder (what is in it, the loaders check)."""
+    problem = ("does not exist" if not os.path.exists(path)
+               else None if os.path.isdir(path) else "is a file, not a folder")
+    if problem:
+        raise CommandLineError(
+            f"model.init {path!r} {problem}; pass --config.model.init=<VILA directory> (a "
+            "folder holding config.json and llm/, e.g. a training run's model/ export)")
 
 
 def check_video_frames(config, model: LongVILA) -> LongVILA:

@@ -96,6 +96,9 @@ class Tokenizer:
 
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads `tokenizer.json` from a directory (an `llm/` folder or a VILA root)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"tokenizer folder {directory!r} does not exist (or is not a "
+                                "folder); give a VILA directory or its llm/ folder")
     for candidate in (directory, os.path.join(directory, "llm")):
         path = os.path.join(candidate, "tokenizer.json")
         if os.path.exists(path):

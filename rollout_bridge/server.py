@@ -30,6 +30,7 @@ import asyncio
 import hmac
 import logging
 import os
+import sys
 import uuid
 
 from aiohttp import web
@@ -271,8 +272,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def model_problem(path: str) -> str | None:
+    """Why `--model` cannot be served (None when it can): a missing folder, a file, or a
+    folder with no config.json of its own or in llm/."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isdir(path):
+        return "is a file, not a folder"
+    if not any(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("", "llm")):
+        return "holds no config.json (nor llm/config.json)"
+    return None
+
+
+def check_model(path: str) -> None:
+    """Stops the server in one line (exit 2) before any engine loads when `--model` is unusable."""
+    if problem := model_problem(path):
+        print(f"python -m rollout_bridge.server: error: --model {path} {problem}; pass a "
+              "Qwen2 directory or a VILA directory (its llm/ is served), e.g. a training run's "
+              "model/ export", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_model(args.model)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.engine in ("vllm", "auto"):
         # The engine core in this process: weight loads call the model directly.
