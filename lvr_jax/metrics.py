@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
+import time
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -12,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def scalars(metrics: Mapping) -> dict[str, float]:
@@ -41,9 +46,17 @@ class MetricsWriter:
                                 purge_step=resumed_step + 1 if resumed_step else 0)
 
     def _drop_rows_after(self, resumed_step: int) -> None:
+        """Keeps the rows up to `resumed_step`; the others (a run that went further than its
+        last checkpoint, or one restarted from step 0) go to a file beside it, never lost."""
         if not os.path.exists(self.path):
             return
-        kept = [row for row in read_metrics(self.path) if resumed_step and row["step"] <= resumed_step]
+        rows = read_metrics(self.path)
+        kept = [row for row in rows if resumed_step and row["step"] <= resumed_step]
+        if len(kept) < len(rows):
+            aside = self.path.replace(".jsonl", f".replaced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            shutil.copyfile(self.path, aside)
+            log.warning("%d metric rows after step %d are replaced by this run; all rows as "
+                        "they were are kept in %s", len(rows) - len(kept), resumed_step, aside)
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in kept)
         os.replace(self.path + ".tmp", self.path)
