@@ -8,14 +8,14 @@ them imports an entrypoint.
 
 from __future__ import annotations
 
-import logging
+import math
 import os
 
 import jax
 from flax import nnx
 
 from lvr_jax.cli import CommandLineError
-from lvr_jax.config import preset_config, recipe_video_encoder
+from lvr_jax.config import ConfigError, preset_config, recipe_video_encoder
 from lvr_jax.data.pipeline import DataConfig
 from lvr_jax.model import LongVILA, load_pretrained
 from lvr_jax.model.video_encoders import VideoEncoderError
@@ -25,15 +25,19 @@ from lvr_jax.sharding.param_placement import load_sharded, shard_model
 from lvr_jax.stages import stage_of
 from lvr_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
 
-log = logging.getLogger("lvr_jax.build")
-
 
 def make_run_mesh(config):
-    """The recipe's mesh, or None when it asks for a single device."""
+    """The recipe's mesh, or None when it asks for a single device (every axis 1); a shape
+    the machine's devices cannot fill is refused (`ConfigError`)."""
     shape = dict(config.mesh.shape)
-    if all(int(v) == 1 for v in shape.values()) or jax.device_count() == 1:
+    if all(int(v) == 1 for v in shape.values()):
         return None
-    return mesh_lib.make_mesh(config.mesh)
+    try:
+        sizes = mesh_lib.axis_sizes(shape, jax.device_count())
+    except ValueError as error:
+        raise ConfigError(f"config.mesh.shape: {error} (of this machine; a recipe for one "
+                          "device sets every axis to 1)") from None
+    return None if math.prod(sizes) == 1 else mesh_lib.make_mesh(config.mesh)
 
 
 def build_model(config, mesh=None):

@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
         # (token or $ROLLOUT_TOKEN; a server silent for wait_s stops the run with a checkpoint).
         # transport "auto": weight chunks through shared memory to servers on this host,
         # HTTP to the others; "http": HTTP to all.
-        rollout=dict(backend="jax", urls=[], token="", timeout_s=120.0, retries=3,
+        rollout=dict(backend="jax", urls=(), token="", timeout_s=120.0, retries=3,
                      backoff_s=0.5, wait_s=300.0, chunk_mb=64, dtype="float32", transport="auto",
                      # prompts embedded and sampled at a time (0: the whole rollout batch)
                      prompts_per_chunk=0))
@@ -146,6 +146,23 @@ class ConfigError(CommandLineError):
     """A recipe whose settings cannot run; the message names the config keys and the fix.
 
     Raised from an entrypoint's main, `lvr_jax.cli.run_app` prints it in one line, exit 2."""
+
+
+# (key, the smallest value a run can use): refused below it, before any work.
+LOWER_BOUNDS = (("train.num_steps", 1), ("train.checkpoint_every", 1), ("data.num_frames", 1),
+                ("data.batch_size", 1), ("train.keep_checkpoints", 1))
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Refuses values no run can use (`ConfigError`, one line): a learning rate that is not
+    positive, or a count below its smallest useful value (`LOWER_BOUNDS`)."""
+    if not config.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    for key, least in LOWER_BOUNDS:
+        section, name = key.split(".")
+        value = config[section][name]
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, got {value}")
 
 
 def preset_config(config, tokenizer=None):

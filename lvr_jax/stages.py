@@ -44,8 +44,9 @@ class Stage(Protocol):
     def row_share(self, config, mesh) -> RowShare:
         """Which rows of each batch this process reads."""
 
-    def dataset(self, data, tokenizer, on_epoch_end: Callable) -> Iterator[dict]:
-        """The stage's batches (`data`: a `DataConfig`)."""
+    def dataset(self, data, tokenizer, on_epoch_end: Callable | None) -> Iterator[dict]:
+        """The stage's batches (`data`: a `DataConfig`; `on_epoch_end` takes each epoch's
+        report of skipped records)."""
 
     def learner(self, config, model, tokenizer, cache, mesh, share: RowShare) -> Learner: ...
 

@@ -8,6 +8,7 @@ import pytest
 
 from lvr_jax.config import ConfigError, base_config
 from lvr_jax.rl.stage import check_model_init
+from lvr_jax.stages import stage_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -103,4 +104,4 @@ def test_grpo_without_init_is_refused_with_the_fix():
 @pytest.mark.parametrize("config", [
     grpo_config(init="runs/demo/sft/model"), grpo_config(allow_random_init=True), base_config()])
 def test_grpo_with_init_or_consent_and_sft_from_scratch_pass(config):
-    check_model_init(config)
+    stage_of(config).check(config)

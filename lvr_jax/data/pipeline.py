@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import grain
@@ -186,6 +188,19 @@ def _records_dataset(records: Sequence, config: DataConfig) -> grain.MapDataset:
     return ds.repeat(config.num_epochs).map_with_index(_TagEpoch(epoch_size))
 
 
+def exit_with_parent(worker_index: int, worker_count: int, poll_s: float = 1.0) -> None:
+    """Run in each worker process: it exits once the process that started it is gone, so
+    a killed run (SIGKILL, a crash) leaves no decoding worker, nor its shared memory, behind."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # a dead parent's children are adopted by another
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _ensure_flags_parsed() -> None:
     """grain's worker processes read absl flags; outside `absl.app.run` take their defaults."""
     if not flags.FLAGS.is_parsed():
@@ -213,7 +228,7 @@ def _build(kind: str, records: Sequence, config: DataConfig, tokenizer: Tokenize
         _ensure_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=config.num_workers,
                                                per_worker_buffer_size=config.worker_buffer_size)
-        ds = ds.mp_prefetch(options)
+        ds = ds.mp_prefetch(options, worker_init_fn=exit_with_parent)
     source = f"{files} (video_root {config.video_root or '.'!r})"
     ds = SkipBadRecords(ds, on_bad_video=config.on_bad_video, on_epoch_end=on_epoch_end,
                         source=source, on_skip=on_skip)

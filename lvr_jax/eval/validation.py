@@ -35,4 +35,5 @@ class Validation:
 
     def __call__(self, model: LongVILA) -> dict:
         result = self.evaluator(model, self.data, self.records)
-        return {"val_accuracy": result.accuracy, "val_unparseable": result.unparseable}
+        return {"val_accuracy": result.accuracy, "val_unparseable": result.unparseable,
+                "val_skipped": len(result.skipped)}

@@ -30,6 +30,10 @@ class GRPO:
     abstract_batch = staticmethod(learner.abstract_batch)
 
     def check(self, config) -> None:
+        if config.rl.num_generations < 2:
+            raise ConfigError(f"rl.num_generations must be at least 2 for GRPO, got "
+                              f"{config.rl.num_generations}: a group of one sample has no "
+                              "advantage, so it carries no signal")
         check_model_init(config)
         check_sampling(config)
         check_off_policy(config)

@@ -93,6 +93,13 @@ def agreed_length(length: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(length))))
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (every process gets the same answer)."""
+    if not multiprocess():
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def pad_to(batch: dict, pads: dict, length: int, side: str = "right") -> dict:
     """`batch` with the arrays named in `pads` padded along dim 1 to `length` with their value."""
     out = dict(batch)
