@@ -19,6 +19,11 @@ from tests.tiny_recipe import config_file, tiny_config
 # What must agree step by step with the single-device run (the same samples, for GRPO).
 AGREE = {"sft": ("loss", "grad_norm"),
          "grpo": ("response_length", "entropy", "logprob_mismatch", "grad_norm", "kl")}
+# The KL to the reference after an update or two of the tiny random model (all its rewards
+# are 0: weight decay alone moves it) is ~1e-4 and made of the weights whose near-zero
+# gradients Adam turns into full-size steps, whose signs follow the sums' rounding: one
+# machine's runs agreed to 1e-5, another's differed by 16% (9.5e-5 and 11.0e-5).
+RELATIVE = {"kl": 0.25}
 
 
 def llm_params(model_dir):
@@ -54,7 +59,7 @@ def assert_same_run(stage, one, other):
     assert [r["step"] for r in rows_other] == [r["step"] for r in rows_one]
     for a, b in zip(rows_one, rows_other):
         for k in AGREE[stage]:
-            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (k, a["step"])
+            assert b[k] == pytest.approx(a[k], rel=RELATIVE.get(k, 1e-3), abs=1e-5), (k, a["step"])
     if stage == "sft":
         for k, want in params_one.items():
             got = params_other[k]
