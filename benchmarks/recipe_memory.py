@@ -4,14 +4,17 @@ the MR-SP attention strategy and the recipe's mesh; the ceiling of each.
     python -m benchmarks.recipe_memory                      # 7B GRPO, 256 to 4,096 frames
     python -m benchmarks.recipe_memory --recipe longvila_r1_7b_sft
     python -m benchmarks.recipe_memory --recipe longvila_3b_grpo --platforms gpu8
+    python -m benchmarks.recipe_memory --phases --platforms gpu8 tpu hour   # each phase, as shipped
 
 Each cell compiles every phase of a step of `configs/<recipe>.py` as shipped (its batch
 sizes, micro-batches, chunks, offloads) on 8 simulated devices with
-`data.num_frames` and `mesh.attention` changed, from shapes alone (`memory_report.phase_memory`,
+`data.num_frames` and `mesh.attention` changed, from shapes alone (`memory_report.phase_costs`,
 what `python -m lvr_jax.train --compile_only` prints), and shows the worst phase: its peak
 by XLA's memory analysis of this CPU compile plus what the step holds beside it (weights,
-optimizer state, reference policy). The ceiling is the most frames at which every phase
-fits an 80 GB GPU (69.0 GiB left to XLA). Ulysses needs the query heads (28) to divide by
+optimizer state, reference policy), and the matmul FLOPs per device of a step's log-prob
+and update passes (`lvr_jax.flops`). The ceiling is the most frames at which every phase
+fits an 80 GB GPU (69.0 GiB left to XLA). `--phases` prints every phase of each platform's
+recipe as shipped instead: peak per device, FLOPs per device per call, calls per step. Ulysses needs the query heads (28) to divide by
 sp: on `tpu`'s sp = 8 it does not run. `benchmarks/gpu_step` checks such figures on a GPU.
 """
 
@@ -52,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--override", action="append", default=[], metavar="[PLATFORM:]KEY=VALUE",
                    help="a recipe key to change, e.g. rl.rollout.prompts_per_chunk=4 (VALUE "
                         "as a Python literal); PLATFORM: only on that platform's rows")
+    p.add_argument("--phases", action="store_true",
+                   help="every phase of each platform's recipe as shipped (frames unchanged)")
     p.add_argument("--out", default="runs/recipe_memory.png", help="the plot ('' for none)")
     return p.parse_args(argv)
 
@@ -90,26 +95,45 @@ def heads_allow(config, mesh) -> bool:
     return config.mesh.attention != "ulysses" or heads % mesh.shape["sp"] == 0
 
 
-def measure(config) -> dict | str:
-    """phase -> total bytes per device (peak + held beside it), or why it cannot run."""
+# The passes whose FLOPs a step repeats over its sequences (not the rollout's decoding).
+PASSES = ("log-probs", "update", "update micro-batch")
+
+
+def costs(config) -> dict | str:
+    """phase -> `memory_report.PhaseCost` on the recipe's 8-device mesh, or why it cannot run."""
     mesh = mesh_lib.make_mesh(config.mesh)
     if not heads_allow(config, mesh):
         return "heads do not divide"
     try:
-        report = memory_report.phase_memory(config, mesh)
+        return memory_report.phase_costs(config, mesh)
     except ValueError as error:  # e.g. a chunk of prompts that fsdp does not divide
         return f"cannot run: {error}"
-    return {phase: total for phase, (_, _, total) in report.items()}
+
+
+def measure(config) -> dict | str:
+    """phase -> total bytes per device (peak + held beside it), plus "pass TFLOPs": the
+    log-prob and update passes' matmul TFLOPs per device per step; or why it cannot run."""
+    report = costs(config)
+    if isinstance(report, str):
+        return report
+    out = {phase: cost.total for phase, cost in report.items()}
+    return {**out, "pass TFLOPs": sum(c.step_flops for p, c in report.items() if p in PASSES)
+            / 8 / 1e12}
 
 
 def ceiling(row: dict) -> int | None:
     """The most frames at which every phase fits, counting up until one does not."""
     best = None
     for frames, phases in sorted(row.items()):
-        if isinstance(phases, str) or max(phases.values()) >= GPU_80GB:
+        if isinstance(phases, str) or max(memory(phases).values()) >= GPU_80GB:
             break
         best = frames
     return best
+
+
+def memory(phases: dict) -> dict:
+    """The phases' bytes of a `measure` result (its FLOPs left out)."""
+    return {p: v for p, v in phases.items() if p != "pass TFLOPs"}
 
 
 def print_table(args, table: dict) -> None:
@@ -123,9 +147,11 @@ def print_table(args, table: dict) -> None:
             if isinstance(phases, str):
                 cells.append(phases)
                 continue
-            worst = max(phases, key=phases.get)
-            mark = "" if phases[worst] < GPU_80GB else " (over)"
-            cells.append(f"{phases[worst] / GIB:.1f} GiB {worst}{mark}")
+            totals = memory(phases)
+            worst = max(totals, key=totals.get)
+            mark = "" if totals[worst] < GPU_80GB else " (over)"
+            cells.append(f"{totals[worst] / GIB:.1f} GiB {worst}{mark}, "
+                         f"{phases['pass TFLOPs']:,.0f} TFLOPs")
         top = ceiling(row)
         top_text = "-" if top is None else (f"{top:,}" if top < max(args.frames)
                                             else f">= {top:,}")
@@ -138,7 +164,7 @@ def plot(args, table: dict) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (platform, strategy), row in table.items():
-        points = [(f, max(p.values()) / GIB) for f, p in sorted(row.items())
+        points = [(f, max(memory(p).values()) / GIB) for f, p in sorted(row.items())
                   if not isinstance(p, str)]
         if points:
             ax.plot(*zip(*points), marker="o", label=f"{platform} {strategy}")
@@ -157,9 +183,30 @@ def plot(args, table: dict) -> None:
     print(f"plot: {args.out}")
 
 
+def print_phases(args) -> None:
+    """Every phase of each platform's recipe as shipped: peak per device (what the step holds
+    beside it included), matmul TFLOPs per device per call and per step."""
+    print(f"\n| `{args.recipe}` | phase | per device | TFLOPs per device per call | calls a step "
+          "| TFLOPs per device a step |\n|---|---|---|---|---|---|")
+    for platform in tqdm(args.platforms, desc="compiling", unit="recipe"):
+        report = costs(cell_config(args, platform, recipe(args.recipe, platform).mesh.attention,
+                                   recipe(args.recipe, platform).data.num_frames))
+        if isinstance(report, str):
+            print(f"| `{platform}` | {report} | | | | |")
+            continue
+        for phase, cost in report.items():
+            print(f"| `{platform}` | {phase} | {cost.total / GIB:.1f} GiB | "
+                  f"{cost.flops / 8 / 1e12:,.1f} | {cost.calls} | "
+                  f"{cost.step_flops / 8 / 1e12:,.0f} |", flush=True)
+        passes = sum(c.step_flops for p, c in report.items() if p in PASSES) / 8 / 1e12
+        print(f"| `{platform}` | log-prob and update passes | | | | {passes:,.0f} |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     assert jax.device_count() == 8, "the recipes' meshes are for 8 devices"
+    if args.phases:
+        return print_phases(args)
     cells = [(p, s, f) for p in args.platforms for s in args.strategies for f in args.frames]
     table = {}
     start = time.perf_counter()

@@ -1,42 +1,56 @@
 """GRPO's training forward: every prompt run once for its G samples vs each sample whole.
 
-    python -m benchmarks.shared_prompt                # the demo's shapes and a longer prompt, ~3 min
+    python -m benchmarks.shared_prompt    # one device: the demo's shapes, a longer prompt; a mesh
 
 The G samples of a GRPO group continue one prompt (a video and its question). The trainer
 takes their log-probs twice per step (old and reference policy) and their gradients once per
 update. Run whole, each sample repeats its prompt's forward and backward G times; shared
-(`Qwen2.continuation_hidden`, what the learner runs on one device), every layer runs the
-prompt once and the samples attend to its keys and values. Both give the same numbers
-(tests/model/test_shared_prompt.py); this prints the time of each, side by side, for the
-log-prob pass and for the gradient of the GRPO loss, at:
+(`sharding.forwards.response_logprobs_fn`, what the learner runs, with or without a mesh),
+every layer runs the prompt once and the samples attend to its keys and values. Both give
+the same numbers (tests/model/test_shared_prompt.py, tests/sharding/test_shared_prompt_sp.py);
+this prints the time of each, side by side, for the log-prob pass and for the gradient of
+the GRPO loss, at:
 
   demo     the demo's LLM (3 layers, width 128), an update of 16 prompts x G = 8, prompts of
            335 tokens (80 of them video), responses of 112
   long     the same LLM, 2 prompts x G = 8 of 2,048 tokens, responses of 256
+  mesh-2k  on 8 (simulated) devices, the sequence split over sp = 8 with ring attention (the
+           `hour` recipe's strategy): 1 prompt x G = 8 of 2,048 tokens, responses of 256;
+           whole, each sequence runs split over sp; shared, the prompt runs once split over
+           sp and the samples attend to each shard of its keys and values where it lies
+  mesh-8k  the same with a prompt of 8,192 tokens
 
-Median wall time of --repeats calls after a warm-up (compile) call.
+Median wall time of --repeats calls after a warm-up (compile) call. On a CPU the 8 devices
+share its cores: the mesh rows compare work, not the parallel speed of 8 accelerators.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from benchmarks.gpu_step import median_time
-from lvr_jax.model.config import Qwen2Config
-from lvr_jax.model.qwen2 import Qwen2, positions_from_valid
-from lvr_jax.rl import grpo
-from lvr_jax.sharding.forwards import response_logprobs_fn
-from lvr_jax.sharding import sequence
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.gpu_step import median_time  # noqa: E402
+from lvr_jax.model.config import Qwen2Config  # noqa: E402
+from lvr_jax.model.qwen2 import Qwen2, positions_from_valid  # noqa: E402
+from lvr_jax.config import base_config  # noqa: E402
+from lvr_jax.rl import grpo  # noqa: E402
+from lvr_jax.sharding import mesh as mesh_lib  # noqa: E402
+from lvr_jax.sharding.forwards import hidden_fn, response_logprobs_fn  # noqa: E402
+from lvr_jax.sharding import sequence  # noqa: E402
 
 DEMO_LLM = Qwen2Config(vocab_size=700, hidden_size=128, intermediate_size=256,
                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                        rope_theta=1e4)
 CASES = {"demo": dict(prompts=16, generations=8, prompt_len=335, response_len=112),
-         "long": dict(prompts=2, generations=8, prompt_len=2048, response_len=256)}
+         "long": dict(prompts=2, generations=8, prompt_len=2048, response_len=256),
+         "mesh-2k": dict(prompts=1, generations=8, prompt_len=2048, response_len=256),
+         "mesh-8k": dict(prompts=1, generations=8, prompt_len=8192, response_len=256)}
 
 
 def whole_logprobs(llm, prompts, prompt_valid, index, tokens, response_mask, temperature):
@@ -47,6 +61,34 @@ def whole_logprobs(llm, prompts, prompt_valid, index, tokens, response_mask, tem
     hidden, _ = llm.hidden_states(x, positions_from_valid(valid), valid)
     return sequence.logprobs_and_entropy(llm.logits(hidden[:, t - 1:t - 1 + m]) / temperature,
                                          tokens)
+
+
+def sp_mesh():
+    """8 devices, the sequence split over all of them, ring attention: (mesh, its config)."""
+    config = base_config().mesh
+    config.update(shape=dict(data=1, fsdp=1, sp=8, tp=1), attention="ring")
+    return mesh_lib.make_mesh(config), config
+
+
+def whole_mesh_logprobs(mesh, mesh_config):
+    """Each sample after its own copy of its prompt, every sequence split over sp."""
+    hidden = hidden_fn(mesh, mesh_config)
+
+    def logprobs(llm, prompts, prompt_valid, index, tokens, response_mask, temperature):
+        x = jnp.concatenate([prompts[index], llm.embed(tokens)], axis=1)
+        valid = jnp.concatenate([prompt_valid[index], response_mask.astype(bool)], axis=1)
+        return sequence.response_logprobs(llm, hidden(llm, x, valid), prompts.shape[1] - 1,
+                                          tokens, mesh, mesh_lib.rules_of(mesh_config),
+                                          temperature)
+    return logprobs
+
+
+def passes(name: str):
+    """(whole, shared) log-prob functions for a case: on one device, or on the sp mesh."""
+    if not name.startswith("mesh"):
+        return whole_logprobs, response_logprobs_fn()
+    mesh, config = sp_mesh()
+    return whole_mesh_logprobs(mesh, config), response_logprobs_fn(mesh, config)
 
 
 def case_inputs(prompts, generations, prompt_len, response_len, d, vocab):
@@ -79,14 +121,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     llm = Qwen2(DEMO_LLM, rngs=nnx.Rngs(0))
-    shared = response_logprobs_fn()
     print("| case | sequences x tokens | pass | whole sequences | shared prompt | speed-up |")
     print("|---|---|---|---|---|---|")
     for name in args.cases:
         c = CASES[name]
         inputs, advantages = case_inputs(**c, d=DEMO_LLM.hidden_size, vocab=DEMO_LLM.vocab_size)
-        whole = measure(whole_logprobs, llm, inputs, advantages, args.repeats)
-        ours = measure(shared, llm, inputs, advantages, args.repeats)
+        whole_fn, shared_fn = passes(name)
+        whole = measure(whole_fn, llm, inputs, advantages, args.repeats)
+        ours = measure(shared_fn, llm, inputs, advantages, args.repeats)
         size = (f"{c['prompts']} x {c['generations']} x ({c['prompt_len']} + "
                 f"{c['response_len']})")
         for label, w, s in zip(("log-probs", "loss + gradient"), whole, ours):

@@ -4,21 +4,24 @@ Each phase (the frame encoding of a cache miss, the update or its streamed micro
 optimizer step, and a stage's own phases, e.g. GRPO's rollout and log-prob passes) is
 compiled on a mesh without loading a weight; XLA's memory analysis gives what the phase
 itself takes, and the step's resident state (weights, optimizer state, what the stage holds)
-is added beside it. `python -m lvr_jax.train --config=... --compile_only` prints `report`;
+is added beside it. Its matmul FLOPs come from its jaxpr (`lvr_jax.flops`: XLA's own cost
+analysis counts a loop's body once), per call and times the calls a step makes. `python -m lvr_jax.train --config=... --compile_only` prints `report`;
 `benchmarks/recipe_memory` tabulates it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lvr_jax import training
+from lvr_jax import flops, training
 from lvr_jax.config import preset_config
 from lvr_jax.model import LongVILA
 from lvr_jax.sharding import mesh as mesh_lib
@@ -45,12 +48,12 @@ def abstract_batch(config, mesh, **sizes) -> dict:
     stage, rules = stage_of(config), mesh_lib.rules_of(config.mesh)
 
     def placed(key, a):
-        axes = stage.batch_layout.get(key, ("activation_batch",))
-        sharding = mesh_lib.logical_to_sharding(axes + (None,) * (len(a.shape) - len(axes)),
+        axes = stage.batch_layout.get(key, ("activation_batch",))[:a.ndim]  # scalars: whole
+        sharding = mesh_lib.logical_to_sharding(axes + (None,) * (a.ndim - len(axes)),
                                                 mesh, rules, a.shape)
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
     shapes = stage.abstract_batch(config, preset_config(config), mesh, **sizes)
-    return {k: placed(k, a) for k, a in shapes.items()}
+    return {k: jax.tree.map(functools.partial(placed, k), a) for k, a in shapes.items()}
 
 
 def abstract_opt_state(tx, trainable):
@@ -60,8 +63,8 @@ def abstract_opt_state(tx, trainable):
                         training.opt_state_shardings(tx, trainable))
 
 
-def compile_update(config, mesh) -> dict:
-    """The update compiled on `mesh`: phase -> compiled. One optimizer step ("update"), or
+def trace_update(config, mesh) -> dict:
+    """The update traced on `mesh`: phase -> traced. One optimizer step ("update"), or
     where the stage streams its micro-batches one micro-batch's pass ("update micro-batch",
     adding its gradients to the sum) and the optimizer applying the sum ("optimizer step").
     Parameters, optimizer state and the sum are donated, as in a run."""
@@ -73,22 +76,21 @@ def compile_update(config, mesh) -> dict:
     loss_fn = stage.loss_fn(config, mesh)
     if not stage.streams_update(config):
         step = training.jit_update(tx, loss_fn, micro=stage.micro_batches(config))
-        return {"update": step.lower(trainable, frozen, opt_state, graphdef=graphdef,
-                                     batch=abstract_batch(config, mesh)).compile()}
+        return {"update": step.trace(trainable, frozen, opt_state, graphdef=graphdef,
+                                     batch=abstract_batch(config, mesh))}
     streamed = training.StreamedUpdate(tx, loss_fn)
-    batch = abstract_batch(config, mesh, prompts=config.optim.micro_batch_size, samples=1)
+    batch = abstract_batch(config, mesh, micro=True)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-    batch["totals"] = (scalar, scalar)
     summed = jax.eval_shape(functools.partial(streamed.first, graphdef=graphdef, batch=batch),
                             trainable, frozen)
     (_, aux), _ = summed
     summed = ((scalar, {k: scalar for k in aux}), trainable)  # gradients lie as the weights
-    return {"update micro-batch": streamed.add.lower(trainable, frozen, summed,
-                                                     graphdef=graphdef, batch=batch).compile(),
-            "optimizer step": streamed.apply.lower(trainable, opt_state, summed).compile()}
+    return {"update micro-batch": streamed.add.trace(trainable, frozen, summed,
+                                                     graphdef=graphdef, batch=batch),
+            "optimizer step": streamed.apply.trace(trainable, opt_state, summed)}
 
 
-def compile_frame_encoding(config, mesh) -> dict:
+def trace_frame_encoding(config, mesh) -> dict:
     """One video of `data.num_frames` frames encoded over the mesh as a cache miss encodes
     it (MR-SP stage 1, `video_embeddings.encoder_fn`): GRPO the video's embeddings, SFT the
     tower's features (the projector trains on top); none where nothing is frozen."""
@@ -103,14 +105,14 @@ def compile_frame_encoding(config, mesh) -> dict:
         encoder = video_embeddings.FrozenEncoder(nnx.merge(graphdef, state),
                                                  with_projector=output == "embeddings")
         return video_embeddings.encoder_fn(encoder, mesh, rules)(frames)
-    return {"frame encoding": jax.jit(encode).lower(state, frames).compile()}
+    return {"frame encoding": jax.jit(encode).trace(state, frames)}
 
 
-def compile_phases(config, mesh) -> dict:
-    """Each phase of a step of the recipe compiled from shapes: phase -> compiled."""
+def trace_phases(config, mesh) -> dict:
+    """Each phase of a step of the recipe traced from shapes: phase -> traced."""
     llm = abstract_model(config, mesh).llm
-    return {**compile_frame_encoding(config, mesh), **compile_update(config, mesh),
-            **stage_of(config).compile_phases(
+    return {**trace_frame_encoding(config, mesh), **trace_update(config, mesh),
+            **stage_of(config).trace_phases(
                 config, mesh, llm, functools.partial(abstract_batch, config, mesh))}
 
 
@@ -144,15 +146,35 @@ def peak_bytes(memory) -> int:
             + memory.output_size_in_bytes - memory.alias_size_in_bytes)
 
 
-def phase_memory(config, mesh) -> dict:
-    """Each phase of a step (`compile_phases`) -> (XLA's memory analysis of its compile on
-    `mesh`, {what the step holds beside it: bytes}, the total one device needs meanwhile)."""
-    held = held_beside(config, mesh)
-    report = {}
-    for phase, compiled in compile_phases(config, mesh).items():
-        memory = compiled.memory_analysis()
-        report[phase] = (memory, held[phase], peak_bytes(memory) + sum(held[phase].values()))
-    return report
+@dataclasses.dataclass
+class PhaseCost:
+    """One phase of a step on a mesh: XLA's memory analysis of its compile, what the step
+    holds beside it (what -> bytes) and the total one device needs meanwhile; its matmul
+    FLOPs per call (all devices, `flops.traced_flops`) and how often a step calls it."""
+
+    memory: Any
+    held: dict
+    total: int
+    flops: float
+    calls: int
+
+    @property
+    def step_flops(self) -> float:
+        return self.flops * self.calls
+
+
+def phase_costs(config, mesh) -> dict[str, PhaseCost]:
+    """Each phase of a step (`trace_phases`) compiled on `mesh`, with its memory and FLOPs."""
+    stage = stage_of(config)
+    held, calls = held_beside(config, mesh), stage.phase_calls(config)
+    costs = {}
+    for phase, traced in trace_phases(config, mesh).items():
+        memory = traced.lower().compile().memory_analysis()
+        costs[phase] = PhaseCost(memory, held[phase],
+                                 peak_bytes(memory) + sum(held[phase].values()),
+                                 flops.traced_flops(traced, stage.loop_trips(config)),
+                                 calls[phase])
+    return costs
 
 
 def report(config) -> None:
@@ -161,12 +183,16 @@ def report(config) -> None:
     mesh = mesh_lib.make_mesh(config.mesh)
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     print(f"{config.stage} step on {dict(mesh.shape)}, per device:")
-    for phase, (memory, held, total) in phase_memory(config, mesh).items():
+    devices = mesh.devices.size
+    for phase, cost in phase_costs(config, mesh).items():
+        memory = cost.memory
         print(f"  {phase}: arguments {gib(memory.argument_size_in_bytes)}, temporaries "
               f"{gib(memory.temp_size_in_bytes)}, outputs {gib(memory.output_size_in_bytes)} "
               f"({gib(memory.alias_size_in_bytes)} of them in donated arguments), "
               f"peak {gib(peak_bytes(memory))}")
-        beside = ", ".join(f"{what} {gib(size)}" for what, size in held.items())
-        print(f"    held beside it: {beside or 'nothing'}; total {gib(total)}")
+        beside = ", ".join(f"{what} {gib(size)}" for what, size in cost.held.items())
+        print(f"    held beside it: {beside or 'nothing'}; total {gib(cost.total)}")
+        print(f"    matmul TFLOPs per device: {cost.flops / devices / 1e12:.3g} per call, "
+              f"x {cost.calls} calls a step = {cost.step_flops / devices / 1e12:.3g}")
     for note in stage_of(config).memory_notes(config):
         print(f"  {note}")

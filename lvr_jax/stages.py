@@ -60,12 +60,20 @@ class Stage(Protocol):
     def streams_update(self, config) -> bool:
         """Whether the update goes micro-batch by micro-batch in passes of their own."""
 
-    def abstract_batch(self, config, model_config, mesh, **sizes) -> dict:
-        """Shape structs of one update batch."""
+    def abstract_batch(self, config, model_config, mesh, micro: bool = False) -> dict:
+        """Shape structs of one update batch, or (`micro`) of one streamed micro-batch."""
 
-    def compile_phases(self, config, mesh, llm, abstract_batch: Callable) -> dict:
-        """Phases of a step besides frame encoding and the update, compiled from shapes:
-        name -> compiled (`llm`: the abstract LLM; `abstract_batch(**sizes)`: placed)."""
+    def trace_phases(self, config, mesh, llm, abstract_batch: Callable) -> dict:
+        """Phases of a step besides frame encoding and the update, traced from shapes:
+        name -> `jax.jit(...).trace(...)` (`llm`: the abstract LLM; `abstract_batch`: its
+        placed shapes)."""
+
+    def phase_calls(self, config) -> dict:
+        """How often a step runs each phase (`memory_report`'s phases): name -> count (the
+        frame encoding: once per video of a batch, on a cache that has none of them)."""
+
+    def loop_trips(self, config) -> int:
+        """The bound of the while loops a step's phases run (counting their FLOPs)."""
 
     def held_during_step(self, config, trainable, abstract_batch: Callable,
                          bytes_of: Callable) -> dict:

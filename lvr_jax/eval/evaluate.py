@@ -97,7 +97,8 @@ class Evaluator:
                  video_output: str = "embeddings", progress: bool = True):
         rules = mesh_config.rules if mesh_config is not None else DEFAULT_RULES
         self.videos = VideoEmbedder(model, cache, mesh, rules, output=video_output)
-        self.engine = engine or JaxEngine(tokenizer.pad_id, forwards.prefill_fn(mesh, mesh_config))
+        self.engine = engine or JaxEngine(tokenizer.pad_id,
+                                           forwards.sampler_forwards(mesh, mesh_config))
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                      stop_token_ids=(tokenizer.eos_id,))
         self.tokenizer, self.scorer, self.grade = tokenizer, scorer, get_scorer(scorer)

@@ -152,6 +152,20 @@ def rope(x_bthd, positions_bt, theta: float):
     return out.astype(x_bthd.dtype)
 
 
+def as_words(x):
+    """A 16-bit float array as uint16 words (other arrays as they are), to slice or update in
+    place: XLA's CPU compiler slices and updates a bf16 array through an f32 copy of all of
+    it, which for a long video's prompt cache is tens of GB. A bitcast: free everywhere."""
+    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def from_words(x, dtype):
+    """`as_words` undone: uint16 words back to the 16-bit float `dtype`."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
                  rngs: nnx.Rngs) -> nnx.Module:
     """Creates `num_layers` layers as one module whose parameters have a leading layer axis."""

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvr_jax.model.sampler import Generation, generate, local_prefill
+from lvr_jax.model.sampler import LOCAL, Forwards, Generation, generate
 from lvr_jax.sampling import SamplingParams
 from lvr_jax.sharding import forwards, hosts
 from rollout_bridge import export
@@ -40,17 +40,17 @@ class RolloutEngine(Protocol):
 class JaxEngine:
     """The embedded sampler: samples the model it is handed, on the trainer's devices.
 
-    `prefill` (from `sharding.forwards.prefill_fn`) splits a long prompt over `sp`."""
+    `forwards` (from `sharding.forwards.sampler_forwards`) splits a long prompt over `sp`."""
 
-    def __init__(self, pad_id: int, prefill=None):
-        self.pad_id, self.prefill = pad_id, prefill or local_prefill
+    def __init__(self, pad_id: int, forwards: Forwards = LOCAL):
+        self.pad_id, self.forwards = pad_id, forwards
 
     def sync_weights(self, model, step: int) -> None:
         del model, step  # nothing to move: generate() reads the weights it is given
 
     def generate(self, model, prompt_embeds, prompt_valid, params, rng) -> Generation:
         return generate(model.llm, prompt_embeds, prompt_valid, params, rng,
-                        pad_id=self.pad_id, prefill=self.prefill)
+                        pad_id=self.pad_id, forwards=self.forwards)
 
 
 class ServerEngine:
@@ -148,7 +148,7 @@ def make_engine(config, pad_id: int, mesh=None) -> RolloutEngine:
     it pushed under `rl.off_policy_steps` (see `ServerEngine`)."""
     r = config.rl.rollout
     if r.backend == "jax":
-        return JaxEngine(pad_id, forwards.prefill_fn(mesh, config.mesh))
+        return JaxEngine(pad_id, forwards.sampler_forwards(mesh, config.mesh))
     if r.backend != "server":
         raise ValueError(f"config.rl.rollout.backend must be 'jax' or 'server', got {r.backend!r}")
     if hosts.multiprocess():  # each process would push and sample on its own

@@ -22,7 +22,7 @@ from lvr_jax import training
 from lvr_jax.model.vlm import LongVILA
 from lvr_jax.rl import grpo
 from lvr_jax.rl.engines import JaxEngine, RolloutEngine
-from lvr_jax.rl.passes import Passes, split_micro_batches
+from lvr_jax.rl.passes import Passes, groups_per_micro_batch, split_micro_batches
 from lvr_jax.rl.rollout import Rollout, step_rng
 from lvr_jax.sharding import forwards
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
@@ -101,21 +101,28 @@ def make_loss_fn(config, mesh=None):
                              logprobs_fn=forwards.response_logprobs_fn(mesh, config.mesh))
 
 
-def abstract_batch(config, model_config, mesh=None, prompts: int = 0, samples: int = 0) -> dict:
-    """Shapes of one update mini-batch of `prompts` (default update_batch_size) prompts
-    with `samples` sequences each (default num_generations), for compiling a recipe
-    without data."""
+def abstract_batch(config, model_config, mesh=None, prompts: int = 0,
+                   micro: bool = False) -> dict:
+    """Shapes of one update mini-batch of `prompts` prompts (default update_batch_size) with
+    their G samples each, for compiling a recipe without data; `micro`: one streamed
+    micro-batch (its whole groups, with the whole update's loss denominators)."""
     rl = config.rl
+    if micro:
+        prompts = groups_per_micro_batch(config.optim.micro_batch_size, rl.num_generations)
     p, m = prompts or rl.update_batch_size, rl.max_new_tokens
-    n = p * (samples or rl.num_generations)
+    n = p * rl.num_generations
     t = config.data.max_length - 1 + model_config.num_video_tokens(config.data.num_frames)
     t = PromptPlacement(mesh, config.mesh.rules).length(t)
     sds = jax.ShapeDtypeStruct
     per_token = {k: sds((n, m), jnp.float32) for k in
                  ("response_mask", "loss_mask", "old_logp", "ref_logp", "pg_weight")}
-    return {"prompt_embeds": sds((p, t, model_config.llm.hidden_size), jnp.dtype(model_config.dtype)),
-            "prompt_valid": sds((p, t), jnp.bool_), "prompt_index": sds((n,), jnp.int32),
-            "tokens": sds((n, m), jnp.int32), "advantages": sds((n,), jnp.float32), **per_token}
+    batch = {"prompt_embeds": sds((p, t, model_config.llm.hidden_size),
+                                  jnp.dtype(model_config.dtype)),
+             "prompt_valid": sds((p, t), jnp.bool_), "prompt_index": None,  # in groups
+             "tokens": sds((n, m), jnp.int32), "advantages": sds((n,), jnp.float32), **per_token}
+    if micro:
+        batch["totals"] = (sds((), jnp.float32), sds((), jnp.float32))
+    return batch
 
 
 def _logprob_pass(logprobs_fn, temperature, trainable, frozen, graphdef, batch):
@@ -137,7 +144,8 @@ class GRPOLearner:
         self.reference = jax.tree.map(jnp.copy, self.state.trainable)
         placement = PromptPlacement(mesh, config.mesh.rules, config.rl.offload_prompts)
         self.videos = VideoEmbedder(model, cache, mesh, config.mesh.rules)
-        engine = engine or JaxEngine(tokenizer.pad_id, forwards.prefill_fn(mesh, config.mesh))
+        engine = engine or JaxEngine(tokenizer.pad_id,
+                                     forwards.sampler_forwards(mesh, config.mesh))
         self.rollout = Rollout(config, tokenizer, self.videos, engine, placement)
         self.micro, loss_fn = micro_batches(config), make_loss_fn(config, mesh)
         self.passes = Passes(config.rl, placement, self.micro, streams_update(config))

@@ -1,12 +1,13 @@
 """The batches of a GRPO step's passes, cut from its scored rollout batch.
 
 A pass sees whole groups: prompts with their G samples (rows p * G + g of the training
-batch), the prompts' embeddings shared by their samples through `prompt_index`. The log-prob
-passes take `rl.logprob_prompts` prompts at a time and the update `rl.update_batch_size`
-(one optimizer step each; one compiled shape). Where the update streams
-(`rl.offload_prompts` with `optim.micro_batch_size`), both go micro-batch by micro-batch,
-each sequence with its own copy of its prompt from host memory, so every micro-batch has
-one shape.
+batch), each prompt run once for its samples (`prompt_index` None: the rows are in groups).
+The log-prob passes take `rl.logprob_prompts` prompts at a time and the update
+`rl.update_batch_size` (one optimizer step each; one compiled shape). Micro-batches (`optim.micro_batch_size` sequences) are whole
+groups too: that many sequences' worth of groups, at least one, so that no micro-batch runs
+a prompt for samples another one has. Where the update streams (`rl.offload_prompts` with
+`optim.micro_batch_size`), the log-prob and update passes go micro-batch by micro-batch,
+each copying its own prompts from host memory.
 """
 
 from __future__ import annotations
@@ -40,13 +41,37 @@ def loss_totals(loss_mask) -> tuple:
     return jnp.sum(jnp.asarray(loss_mask, jnp.float32)), jnp.float32(loss_mask.shape[0])
 
 
+def groups_per_micro_batch(size: int, group_size: int) -> int:
+    """Whole groups in a micro-batch of `size` sequences: size // G, at least one."""
+    return max(1, size // group_size)
+
+
+def micro_batch_count(prompts: int, size: int, group_size: int) -> int:
+    """How many micro-batches of whole groups a pass over `prompts` prompts makes."""
+    groups = groups_per_micro_batch(size, group_size)
+    if prompts % groups:
+        raise ValueError(f"{prompts} prompts do not split into micro-batches of {groups} whole "
+                         f"groups (optim.micro_batch_size={size}, rl.num_generations="
+                         f"{group_size})")
+    return prompts // groups
+
+
+PROMPT_KEYS = ("prompt_embeds", "prompt_valid")
+
+
 def split_micro_batches(batch: dict, micro: training.MicroBatches) -> tuple[dict, dict]:
-    """The batch as micro-batches of `micro.size` sequences inside one jitted step; the prompt
-    embeddings stay whole, each sequence reading its own through `prompt_index`."""
-    count = micro.count(batch["tokens"].shape[0])
-    shared = {k: batch[k] for k in ("prompt_embeds", "prompt_valid")}
-    shared["totals"] = loss_totals(batch["loss_mask"])
-    return shared, {k: training.split_rows(v, count) for k, v in batch.items() if k not in shared}
+    """The batch (rows p * G + g) as micro-batches of whole groups inside one jitted step,
+    each with its own prompts: micro-batch i takes groups i, i + count, ... (strided, so each
+    stays spread over the devices that hold the batch)."""
+    p, n = batch["prompt_embeds"].shape[0], batch["tokens"].shape[0]
+    g = n // p
+    count = micro_batch_count(p, micro.size, g)
+    rows = lambda x: training.split_rows(x.reshape(p, g, *x.shape[1:]), count).reshape(  # noqa: E731
+        count, -1, *x.shape[1:])
+    shared = {"totals": loss_totals(batch["loss_mask"]), "prompt_index": None}  # in groups
+    stacked = {k: training.split_rows(batch[k], count) for k in PROMPT_KEYS}
+    stacked.update({k: rows(v) for k, v in batch.items() if k not in shared and k not in stacked})
+    return shared, stacked
 
 
 def logprob_prompts(rl) -> int:
@@ -68,13 +93,13 @@ class Passes:
     def num_prompts(self, train: dict) -> int:
         return train["tokens"].shape[0] // self.g
 
-    def logprob_batches(self, train: dict) -> list[dict]:
-        """The log-prob passes over every sequence of `train`, in order."""
-        if self.streamed:
-            rows = np.arange(train["tokens"].shape[0])
-            return [self.sequences(train, r, LOGPROB_KEYS) for r in chunks(rows, self.micro.size)]
+    def logprob_batches(self, train: dict) -> list:
+        """The log-prob passes over every sequence of `train`, in order (lazily, where each
+        copies its prompts from host memory)."""
         prompts = np.arange(self.num_prompts(train))
-        return [self.chunk_batch(train, p, LOGPROB_KEYS) for p in chunks(prompts, self.logprob_size)]
+        size = (groups_per_micro_batch(self.micro.size, self.g) if self.streamed
+                else self.logprob_size)
+        return (self.chunk_batch(train, p, LOGPROB_KEYS) for p in chunks(prompts, size))
 
     def update_batches(self, train: dict, order) -> list:
         """One optimizer step's batch per chunk of `order` (prompt indices): its sequences, or
@@ -94,22 +119,13 @@ class Passes:
                                                            "prompt_embeds"),
                 "prompt_valid": self.placement.on_devices(train["prompt_valid"][prompts],
                                                           "prompt_valid"),
-                "prompt_index": jnp.repeat(jnp.arange(len(prompts)), self.g)}
+                "prompt_index": None}  # rows in groups: each reads its prompt's keys in place
 
     def micro_batches(self, train: dict, prompts):
-        """The sequences of `prompts` as the streamed update's micro-batches: rows i, i +
+        """The groups of `prompts` as the streamed update's micro-batches, groups i, i +
         count, ... as the in-step split takes them, each with the whole update's loss
-        denominators and its own sequences' prompts."""
-        rows = group_rows(prompts, self.g)
-        count = self.micro.count(len(rows))
-        totals = loss_totals(train["loss_mask"][rows])
+        denominators and its own prompts copied to the devices."""
+        count = micro_batch_count(len(prompts), self.micro.size, self.g)
+        totals = loss_totals(train["loss_mask"][group_rows(prompts, self.g)])
         for i in range(count):
-            yield {**self.sequences(train, rows[i::count]), "totals": totals}
-
-    def sequences(self, train: dict, rows, keys=SEQUENCE_KEYS) -> dict:
-        """Sequences `rows` of the training batch, each with its own copy of its prompt on the
-        devices ([len(rows), T, D] whoever shares them)."""
-        prompts = np.asarray(rows) // self.g
-        placed = self.prompts(train, prompts)
-        return {**{k: train[k][rows] for k in keys}, **placed,
-                "prompt_index": jnp.arange(len(rows))}
+            yield {**self.chunk_batch(train, prompts[i::count]), "totals": totals}

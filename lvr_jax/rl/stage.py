@@ -9,10 +9,10 @@ from flax import nnx
 
 from lvr_jax.config import ConfigError
 from lvr_jax.data.pipeline import rl_dataset
-from lvr_jax.model.sampler import lower_generate
-from lvr_jax.rl import learner
+from lvr_jax.model.sampler import trace_generate
+from lvr_jax.rl import learner as grpo_learner
 from lvr_jax.rl.engines import make_engine
-from lvr_jax.rl.passes import logprob_prompts
+from lvr_jax.rl.passes import groups_per_micro_batch, logprob_prompts
 from lvr_jax.rl.rollout import prompts_per_chunk, sampling_params
 from lvr_jax.sharding import forwards, hosts, prompts
 
@@ -23,11 +23,11 @@ class GRPO:
               "update_alignment", "kl", "entropy", "clip_fraction", "response_length",
               "logprob_mismatch")
     batch_layout = prompts.LAYOUT
-    trainable_filter = staticmethod(learner.trainable_filter)
-    loss_fn = staticmethod(learner.make_loss_fn)
-    micro_batches = staticmethod(learner.micro_batches)
-    streams_update = staticmethod(learner.streams_update)
-    abstract_batch = staticmethod(learner.abstract_batch)
+    trainable_filter = staticmethod(grpo_learner.trainable_filter)
+    loss_fn = staticmethod(grpo_learner.make_loss_fn)
+    micro_batches = staticmethod(grpo_learner.micro_batches)
+    streams_update = staticmethod(grpo_learner.streams_update)
+    abstract_batch = staticmethod(grpo_learner.abstract_batch)
 
     def check(self, config) -> None:
         if config.rl.num_generations < 2:
@@ -53,12 +53,12 @@ class GRPO:
     def dataset(self, data, tokenizer, on_epoch_end):
         return rl_dataset(data, tokenizer, on_epoch_end=on_epoch_end)
 
-    def learner(self, config, model, tokenizer, cache, mesh, share) -> learner.GRPOLearner:
+    def learner(self, config, model, tokenizer, cache, mesh, share) -> grpo_learner.GRPOLearner:
         del share  # every process reads every prompt (`row_share`)
-        return learner.GRPOLearner(model, config, tokenizer, cache, mesh,
+        return grpo_learner.GRPOLearner(model, config, tokenizer, cache, mesh,
                                    engine=make_engine(config, tokenizer.pad_id, mesh))
 
-    def compile_phases(self, config, mesh, llm, abstract_batch) -> dict:
+    def trace_phases(self, config, mesh, llm, abstract_batch) -> dict:
         """The rollout of one chunk of prompts (`rl.rollout.prompts_per_chunk`, else the whole
         rollout batch: prefill, KV cache and decoding of the G samples) and one old /
         reference log-prob pass (`rl.logprob_prompts` prompts, or one streamed micro-batch
@@ -66,19 +66,39 @@ class GRPO:
         rl = config.rl
         graphdef, state = nnx.split(llm)
         chunk = abstract_batch(prompts=prompts_per_chunk(config))
-        rollout = lower_generate(graphdef, state, chunk["prompt_embeds"], chunk["prompt_valid"],
+        rollout = trace_generate(graphdef, state, chunk["prompt_embeds"], chunk["prompt_valid"],
                                  sampling_params(rl, (0,)),
-                                 prefill=forwards.prefill_fn(mesh, config.mesh)).compile()
-        if learner.streams_update(config):  # a micro-batch of sequences, each its own prompt
-            batch = abstract_batch(prompts=config.optim.micro_batch_size, samples=1)
+                                 forwards=forwards.sampler_forwards(mesh, config.mesh))
+        if grpo_learner.streams_update(config):  # one streamed micro-batch of whole groups
+            batch = abstract_batch(micro=True)
         else:
             batch = abstract_batch(prompts=logprob_prompts(rl))
         logprobs_fn = forwards.response_logprobs_fn(mesh, config.mesh)
 
         def logprobs(state, batch):
-            return learner.batch_logprobs(logprobs_fn, nnx.merge(graphdef, state), batch,
+            return grpo_learner.batch_logprobs(logprobs_fn, nnx.merge(graphdef, state), batch,
                                           rl.temperature)[0]
-        return {"rollout": rollout, "log-probs": jax.jit(logprobs).lower(state, batch).compile()}
+        return {"rollout": rollout, "log-probs": jax.jit(logprobs).trace(state, batch)}
+
+    def phase_calls(self, config) -> dict:
+        """Per step: a rollout per chunk of prompts; log-prob passes for the old policy, the
+        reference (with a KL term) and the update's measure, over every prompt of the
+        batch; the update's micro-batches (or steps) over them, `rl.ppo_epochs` times."""
+        rl, prompts = config.rl, config.data.batch_size
+        passes = 1 + (rl.kl_coef > 0) + bool(rl.measure_update)
+        steps = rl.ppo_epochs * prompts // rl.update_batch_size
+        if grpo_learner.streams_update(config):
+            groups = groups_per_micro_batch(config.optim.micro_batch_size, rl.num_generations)
+            batches = prompts // groups
+            update = {"update micro-batch": rl.ppo_epochs * batches, "optimizer step": steps}
+        else:
+            batches = prompts // logprob_prompts(rl)
+            update = {"update": steps}
+        return {"frame encoding": prompts, "rollout": prompts // prompts_per_chunk(config),
+                "log-probs": passes * batches, **update}
+
+    def loop_trips(self, config) -> int:
+        return config.rl.max_new_tokens  # the sampler decodes at most that many tokens
 
     def held_during_step(self, config, trainable, abstract_batch, bytes_of) -> dict:
         """The reference policy (a copy of the trainable weights), and the rollout batch's

@@ -59,7 +59,11 @@ def sft_loss(model: LongVILA, batch: dict, hidden_fn):
 
 
 def target_mask(loss_mask):
-    return loss_mask.at[:, 0].set(0.0)  # the first token has no prediction
+    """The loss mask without each row's first token, which has no prediction."""
+    if isinstance(loss_mask, np.ndarray):
+        return np.concatenate([np.zeros_like(loss_mask[:, :1]), loss_mask[:, 1:]], axis=1)
+    return loss_mask.at[:, 0].set(0.0)
+
 
 
 def split_micro_batches(batch: dict, micro: training.MicroBatches) -> tuple[dict, dict]:
@@ -98,23 +102,36 @@ def video_output(config) -> str:
     return "frames" if config.sft.train_vision_tower else "features"
 
 
-def abstract_batch(config, model_config) -> dict:
-    """Shapes of one training batch (for compiling a recipe without data)."""
-    b, length, f = config.data.batch_size, config.data.max_length, config.data.num_frames
-    v = model_config.vision
-    text = {k: jax.ShapeDtypeStruct((b, length), jnp.int32)
-            for k in ("input_ids", "loss_mask", "token_mask")}
+def streams_update(config) -> bool:
+    """Whether the update goes micro-batch by micro-batch (`optim.micro_batch_size` set),
+    each a pass of its own that brings its own videos' features to the devices, the
+    gradients summed on them and the optimizer applied once (`training.StreamedUpdate`):
+    the devices never hold a whole batch's features (8 videos of 2,048 frames: 39 GB)."""
+    return micro_batches(config) is not None
+
+
+def abstract_batch(config, model_config, micro: bool = False) -> dict:
+    """Shapes of one training batch, or (`micro`) of one streamed micro-batch with the
+    whole batch's count of target tokens (for compiling a recipe without data)."""
+    b = config.optim.micro_batch_size if micro else config.data.batch_size
+    length, f, v = config.data.max_length, config.data.num_frames, model_config.vision
+    sds = jax.ShapeDtypeStruct
+    batch = {k: sds((b, length), jnp.int32) for k in ("input_ids", "loss_mask", "token_mask")}
     if config.sft.train_vision_tower:
-        video = jax.ShapeDtypeStruct((b, f, v.image_size, v.image_size, 3), jnp.float32)
-        return {**text, "frames": video}
-    features = (b, f, v.num_patches, v.hidden_size)
-    return {**text, "video_features": jax.ShapeDtypeStruct(features, jnp.dtype(model_config.dtype))}
+        batch["frames"] = sds((b, f, v.image_size, v.image_size, 3), jnp.float32)
+    else:
+        batch["video_features"] = sds((b, f, v.num_patches, v.hidden_size),
+                                      jnp.dtype(model_config.dtype))
+    if micro:
+        batch["total_tokens"] = sds((), jnp.float32)
+    return batch
 
 
 class SFTLearner:
     """Holds the train state and the cached video encoder; `step(batch)` trains on a batch."""
 
     TEXT_PADS = {"input_ids": 0, "loss_mask": 0, "token_mask": 0}  # masked: any id will do
+    MICRO_KEYS = (*TEXT_PADS, "frames", "video_key", "frame_indices")  # what a pass reads
     looks_ahead = False
 
     def __init__(self, model: LongVILA, config, cache: EmbeddingCache, mesh=None,
@@ -124,8 +141,9 @@ class SFTLearner:
         self.videos = VideoEmbedder(model, cache, mesh, rules_of(config.mesh),
                                     output=video_output(config), share=share)
         self.video_key = "frames" if self.videos.output == "frames" else "video_features"
-        self._update = training.jit_update(self.tx, make_loss_fn(config, mesh),
-                                           micro=micro_batches(config))
+        self.micro, loss_fn = micro_batches(config), make_loss_fn(config, mesh)
+        self._update = training.jit_update(self.tx, loss_fn)
+        self.streamed = training.StreamedUpdate(self.tx, loss_fn) if self.micro else None
 
     def device_batch(self, batch: dict) -> dict:
         """The arrays the jitted step needs (global arrays of every process's rows, their text
@@ -140,7 +158,23 @@ class SFTLearner:
     def step(self, batch: dict, upcoming: dict | None = None) -> dict:
         del upcoming  # SFT never looks ahead
         s = self.state
-        s.trainable, s.opt_state, metrics = self._update(
-            s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef, batch=self.device_batch(batch))
+        if self.streamed is None:
+            s.trainable, s.opt_state, metrics = self._update(
+                s.trainable, s.frozen, s.opt_state, graphdef=s.graphdef,
+                batch=self.device_batch(batch))
+        else:
+            s.trainable, s.opt_state, metrics = self.streamed.step(
+                s.trainable, s.frozen, s.opt_state, s.graphdef, self.micro_batches(batch))
         s.step += 1
         return {k: np.asarray(v) for k, v in metrics.items()}
+
+    def micro_batches(self, batch: dict):
+        """The batch's streamed micro-batches: rows i, i + count, ... of this process's rows
+        (as the in-step split takes them), each brought to the devices when its pass runs,
+        with the whole batch's count of target tokens."""
+        rows = len(batch["input_ids"])
+        count = self.micro.count(rows * self.videos.share.count)
+        total = hosts.global_sum(np.sum(target_mask(np.asarray(batch["loss_mask"], np.float32))))
+        for i in range(count):
+            part = {k: batch[k][i::count] for k in self.MICRO_KEYS}
+            yield {**self.device_batch(part), "total_tokens": jnp.float32(total)}

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lvr_jax.kernels import blockwise
 from lvr_jax.kernels.local import KERNELS, blocked, local_attention
+from lvr_jax.kernels.prefix import prefix_attention, prefix_forward
 from lvr_jax.sharding.mesh import DEFAULT_RULES, STRATEGIES, logical_to_spec, spec_axes
 
 # Logical names of the attention operands; the rules table gives their mesh axes.
@@ -210,6 +211,41 @@ def make_attention_fn(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
         return sharded(q_bthd, k_bskd, v_bskd, q_pos_bt, kv_pos_bs)
 
     return attention_fn
+
+
+def make_prefix_attention_fn(mesh: Mesh, block_size: int = 512, rules=DEFAULT_RULES):
+    """A `PrefixAttentionFn` (`kernels.prefix`) for continuations and their prompts' keys
+    and values both split along their length over the sequence axis of the rules (batch and
+    heads as `attention_layout` places them): each device takes the partial softmax of its
+    prompt shard; only the (short) continuations cross devices. What every GRPO pass runs
+    after a prompt's one forward, whatever strategy that forward took."""
+    layout = attention_layout(mesh, rules)
+    local = lambda *args: prefix_attention(*args, block_size, layout.axis)  # noqa: E731
+    sharded = jax.shard_map(local, mesh=mesh, out_specs=layout.q, check_vma=False,
+                            in_specs=(layout.q, layout.kv, layout.kv, layout.pos, layout.pos,
+                                      layout.kv, layout.kv, layout.pos))
+
+    def attention_fn(q, k, v, q_pos, kv_pos, prefix_k, prefix_v, prefix_pos):
+        check_divisible(q, prefix_k, mesh, layout)
+        return sharded(q, k, v, q_pos, kv_pos, prefix_k, prefix_v, prefix_pos)
+    return attention_fn
+
+
+def make_prefix_decode_fn(mesh: Mesh, block_size: int = 512, rules=DEFAULT_RULES):
+    """The decoding step's `PrefixAttentionFn`: the new tokens and each sample's own cache
+    whole on every device of the sequence axis, the shared prompt cache split along it; the
+    prompt shards' partial softmaxes are combined across the axis (forward only)."""
+    layout = attention_layout(mesh, rules)
+    whole = lambda spec: P(spec[0], None, *spec[2:])  # noqa: E731  (length not split)
+
+    def local(q, k, v, q_pos, kv_pos, prefix_k, prefix_v, prefix_pos):
+        o, _ = prefix_forward(q, k, v, q_pos, kv_pos, prefix_k, prefix_v, prefix_pos,
+                              block_size, layout.axis)
+        return o.astype(q.dtype)
+    return jax.shard_map(local, mesh=mesh, out_specs=whole(layout.q), check_vma=False,
+                         in_specs=(whole(layout.q), whole(layout.kv), whole(layout.kv),
+                                   whole(layout.pos), whole(layout.pos), layout.kv, layout.kv,
+                                   layout.pos))
 
 
 def check_divisible(q_bthd, k_bskd, mesh: Mesh, layout: AttentionLayout | None = None) -> None:

@@ -93,6 +93,13 @@ def agreed_length(length: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(length))))
 
 
+def global_sum(value: float) -> float:
+    """The sum of every process's `value` (on one process: the value)."""
+    if not multiprocess():
+        return float(value)
+    return float(np.sum(multihost_utils.process_allgather(np.float32(value))))
+
+
 def any_process(flag: bool) -> bool:
     """Whether `flag` is set on any process (every process gets the same answer)."""
     if not multiprocess():

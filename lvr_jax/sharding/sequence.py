@@ -14,7 +14,7 @@ with the video. Callers take log-probs only where they need them (the response) 
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 
 import jax
@@ -23,9 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lvr_jax.kernels import MASKED_POSITION
 from lvr_jax.model import layers
-from lvr_jax.model.qwen2 import HIDDEN_AXES, KVCache
-from lvr_jax.sharding.attention import (attention_layout, make_attention_fn, pad_sequence,
-                                        padded_length, sequence_axis)
+from lvr_jax.model.qwen2 import HIDDEN_AXES, continuation_targets, positions_from_valid
+from lvr_jax.sharding.attention import (attention_layout, make_attention_fn,
+                                        make_prefix_attention_fn, pad_sequence, padded_length,
+                                        sequence_axis)
 from lvr_jax.sharding.mesh import (DEFAULT_RULES, activation_rules, logical_to_sharding,
                                    logical_to_spec, rules_of, spec_axes)
 
@@ -51,6 +52,34 @@ def token_chunk_count(length: int, sp: int, chunk_tokens: int) -> int:
     return max(1, math.ceil(length / (sp * chunk_tokens)))
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """How a long sequence lies for the sequence-parallel forward: right-padded to `length`
+    (it splits into `chunks` MLP chunks of whole blocks per device) and, for ring attention,
+    in zig-zag order (`zigzag`) so every device's causal work is balanced."""
+
+    sp: int
+    chunks: int
+    length: int
+    zigzag: bool
+
+    @classmethod
+    def of(cls, tokens: int, mesh: Mesh, strategy: str, rules, chunk_tokens: int):
+        sp = attention_layout(mesh, rules).size
+        chunks = token_chunk_count(tokens, sp, chunk_tokens)
+        length = padded_length(-(-tokens // chunks), sp, strategy) * chunks
+        return cls(sp, chunks, length, strategy == "ring" and sp > 1)
+
+    def laid_out(self, embeds_btd, valid_bt, positions_bt):
+        """(embeds, valid, positions) padded and ordered for the forward."""
+        xs = pad_sequence(embeds_btd, valid_bt, positions_bt, self.length)
+        return tuple(to_zigzag(x, self.sp) for x in xs) if self.zigzag else xs
+
+    def original_order(self, x_bt):
+        """Rows [B, L, ...] back from the forward's order (still padded)."""
+        return from_zigzag(x_bt, self.sp) if self.zigzag else x_bt
+
+
 def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
                      strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES,
                      chunk_tokens: int = 2048, kernel: str = "blockwise", return_kv: bool = False):
@@ -64,44 +93,70 @@ def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
     ([layers, B, L, KVH, D] each, original order): a prefill's KV cache. `rules` place
     the sequence, batch and heads, the attention's shard_map included.
     """
-    sp = attention_layout(mesh, rules).size
-    chunks = token_chunk_count(embeds_btd.shape[1], sp, chunk_tokens)
-    length = padded_length(-(-embeds_btd.shape[1] // chunks), sp, strategy) * chunks
-    embeds, valid, positions = pad_sequence(embeds_btd, valid_bt, positions_bt, length)
-    zigzag = strategy == "ring" and sp > 1
-    if zigzag:
-        embeds, valid, positions = (to_zigzag(x, sp) for x in (embeds, valid, positions))
+    layout = SequenceLayout.of(embeds_btd.shape[1], mesh, strategy, rules, chunk_tokens)
+    embeds, valid, positions = layout.laid_out(embeds_btd, valid_bt, positions_bt)
     attention_fn = make_attention_fn(mesh, strategy, block_size, kernel, rules)
-    with activation_rules(mesh, rules), layers.token_chunks(chunks):
+    with activation_rules(mesh, rules), layers.token_chunks(layout.chunks):
         hidden, kv = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn,
                                        return_kv=return_kv)
-        if zigzag:
-            hidden = from_zigzag(hidden, sp)
-            kv = jax.tree.map(jax.vmap(functools.partial(from_zigzag, sp=sp)), kv)
+        hidden = layout.original_order(hidden)
+        if layout.zigzag and return_kv:
+            kv = jax.tree.map(jax.vmap(layout.original_order), kv)
         hidden = layers.constrain_activation(hidden, HIDDEN_AXES)
         return (hidden, kv) if return_kv else hidden
 
 
 def make_sp_prefill(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
-                    rules=DEFAULT_RULES, kernel: str = "blockwise"):
+                    rules=DEFAULT_RULES, kernel: str = "blockwise", chunk_tokens: int = 2048):
     """The sampler's prompt prefill (`sampler.local_prefill`'s contract), sequence-sharded:
-    the prompt runs through `sp_hidden_states` with the strategy's attention, and the keys
-    and values it computed become the KV cache, left sharded along the sequence so that
+    the prompt runs laid out as `sp_hidden_states` lays it out, with the strategy's
+    attention, and the keys and values it computed become the group's prompt cache, left
+    split along the sequence in the forward's order (their positions beside them), so that
     decoding attends to each device's part of a long video where it lies."""
     seq = NamedSharding(mesh, P(None, *attention_layout(mesh, rules).pos, None, None))
 
-    def prefill(llm, embeds_btd, valid_bt, positions_bt, cache_len: int):
-        t, pad = embeds_btd.shape[1], cache_len - embeds_btd.shape[1]
-        hidden, (k, v) = sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh,
-                                          strategy, block_size, rules, kernel=kernel,
-                                          return_kv=True)
-        k, v = (jnp.pad(x[:, :, :t], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
-        k, v = (jax.lax.with_sharding_constraint(x, seq) for x in (k, v))
-        kv_pos = jnp.where(valid_bt, positions_bt, MASKED_POSITION).astype(jnp.int32)
-        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=MASKED_POSITION)
-        return hidden[:, t - 1], KVCache(k, v, kv_pos, jnp.asarray(t, jnp.int32))
+    def prefill(llm, embeds_btd, valid_bt, positions_bt):
+        layout = SequenceLayout.of(embeds_btd.shape[1], mesh, strategy, rules, chunk_tokens)
+        embeds, valid, positions = layout.laid_out(embeds_btd, valid_bt, positions_bt)
+        attention_fn = make_attention_fn(mesh, strategy, block_size, kernel, rules)
+        with activation_rules(mesh, rules), layers.token_chunks(layout.chunks):
+            hidden, kv = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn,
+                                           return_kv=True)
+            last = last_rows(layout.original_order(hidden), embeds_btd.shape[1], mesh, rules)
+        k, v = (jax.lax.with_sharding_constraint(x, seq) for x in kv)
+        kv_pos = jnp.where(valid, positions, MASKED_POSITION).astype(jnp.int32)
+        return last, (k, v, kv_pos)
 
     return prefill
+
+
+def last_rows(hidden_btd, t: int, mesh: Mesh, rules=DEFAULT_RULES):
+    """Row t - 1 of sequence-sharded hidden states [B, L, D] -> [B, D] (a prompt's last)."""
+    return response_window(hidden_btd, t - 1, 1, mesh, rules)[:, 0]
+
+
+def sp_continuation_hidden(llm, prompt_btd, prompt_valid_bt, prompt_index, x_nmd, valid_nm,
+                           mesh: Mesh, strategy: str = "ring", block_size: int = 512,
+                           rules=DEFAULT_RULES, kernel: str = "blockwise",
+                           chunk_tokens: int = 2048):
+    """`Qwen2.continuation_hidden` on a mesh: one scan over the layers runs each prompt once,
+    laid out as `sp_hidden_states` lays it out (split over `sp`, the strategy's attention),
+    and the continuations, split along their own length too (padded to M' >= M), attending
+    to each layer's prompt keys and values where they lie (`make_prefix_attention_fn`).
+    The states that predict the continuations' tokens [N, M', D], rows past M padding."""
+    layout = SequenceLayout.of(prompt_btd.shape[1], mesh, strategy, rules, chunk_tokens)
+    prompt, valid, positions = layout.laid_out(prompt_btd, prompt_valid_bt,
+                                               positions_from_valid(prompt_valid_bt))
+    pad = -x_nmd.shape[1] % layout.sp
+    x_nmd = jnp.pad(x_nmd, ((0, 0), (0, pad), (0, 0)))
+    valid_nm = jnp.pad(valid_nm, ((0, 0), (0, pad)))
+    with activation_rules(mesh, rules), layers.token_chunks(layout.chunks):
+        prompt, x = llm.shared_prompt_hidden(
+            prompt, positions, valid, x_nmd, valid_nm, prompt_index,
+            make_attention_fn(mesh, strategy, block_size, kernel, rules),
+            make_prefix_attention_fn(mesh, block_size, rules))
+        last = last_rows(layout.original_order(prompt), prompt_btd.shape[1], mesh, rules)
+        return continuation_targets(last, prompt_index, x)
 
 
 def sp_logits(llm, hidden_btd, rules=DEFAULT_RULES, mesh: Mesh | None = None):

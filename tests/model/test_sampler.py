@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from lvr_jax.model import PRESETS, LongVILA
-from lvr_jax.model.sampler import SamplingParams, filter_logits, generate, left_pad
+from lvr_jax.model.sampler import (SamplingParams, filter_logits, generate, left_pad,
+                                   sample_token)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,33 @@ def test_top_k_and_top_p_keep_the_expected_tokens():
     np.testing.assert_array_equal(kept(filter_logits(logits, 0, 0.7)), [1, 1, 0, 0])
     np.testing.assert_array_equal(kept(filter_logits(logits, 0, 0.9)), [1, 1, 1, 0])
     np.testing.assert_array_equal(kept(filter_logits(logits, 0, 0.1)), [1, 0, 0, 0])
+
+
+def sample_by_recompute(llm, embeds, valid, params, rng):
+    """The sampler without any cache: every prompt repeated for its G samples, the whole
+    sequence run again for each new token, the step keys drawn as `generate` draws them."""
+    g = params.num_samples
+    embeds, valid = jnp.repeat(embeds, g, axis=0), jnp.repeat(valid, g, axis=0)
+    tokens, logps = [], []
+    for _ in range(params.max_new_tokens):
+        rng, key = jax.random.split(rng)
+        logits = llm(inputs_embeds=embeds, valid=valid)[:, -1]
+        token, logp = sample_token(logits, key, params)
+        tokens.append(token), logps.append(logp)
+        embeds = jnp.concatenate([embeds, llm.embed(token[:, None])], axis=1)
+        valid = jnp.concatenate([valid, jnp.ones((valid.shape[0], 1), bool)], axis=1)
+    return jnp.stack(tokens, axis=1), jnp.stack(logps, axis=1)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=8, temperature=0.0, num_samples=3),
+    SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, num_samples=3)])
+def test_one_prompt_cache_per_group_samples_what_recomputation_samples(model, tokenizer,
+                                                                         params):
+    """The G samples decode against their prompt's one cache and their own: the tokens and
+    log-probs of sampling with every sequence rerun whole, under the same keys."""
+    embeds, valid = prompt_batch(model, tokenizer)
+    out = generate(model.llm, embeds, valid, params, rng=jax.random.key(3))
+    tokens, logps = sample_by_recompute(model.llm, embeds, valid, params, jax.random.key(3))
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(out.logprobs, logps, atol=1e-5)

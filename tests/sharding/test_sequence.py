@@ -105,20 +105,25 @@ def test_grpo_loss_and_grads_under_sp_equal_single_device(strategy):
         assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 0.9)])
 @pytest.mark.parametrize("strategy", mesh_lib.STRATEGIES)
-def test_sequence_parallel_prefill_generates_what_one_device_does(strategy):
-    """Rollouts of long prompts prefill over sp; greedy tokens and log-probs are unchanged.
-    T = 37 does not divide by sp = 8 and row 0 is left-padded."""
-    from lvr_jax.model.sampler import SamplingParams, generate
+def test_sequence_parallel_prefill_generates_what_one_device_does(strategy, temperature, top_p):
+    """Rollouts of long prompts prefill over sp and decode against the group's one prompt
+    cache where it lies; greedy, and top-p sampling under the same keys, give one device's
+    tokens and log-probs. T = 37 does not divide by sp = 8 and row 0 is left-padded."""
+    from lvr_jax.model.sampler import Forwards, SamplingParams, generate
+    from lvr_jax.sharding.attention import make_prefix_decode_fn
     from lvr_jax.sharding.sequence import make_sp_prefill
     mesh = mesh_of(sp=8)
     llm = make_model().llm
     embeds = jax.random.normal(jax.random.key(4), (2, 37, llm.config.hidden_size))
     valid = jnp.ones((2, 37), bool).at[0, :6].set(False)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, num_samples=2)
-    want = generate(llm, embeds, valid, params)
-    got = generate(shard_model(make_model(), mesh).llm, embeds, valid, params,
-                   prefill=make_sp_prefill(mesh, strategy, block_size=4))
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, top_p=top_p,
+                            num_samples=2)
+    want = generate(llm, embeds, valid, params, jax.random.key(2))
+    got = generate(shard_model(make_model(), mesh).llm, embeds, valid, params, jax.random.key(2),
+                   forwards=Forwards(make_sp_prefill(mesh, strategy, block_size=4),
+                                     make_prefix_decode_fn(mesh, block_size=4)))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert rel_err(got.logprobs, want.logprobs) < 1e-5
 
@@ -146,7 +151,9 @@ def test_a_recipe_rules_override_reaches_every_shard_map_of_the_grpo_loss(prepen
     specs = set(shard_map_specs(lambda s: loss_fn(mesh)(nnx.merge(graphdef, s), batch)[0],
                                 state))
     q_spec = P(*seq_spec, None, None)
-    assert specs == {(q_spec,) * 3 + (seq_spec,) * 2, (P(*seq_spec, None),)}
+    attention = (q_spec,) * 3 + (seq_spec,) * 2  # the prompt's forward
+    prefix = attention + (q_spec,) * 2 + (seq_spec,)  # the responses over the prompt's keys
+    assert specs == {attention, prefix, (P(*seq_spec, None),)}
     grads_of = lambda m, mesh: nnx.jit(nnx.value_and_grad(  # noqa: E731
         lambda m: loss_fn(mesh)(m, batch), has_aux=True))(m)
     (want_loss, _), want_grads = grads_of(model, None)
