@@ -14,11 +14,11 @@ the GRPO loss, at:
   demo     the demo's LLM (3 layers, width 128), an update of 16 prompts x G = 8, prompts of
            335 tokens (80 of them video), responses of 112
   long     the same LLM, 2 prompts x G = 8 of 2,048 tokens, responses of 256
-  mesh-2k  on 8 (simulated) devices, the sequence split over sp = 8 with ring attention (the
-           `hour` recipe's strategy): 1 prompt x G = 8 of 2,048 tokens, responses of 256;
+  mesh-1k  on 8 (simulated) devices, the sequence split over sp = 8 with ring attention (the
+           `hour` recipe's strategy): 1 prompt x G = 8 of 1,024 tokens, responses of 256;
            whole, each sequence runs split over sp; shared, the prompt runs once split over
            sp and the samples attend to each shard of its keys and values where it lies
-  mesh-8k  the same with a prompt of 8,192 tokens
+  mesh-2k  the same with a prompt of 2,048 tokens
 
 Median wall time of --repeats calls after a warm-up (compile) call. On a CPU the 8 devices
 share its cores: the mesh rows compare work, not the parallel speed of 8 accelerators.
@@ -49,8 +49,8 @@ DEMO_LLM = Qwen2Config(vocab_size=700, hidden_size=128, intermediate_size=256,
                        rope_theta=1e4)
 CASES = {"demo": dict(prompts=16, generations=8, prompt_len=335, response_len=112),
          "long": dict(prompts=2, generations=8, prompt_len=2048, response_len=256),
-         "mesh-2k": dict(prompts=1, generations=8, prompt_len=2048, response_len=256),
-         "mesh-8k": dict(prompts=1, generations=8, prompt_len=8192, response_len=256)}
+         "mesh-1k": dict(prompts=1, generations=8, prompt_len=1024, response_len=256),
+         "mesh-2k": dict(prompts=1, generations=8, prompt_len=2048, response_len=256)}
 
 
 def whole_logprobs(llm, prompts, prompt_valid, index, tokens, response_mask, temperature):
