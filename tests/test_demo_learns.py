@@ -38,12 +38,14 @@ def mean_training_reward(config, batches: int = 3, seed: int = 7) -> float:
     data = dataclasses.replace(data, shuffle=False, num_workers=0)
     rewards = []
     for i, batch in zip(range(batches), rl_dataset(data, tokenizer)):
-        rewards.append(learner.rollout.collect(learner.state.model(), batch, jax.random.key(seed + i))[1]["reward"])
+        metrics = learner.rollout.collect(learner.state.model(), batch, jax.random.key(seed + i))[1]
+        rewards.append(metrics["reward"])
     return float(np.mean(rewards))
 
 
 def shuffle_scores(monkeypatch, seed: int = 0) -> None:
-    """From now on each rollout batch's scores are permuted among its responses."""
+    """From now on each rollout batch's scores are permuted among its responses (their mean,
+    what `mean_training_reward` reads, stays the batch's true mean reward)."""
     order = np.random.default_rng(seed)
     score_responses = reward_lib.score_responses
 
