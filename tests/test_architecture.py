@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # group -> layer. A group is a subpackage or module of lvr_jax, or a top-level folder.
 LAYERS = {
     "lvr_jax.kernels": 0, "lvr_jax.sampling": 0, "lvr_jax.tokenizer": 0, "lvr_jax.cli": 0,
-    "lvr_jax.metrics": 0, "lvr_jax.checkpointing": 0, "lvr_jax.training": 0,
+    "lvr_jax.metrics": 0, "lvr_jax.checkpointing": 0, "lvr_jax.training": 0, "lvr_jax.flops": 0,
     "lvr_jax.data": 1, "lvr_jax.model": 1,
     "lvr_jax.sharding": 2,
     "lvr_jax.config": 3, "rollout_bridge": 3,
