@@ -212,7 +212,7 @@ def main(argv=None):
             rows.append(row)
             with open(os.path.join(args.out, "gpu_step.json"), "w") as f:
                 json.dump(dict(device=dev.device_kind, peak_flops=peak, rows=rows), f, indent=1)
-    print(f"\n| stage | kernel | tokens | s/step | tokens/s | MFU |\n|---|---|---|---|---|---|")
+    print("\n| stage | kernel | tokens | s/step | tokens/s | MFU |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['stage']} | {r['kernel']} | | | {r['error'][:60]} | |")

@@ -234,7 +234,6 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="", help="a synthetic set (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from lvr_jax import build
     from lvr_jax.data.synthetic import generate
     from lvr_jax.config import preset_config
     from lvr_jax.model import PRESETS

@@ -26,7 +26,6 @@ from lvr_jax.rl.passes import Passes, groups_per_micro_batch, split_micro_batche
 from lvr_jax.rl.rollout import Rollout, step_rng
 from lvr_jax.sharding import forwards
 from lvr_jax.sharding.embedding_cache import EmbeddingCache
-from lvr_jax.sharding.mesh import rules_of
 from lvr_jax.sharding.prompts import PromptPlacement
 from lvr_jax.sharding.video_embeddings import VideoEmbedder
 from lvr_jax.tokenizer import Tokenizer

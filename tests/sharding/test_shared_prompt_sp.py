@@ -4,7 +4,6 @@ strategy on 8 simulated devices: left-padded prompts that sp does not divide, re
 end early, an unordered prompt_index, and a group split across micro-batches. A position off
 by one, or a prompt shard left out, moves the numbers far past the tolerance."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
