@@ -82,28 +82,22 @@ class SequenceLayout:
 
 def sp_hidden_states(llm, embeds_btd, valid_bt, positions_bt, mesh: Mesh,
                      strategy: str = "ring", block_size: int = 512, rules=DEFAULT_RULES,
-                     chunk_tokens: int = 2048, kernel: str = "blockwise", return_kv: bool = False):
+                     chunk_tokens: int = 2048, kernel: str = "blockwise"):
     """Final hidden states [B, L, D] (L >= T padded length, original order), sharded on sp.
 
     Rows past T are padding. Call inside `jax.jit`; positions should come from the
     unpadded sequence (`qwen2.positions_from_valid`). The MLP runs `chunk_tokens` tokens
     per device at a time (2048: its temporaries then stay under a fifth of a 256-frame
     step's memory at sp = 8, where 8192 took half); `kernel` is the per-device attention
-    (`lvr_jax.kernels.KERNELS`). With `return_kv`, also every layer's keys and values
-    ([layers, B, L, KVH, D] each, original order): a prefill's KV cache. `rules` place
-    the sequence, batch and heads, the attention's shard_map included.
+    (`lvr_jax.kernels.KERNELS`). `rules` place the sequence, batch and heads, the
+    attention's shard_map included (`make_sp_prefill` runs the same forward for a cache).
     """
     layout = SequenceLayout.of(embeds_btd.shape[1], mesh, strategy, rules, chunk_tokens)
     embeds, valid, positions = layout.laid_out(embeds_btd, valid_bt, positions_bt)
     attention_fn = make_attention_fn(mesh, strategy, block_size, kernel, rules)
     with activation_rules(mesh, rules), layers.token_chunks(layout.chunks):
-        hidden, kv = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn,
-                                       return_kv=return_kv)
-        hidden = layout.original_order(hidden)
-        if layout.zigzag and return_kv:
-            kv = jax.tree.map(jax.vmap(layout.original_order), kv)
-        hidden = layers.constrain_activation(hidden, HIDDEN_AXES)
-        return (hidden, kv) if return_kv else hidden
+        hidden, _ = llm.hidden_states(embeds, positions, valid, attention_fn=attention_fn)
+        return layers.constrain_activation(layout.original_order(hidden), HIDDEN_AXES)
 
 
 def make_sp_prefill(mesh: Mesh, strategy: str = "ring", block_size: int = 512,
